@@ -1,0 +1,15 @@
+"""Logging set-up shared by every process: one line per record, with a role prefix."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(level: str, role: str) -> None:
+    """Log to stderr as ``HH:MM:SS LEVEL [role] message`` (e.g. ``[worker 3]``, ``[server]``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{role}] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,77 @@
+"""Operations of the zmqps protocol and the header fields each one carries.
+
+Every message is one ZeroMQ multipart message: frame 0 is a msgpack map (the header), then
+one raw frame per tensor listed in the header's ``tensors`` entry. The header always has
+``v`` (protocol version), ``op`` and ``id`` (the request id, echoed by the reply).
+
+The schema below is the single description of every header; :mod:`common.wire` enforces it
+on every decode, and it is checked once at import (:func:`_check_registry`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class Op(str, Enum):
+    """Message kinds. Requests go worker → server (or stage → stage); replies come back."""
+
+    REGISTER = "register"  # a worker announces rank, world size and the parameters it owns
+    INIT = "init"  # a worker offers initial θ; rank 0's values win, everyone gets θ back
+    PULL = "pull"  # fetch θ (optionally only some keys) once its version reaches min_version
+    PUSH = "push"  # send the gradients of one step; acknowledged on arrival
+    PUSH_PULL = "push_pull"  # push, then reply with θ once that step is applied (one round trip)
+    DONE = "done"  # the worker finished training; the server exits when every worker has
+    PING = "ping"  # liveness and status probe; never changes state
+    ACTIVATION = "activation"  # pipeline: stage s sends activations of a microbatch to stage s+1
+    GRADIENT = "gradient"  # pipeline: stage s+1 sends δ of a microbatch back to stage s
+    REPLY = "reply"  # success answer to a request; fields depend on the request
+    ERROR = "error"  # failure answer: ``code`` (an ErrorCode) and ``message``; nothing changed
+
+
+# Field kinds understood by the validator.
+INT, NUM, STR, BOOL, STRLIST, SPECS, ANY = "int", "num", "str", "bool", "strlist", "specs", "any"
+
+# op -> (required fields, optional fields); each maps field name -> kind.
+SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
+    Op.REGISTER: (
+        {"rank": INT, "world_size": INT, "params": SPECS},
+        {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR},
+    ),
+    Op.INIT: ({"rank": INT}, {}),
+    Op.PULL: ({"rank": INT}, {"min_version": INT, "keys": STRLIST}),
+    Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM}),
+    Op.PUSH_PULL: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "keys": STRLIST}),
+    Op.DONE: ({"rank": INT}, {"step": INT}),
+    Op.PING: ({}, {"rank": INT}),
+    Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT}),
+    Op.GRADIENT: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT}),
+    Op.REPLY: ({}, {"*": ANY}),
+    Op.ERROR: ({"code": INT, "message": STR}, {}),
+}
+
+RESERVED = frozenset({"v", "op", "id", "tensors"})
+"""Header keys every message may carry besides its op's fields."""
+
+OPS_BY_VALUE: dict[str, Op] = {op.value: op for op in Op}
+
+
+def _check_registry() -> None:
+    """Every op has a schema and no schema uses a reserved key or an unknown kind."""
+    kinds = {INT, NUM, STR, BOOL, STRLIST, SPECS, ANY}
+    missing = set(Op) - set(SCHEMA)
+    if missing:
+        raise ImportError(f"protocol ops without a schema: {sorted(m.value for m in missing)}")
+    for op, (req, opt) in SCHEMA.items():
+        for name, kind in {**req, **opt}.items():
+            if name in RESERVED or kind not in kinds:
+                raise ImportError(f"bad schema entry {op.value}.{name}: {kind}")
+
+
+_check_registry()
+
+
+def spec_list(specs: dict[str, tuple[str, tuple[int, ...]]]) -> list[list[Any]]:
+    """Encode ``{name: (dtype, shape)}`` as the wire's SPECS field."""
+    return [[name, dtype, list(shape)] for name, (dtype, shape) in specs.items()]

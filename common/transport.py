@@ -1,0 +1,108 @@
+"""ZeroMQ sockets for zmqps: creation with safe options, and a request/reply client.
+
+Sockets never build frames themselves; they send what :mod:`common.wire` encodes and hand
+what they receive to :func:`common.wire.decode`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Mapping
+
+import torch
+import zmq
+
+from common.errors import ErrorCode, PSTimeoutError, RemoteError
+from common.protocol import Op
+from common.wire import DEFAULT_LIMITS, Message, WireLimits, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+def make_context(io_threads: int = 1) -> zmq.Context:
+    """A new ZeroMQ context (not the global instance, so processes and tests stay isolated)."""
+    ctx = zmq.Context(io_threads=io_threads)
+    return ctx
+
+
+def bind_router(ctx: zmq.Context, endpoint: str, limits: WireLimits = DEFAULT_LIMITS) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER socket; return it with the endpoint actually bound.
+
+    A port of ``0`` or ``*`` lets the OS pick a free one (``tcp://127.0.0.1:0``); the
+    returned endpoint names the real port. ``ZMQ_MAXMSGSIZE`` drops peers that send a frame
+    over the message cap before any of it reaches Python.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] == "0":
+        endpoint = endpoint.rsplit(":", 1)[0] + ":*"
+    sock.bind(endpoint)
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return sock, bound
+
+
+def connect_dealer(ctx: zmq.Context, endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+    """A DEALER socket connected to ``endpoint`` (connecting never blocks)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(endpoint)
+    return sock
+
+
+class Requester:
+    """Request/reply over one DEALER socket, with ids matched and a deadline on every call.
+
+    Replies to requests that already timed out are recognised by their id and dropped.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, who: str = "",
+                 limits: WireLimits = DEFAULT_LIMITS, identity: bytes | None = None) -> None:
+        self.endpoint = endpoint
+        self.who = who
+        self.limits = limits
+        self.sock = connect_dealer(ctx, endpoint, identity)
+        self._ids = itertools.count(1)
+
+    def request(self, op: Op, fields: Mapping[str, Any] | None = None,
+                tensors: Mapping[str, torch.Tensor] | None = None, timeout_s: float = 60.0) -> Message:
+        """Send one request and wait for its reply.
+
+        Raises:
+            PSTimeoutError: no reply within ``timeout_s`` (names the peer and the op).
+            RemoteError: the peer answered with an ERROR reply.
+            ProtocolError: the reply could not be decoded.
+        """
+        req_id = next(self._ids)
+        self.sock.send_multipart(encode(op, fields, tensors, req_id), copy=False)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                if time.monotonic() >= deadline:
+                    raise PSTimeoutError(self.endpoint, op.value, timeout_s,
+                                         f"{self.who} got no reply" if self.who else "no reply")
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            msg = decode(frames, self.limits)
+            if msg.id != req_id:
+                log.debug("dropping stale reply %s to request %d", msg.op.value, msg.id)
+                continue
+            if msg.op is Op.ERROR:
+                raise RemoteError(self.endpoint, op.value, msg.fields["code"], msg.fields["message"])
+            return msg
+
+    def close(self) -> None:
+        """Close the socket without lingering."""
+        self.sock.close(linger=0)
+
+
+__all__ = ["Requester", "bind_router", "connect_dealer", "make_context", "ErrorCode"]

@@ -1,0 +1,46 @@
+"""``ps-server``: run the parameter server from the command line."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from common.config import ServerConfig, parse_config
+from common.errors import ConfigError
+from common.logs import setup_logging
+
+log = logging.getLogger("ps")
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ps-server``; returns the exit status."""
+    try:
+        cfg = parse_config(ServerConfig, argv, prog="ps-server",
+                           description="zmqps parameter server: holds θ and applies the workers' averaged gradients")
+    except ConfigError as e:
+        print(f"ps-server: error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, "server")
+    signal.signal(signal.SIGTERM, _terminate)
+    from ps.server import Server  # after logging: importing torch is slow
+
+    try:
+        server = Server(cfg)
+        server.bind()
+        return server.serve()
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    except OSError as e:
+        log.error("cannot serve on %s: %s", cfg.bind, e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

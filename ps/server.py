@@ -1,0 +1,374 @@
+"""The server process: a ROUTER socket, the protocol's handlers, and the main loop.
+
+Requests that cannot be answered yet (an INIT before rank 0's θ, a PULL for a step that is
+not complete) are parked as :class:`Waiter` and answered the moment their condition holds;
+the client's own deadline bounds the wait. The loop never blocks except in ``poll``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import zmq
+
+from common.config import ServerConfig
+from common.dtypes import dtype_name
+from common.errors import ErrorCode, ProtocolError
+from common.protocol import Op
+from common.transport import bind_router, make_context
+from common.wire import Message, WireLimits, decode, encode, error_frames
+from ps import checkpoint
+from ps.aggregate import Contribution, KeyGroup
+from ps.membership import WorkerInfo, form_groups
+from ps.store import ParameterStore
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 10.0
+
+
+@dataclass
+class Waiter:
+    """A parked request: reply with θ for ``keys`` once ``step`` is reachable."""
+
+    ident: bytes
+    req_id: int
+    op: Op
+    rank: int
+    keys: tuple[str, ...]
+    step: int
+
+
+class Server:
+    """The parameter server. ``bind()`` then ``serve()``; returns 0 when every worker is done."""
+
+    def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or make_context()
+        self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
+        self.store = ParameterStore(cfg)
+        self.workers: dict[int, WorkerInfo] = {}
+        self.groups: list[KeyGroup] | None = None
+        self.offers: dict[int, dict[str, torch.Tensor]] = {}
+        self.registered_specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.waiters: list[Waiter] = []
+        self.last_loss: float | None = None
+        self.saved_step = -1
+        self.endpoint = ""
+        self.sock: zmq.Socket | None = None
+        self._finished = False
+        self._resume()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _resume(self) -> None:
+        path = checkpoint.latest_checkpoint(self.cfg.checkpoint_dir)
+        if path is None:
+            return
+        params, opt_state, meta = checkpoint.load_checkpoint(path)
+        self.store.initialize(params, meta.get("versions"), opt_state)
+        self.saved_step = int(meta["step"])
+        self.last_loss = meta.get("loss")
+        log.info("resumed from %s at step %d", path, self.saved_step)
+
+    def bind(self) -> str:
+        """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it."""
+        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits)
+        log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
+                 self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
+        if self.cfg.ready_file:
+            checkpoint.write_atomic(Path(self.cfg.ready_file), (self.endpoint + "\n").encode())
+        return self.endpoint
+
+    def serve(self, stop_after_s: float | None = None) -> int:
+        """Run until every worker is done (then write the final checkpoint) and return 0."""
+        if self.sock is None:
+            self.bind()
+        assert self.sock is not None
+        next_status = time.monotonic() + STATUS_EVERY_S
+        deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
+        try:
+            while not self._finished:
+                if deadline is not None and time.monotonic() > deadline:
+                    log.warning("stopping after %.0fs as asked", stop_after_s)
+                    return 1
+                if self.sock.poll(200, zmq.POLLIN):
+                    for _ in range(256):  # drain a burst before housekeeping
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                        if self._finished:
+                            break
+                now = time.monotonic()
+                if now >= next_status:
+                    next_status = now + STATUS_EVERY_S
+                    self._log_status()
+            self._write_final()
+            return 0
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket (letting replies already queued go out for up to a second)."""
+        if self.sock is not None:
+            self.sock.close(linger=1000)
+            self.sock = None
+
+    def _log_status(self) -> None:
+        version = self.store.version(self.store.params) if self.store.initialized else 0
+        loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
+        log.info("step %d, loss %s, %d/%d workers registered, %d done", version, loss,
+                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()))
+
+    # ------------------------------------------------------------------ dispatch
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return  # an identity with nothing after it: nothing to answer
+        ident, body = frames[0].bytes, frames[1:]
+        req_id = 0
+        try:
+            msg = decode(body, self.limits)
+            req_id = msg.id
+            handler = self._HANDLERS.get(msg.op)
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"the server does not handle {msg.op.value!r}")
+            handler(self, ident, msg)
+        except ProtocolError as e:
+            log.warning("rejected a message from %s: %s: %s", ident.hex()[:16], e.code.name, e)
+            self._send_frames(ident, error_frames(e.code, str(e), req_id))
+        except Exception as e:  # a bug must not take the server down; the client sees INTERNAL
+            log.exception("internal error while handling a message")
+            self._send_frames(ident, error_frames(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", req_id))
+
+    def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:
+        assert self.sock is not None
+        return self.sock.send_multipart([ident, *frames], copy=False, track=track)
+
+    def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
+               keys: tuple[str, ...] = ()) -> None:
+        tensors = self.store.view(keys) if keys else None
+        tracker = self._send_frames(ident, encode(Op.REPLY, fields, tensors, req_id), track=bool(keys))
+        self.store.track(keys, tracker)
+
+    # ------------------------------------------------------------------ helpers
+    def _worker(self, msg: Message) -> WorkerInfo:
+        rank = msg.fields["rank"]
+        w = self.workers.get(rank)
+        if w is None:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, f"rank {rank} has not registered")
+        w.last_seen = time.monotonic()
+        return w
+
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor], expected: tuple[str, ...], what: str) -> None:
+        if set(tensors) != set(expected):
+            extra = sorted(set(tensors) - set(expected))[:5]
+            missing = sorted(set(expected) - set(tensors))[:5]
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
+                                f"{what} must carry exactly the registered keys; "
+                                f"unexpected {extra}, missing {missing}")
+        if self.store.initialized:
+            for k, t in tensors.items():
+                p = self.store.params[k]
+                if t.dtype != p.dtype or tuple(t.shape) != tuple(p.shape):
+                    raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
+                                        f"{what}: {k!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
+                                        f"θ has {dtype_name(p.dtype)}{list(p.shape)}")
+
+    def _requested_keys(self, msg: Message, w: WorkerInfo) -> tuple[str, ...]:
+        keys = msg.fields.get("keys")
+        if keys is None:
+            return w.keys
+        unknown = [k for k in keys if k not in self.store.params]
+        if unknown:
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"unknown keys {unknown[:5]}")
+        return tuple(dict.fromkeys(keys))
+
+    def _groups_of(self, w: WorkerInfo) -> list[KeyGroup]:
+        assert self.groups is not None
+        return [g for g in self.groups if w.rank in g.contributors]
+
+    # ------------------------------------------------------------------ handlers
+    def _on_register(self, ident: bytes, msg: Message) -> None:
+        f = msg.fields
+        rank, world = f["rank"], f["world_size"]
+        if world != self.cfg.workers:
+            raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
+        if not 0 <= rank < world:
+            raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
+        specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
+        if not specs:
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, "a worker must register at least one parameter")
+        if self.store.initialized:
+            known = self.store.specs()
+        else:
+            known = {k: self.registered_specs[k] for o in self.workers.values() if o.rank != rank for k in o.keys}
+        for k, spec in specs.items():
+            if self.store.initialized and k not in known:
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"key {k!r} is not in θ")
+            if k in known and known[k] != spec:
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"{k!r} registered as {spec}, θ has {known[k]}")
+        keys = tuple(specs)
+        old = self.workers.get(rank)
+        if old is not None and old.keys != keys:
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
+        if old is not None:
+            log.info("rank %d re-registered", rank)
+        self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
+                                        endpoint=f.get("endpoint", ""),
+                                        clock=old.clock if old else 0)
+        self.registered_specs.update(specs)
+        log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
+        self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
+                                    "initialized": self.store.initialized})
+        self._try_start()
+
+    def _on_init(self, ident: bytes, msg: Message) -> None:
+        w = self._worker(msg)
+        self._check_tensors(msg.tensors, w.keys, "init")
+        if not self.store.initialized:
+            self.offers[w.rank] = msg.tensors
+        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=0))
+        self._try_start()
+        self._wake()
+
+    def _try_start(self) -> None:
+        """Once all K workers registered: take θ from the lowest rank per key, form groups."""
+        if len(self.workers) < self.cfg.workers:
+            return
+        if not self.store.initialized:
+            owner: dict[str, int] = {}
+            for rank in sorted(self.workers, reverse=True):
+                for k in self.workers[rank].keys:
+                    owner[k] = rank
+            if any(r not in self.offers for r in set(owner.values())):
+                return
+            self.store.initialize({k: self.offers[r][k] for k, r in owner.items()})
+            self.offers.clear()
+            log.info("θ initialized from rank(s) %s: %d tensors, %d elements", sorted(set(owner.values())),
+                     len(owner), sum(p.numel() for p in self.store.params.values()))
+        if self.groups is None:
+            self.groups = form_groups(self.workers, self.store.versions)
+            unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
+            if unused:
+                log.warning("θ keys no worker registered (never updated): %s", sorted(unused)[:5])
+
+    def _ready(self, w: Waiter) -> bool:
+        if self.groups is None or not self.store.initialized:
+            return False
+        return self.store.version(w.keys) >= w.step
+
+    def _wake(self) -> None:
+        still = []
+        for w in self.waiters:
+            if self._ready(w):
+                fields = {"version": self.store.version(w.keys), "loss": self.last_loss}
+                self._reply(w.ident, w.req_id, fields, w.keys)
+            else:
+                still.append(w)
+        self.waiters = still
+
+    def _on_pull(self, ident: bytes, msg: Message) -> None:
+        w = self._worker(msg)
+        if self.groups is None:
+            raise ProtocolError(ErrorCode.NOT_INITIALIZED, "pull before every worker has called init")
+        keys = self._requested_keys(msg, w)
+        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0)))
+        self._wake()
+
+    def _on_push(self, ident: bytes, msg: Message) -> None:
+        w = self._worker(msg)
+        if self.groups is None:
+            raise ProtocolError(ErrorCode.NOT_INITIALIZED, "push before every worker has called init")
+        f = msg.fields
+        step = f["step"]
+        keys = self._requested_keys(msg, w) if msg.op is Op.PUSH_PULL else w.keys
+        self._check_tensors(msg.tensors, w.keys, msg.op.value)
+        weight = float(f.get("samples", 1.0))
+        if weight < 0:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
+        groups = self._groups_of(w)
+        replay = False
+        for g in groups:  # validate against every group before touching any
+            if step < g.step or (step == g.step and g.has_pushed(w.rank)):
+                replay = True
+            elif step > g.step:
+                raise ProtocolError(ErrorCode.BAD_STEP,
+                                    f"rank {w.rank} pushed step {step} but the server is at step {g.step} "
+                                    f"(bsp: pull after each push)")
+        if replay:
+            log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
+        else:
+            for g in groups:
+                grads = {k: msg.tensors[k] for k in g.keys}
+                if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
+                    self._complete(g)
+            w.clock = max(w.clock, step + 1)
+        if msg.op is Op.PUSH:
+            self._reply(ident, msg.id, {"applied": not replay, "version": self.store.version(w.keys)})
+        else:
+            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1))
+        self._wake()
+
+    def _complete(self, g: KeyGroup) -> None:
+        grads, loss = g.finish()
+        self.store.apply(grads)
+        if loss is not None:
+            self.last_loss = loss
+        version = self.store.version(self.store.params)
+        log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
+        every = self.cfg.checkpoint_every
+        if every and version % every == 0 and version > self.saved_step:
+            self._save(version)
+
+    def _save(self, version: int) -> None:
+        assert self.store.optimizer is not None
+        meta = {"versions": self.store.versions, "loss": self.last_loss,
+                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers}
+        path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
+                                          self.store.optimizer.state_dict(), meta)
+        self.saved_step = version
+        log.info("checkpoint %s", path)
+
+    def _on_done(self, ident: bytes, msg: Message) -> None:
+        w = self._worker(msg)
+        w.done = True
+        log.info("rank %d finished (%d/%d done)", w.rank, sum(x.done for x in self.workers.values()),
+                 self.cfg.workers)
+        self._reply(ident, msg.id, {"version": self.store.version(w.keys) if self.store.initialized else 0})
+        if len(self.workers) == self.cfg.workers and all(x.done for x in self.workers.values()):
+            self._finished = True
+
+    def _on_ping(self, ident: bytes, msg: Message) -> None:
+        version = self.store.version(self.store.params) if self.store.initialized else 0
+        self._reply(ident, msg.id, {"version": version, "registered": len(self.workers),
+                                    "workers": self.cfg.workers, "loss": self.last_loss,
+                                    "done": sum(w.done for w in self.workers.values())})
+
+    def _write_final(self) -> None:
+        if not self.store.initialized:
+            log.warning("no θ to write: training never started")
+            return
+        version = self.store.version(self.store.params)
+        if version > self.saved_step:
+            self._save(version)
+        path = checkpoint.save_final(self.cfg.checkpoint_dir, self.store.params)
+        loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
+        log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones)",
+                 self.cfg.workers, version, loss, os.path.abspath(path), self.store.cow_clones)
+
+    _HANDLERS = {
+        Op.REGISTER: _on_register,
+        Op.INIT: _on_init,
+        Op.PULL: _on_pull,
+        Op.PUSH: _on_push,
+        Op.PUSH_PULL: _on_push,
+        Op.DONE: _on_done,
+        Op.PING: _on_ping,
+    }

@@ -1,0 +1,91 @@
+"""θ on the server: named parameters, their versions, and the optimizer that updates them.
+
+[Note: copy on write] Pull replies hand θ's own memory to ZeroMQ (zero copy). Before the
+optimizer writes θ in place, any parameter whose last send ZeroMQ has not yet released gets
+fresh storage (``p.data = p.data.clone()``): the send keeps the old bytes, the optimizer
+writes the new ones, and no reader ever sees a half-updated tensor. On loopback the send
+is almost always done by then, so the clone is rare; the server never blocks on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+import zmq
+
+from common.config import ServerConfig
+from common.dtypes import dtype_name
+from ps.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+Spec = tuple[str, tuple[int, ...]]
+
+
+class ParameterStore:
+    """θ by state_dict name, a version (applied steps) per key, and a torch.optim optimizer."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.versions: dict[str, int] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._inflight: dict[str, list[zmq.MessageTracker]] = {}
+        self.cow_clones = 0
+
+    @property
+    def initialized(self) -> bool:
+        """True once θ holds values (from rank 0's init or a checkpoint)."""
+        return self.optimizer is not None
+
+    def specs(self) -> dict[str, Spec]:
+        """``{name: (dtype, shape)}`` of θ."""
+        return {k: (dtype_name(p.dtype), tuple(p.shape)) for k, p in self.params.items()}
+
+    def initialize(self, tensors: Mapping[str, torch.Tensor], versions: Mapping[str, int] | None = None,
+                   optimizer_state: dict[str, Any] | None = None) -> None:
+        """Set θ (copied out of the received frames) and build the optimizer over it."""
+        self.params = {k: torch.nn.Parameter(t.detach().clone(), requires_grad=False)
+                       for k, t in tensors.items()}
+        self.versions = {k: int((versions or {}).get(k, 0)) for k in self.params}
+        self.optimizer = build_optimizer(list(self.params.values()), self.cfg)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def version(self, keys: Iterable[str]) -> int:
+        """The oldest version among ``keys``."""
+        return min((self.versions[k] for k in keys), default=0)
+
+    def view(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """θ for ``keys``, as the live tensors (for zero-copy sends; see :meth:`track`)."""
+        return {k: self.params[k].detach() for k in keys}
+
+    def track(self, keys: Iterable[str], tracker: zmq.MessageTracker | None) -> None:
+        """Remember that a send of ``keys`` may still read θ's memory."""
+        if tracker is None:
+            return
+        for k in keys:
+            lst = self._inflight.setdefault(k, [])
+            lst[:] = [t for t in lst if not t.done]
+            lst.append(tracker)
+
+    def apply(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """One optimizer step on the keys in ``grads`` (the others are left untouched)."""
+        assert self.optimizer is not None, "apply before initialize"
+        for k in grads:
+            pending = [t for t in self._inflight.pop(k, ()) if not t.done]
+            if pending:
+                p = self.params[k]
+                p.data = p.data.clone()
+                self.cow_clones += 1
+        for k, p in self.params.items():
+            p.grad = grads.get(k)
+        try:
+            self.optimizer.step()
+        finally:
+            for p in self.params.values():
+                p.grad = None
+        for k in grads:
+            self.versions[k] += 1

@@ -1,0 +1,53 @@
+"""``ps-worker``: run one worker (data parallel, or one pipeline stage)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from common.config import WorkerConfig, parse_config
+from common.errors import ConfigError, PSError
+from common.logs import setup_logging
+
+log = logging.getLogger("worker")
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ps-worker``; returns the exit status."""
+    try:
+        cfg = parse_config(WorkerConfig, argv, prog="ps-worker",
+                           description="zmqps worker: trains on its shard and exchanges θ with the server")
+    except ConfigError as e:
+        sys.stderr.write(f"ps-worker: error: {e}\n")
+        return 2
+    setup_logging(cfg.log_level, f"worker {cfg.rank}")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if cfg.mode == "pipeline":
+            from worker.pipeline.runtime import train_stage
+
+            train_stage(cfg)
+        else:
+            from worker.runtime import train
+
+            train(cfg)
+        return 0
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except PSError as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return 1
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""``ps-launch``: one server and K workers as separate local processes, for one command.
+
+The server binds a port the OS picks and writes it to a ready file; the workers are told
+that endpoint. Output of every child is streamed with its role prefix. If any child fails,
+the others are stopped and ``ps-launch`` exits non-zero; Ctrl-C stops every child cleanly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Sequence
+
+from common.config import JobFields, LaunchConfig, ServerConfig, parse_config, to_argv
+from common.errors import ConfigError
+from common.logs import setup_logging
+
+log = logging.getLogger("launch")
+
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 5.0
+SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
+                  if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
+                                "checkpoint_every", "log_level"}]
+JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Children get SIGTERM if the launcher dies (Linux), so nothing is left running."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    """One child process with its output streamed, line by line, under a prefix."""
+
+    def __init__(self, name: str, argv: list[str], passthrough: bool = False) -> None:
+        self.name = name
+        self.argv = argv
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        out = None if passthrough else subprocess.PIPE
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     env=env, preexec_fn=_die_with_parent, text=True, errors="replace")
+        self.thread = None
+        if self.proc.stdout is not None:
+            self.thread = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
+            self.thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        tag = f"[{self.name}]"
+        for line in stream:
+            sys.stderr.write(line if tag in line else f"{tag} {line}")
+            sys.stderr.flush()
+
+    def stop(self) -> None:
+        """SIGTERM, wait a little, then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def join_output(self) -> None:
+        """Wait until all of the child's output has been written."""
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+def _wait_ready(server: Child, ready: Path) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready.exists() and ready.read_text().strip():
+            return ready.read_text().strip()
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.proc.returncode} before listening")
+        time.sleep(0.05)
+    raise TimeoutError(f"the server did not report its endpoint within {READY_TIMEOUT_S:.0f}s")
+
+
+def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int) -> list[str]:
+    """Command line of worker ``rank``."""
+    argv = [sys.executable, "-m", "worker", "--server", endpoint, "--rank", str(rank),
+            "--world-size", str(world), *to_argv(cfg, JOB_OPTIONS)]
+    return argv
+
+
+def run(cfg: LaunchConfig) -> int:
+    """Start the server and the workers, supervise them, and return the exit status."""
+    ckpt = cfg.checkpoint_dir or os.path.join("runs", time.strftime("launch-%Y%m%d-%H%M%S"))
+    world = cfg.workers
+    children: list[Child] = []
+    with tempfile.TemporaryDirectory(prefix="zmqps-launch-") as tmp:
+        ready = Path(tmp) / "endpoint"
+        server_argv = [sys.executable, "-m", "ps", "--bind", "tcp://127.0.0.1:0", "--workers", str(world),
+                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS)]
+        try:
+            server = Child("server", server_argv)
+            children.append(server)
+            endpoint = _wait_ready(server, ready)
+            log.info("server at %s; starting %d worker(s); checkpoints in %s", endpoint, world, ckpt)
+            tty = sys.stderr.isatty()
+            for rank in range(world):
+                children.append(Child(f"worker {rank}", worker_argv(cfg, endpoint, rank, world),
+                                      passthrough=(rank == 0 and tty)))
+            return _supervise(children)
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping every process")
+            return 130
+        except (RuntimeError, TimeoutError) as e:
+            log.error("%s", e)
+            return 1
+        finally:
+            for child in reversed(children):
+                child.stop()
+            for child in children:
+                child.join_output()
+
+
+def _supervise(children: list[Child]) -> int:
+    server, workers = children[0], children[1:]
+    while True:
+        for child in workers:
+            code = child.proc.poll()
+            if code not in (None, 0):
+                log.error("%s exited with status %d: stopping the others", child.name, code)
+                return 1
+        if server.proc.poll() not in (None, 0):
+            log.error("the server exited with status %d: stopping the workers", server.proc.returncode)
+            return 1
+        if all(c.proc.poll() == 0 for c in workers):
+            break
+        time.sleep(0.1)
+    try:
+        code = server.proc.wait(READY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.error("the workers finished but the server did not exit within %.0fs", READY_TIMEOUT_S)
+        return 1
+    if code == 0:
+        log.info("job finished: every process exited 0")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ps-launch``."""
+    try:
+        cfg = parse_config(LaunchConfig, argv, prog="ps-launch",
+                           description="run a zmqps server and K workers as local processes")
+    except ConfigError as e:
+        sys.stderr.write(f"ps-launch: error: {e}\n")
+        return 2
+    setup_logging(cfg.log_level, "launch")
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The data-parallel runtime: pull θ → forward/backward on this worker's batch → push.
+
+Each step is one ``push_pull`` round trip: the gradients of step t go out and θ after step t
+comes back. A step's loss shown on rank 0 is the server's weighted mean over all workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import WorkerConfig
+from common.errors import ConfigError
+from worker.client import PSClient
+from worker.data import ShardPlan, fetch
+from worker.factories import build_data, build_model
+from worker.progress import Progress
+
+log = logging.getLogger(__name__)
+
+LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+
+
+@dataclass
+class TrainResult:
+    """What one worker did."""
+
+    steps: int
+    start_step: int
+    final_loss: float | None
+    seconds: float
+    samples: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def load_into(model: nn.Module, theta: dict[str, torch.Tensor]) -> None:
+    """Copy θ into the model's parameters in place (across devices)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in theta.items():
+            params[k].copy_(v, non_blocking=False)
+
+
+def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient; a parameter the loss did not reach gets zeros."""
+    return {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
+
+
+def train(cfg: WorkerConfig) -> TrainResult:
+    """Run this worker's part of a data-parallel job; returns when the job is done."""
+    assert cfg.rank is not None and cfg.world_size is not None
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, cfg.seed).to(device)
+    data = build_data(cfg.data, cfg.seed)
+    plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
+    loss_fn = LOSSES[cfg.loss]
+    total = plan.steps_per_epoch * cfg.epochs
+    lo, hi = plan.bounds(cfg.rank)
+    log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
+             type(model).__name__, device, lo, hi, plan.n, plan.local_batch(cfg.rank),
+             plan.steps_per_epoch, cfg.epochs, total)
+    t0 = time.monotonic()
+    samples = 0
+    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout) as client:
+        theta = client.init({k: p.detach().cpu() for k, p in model.named_parameters()})
+        load_into(model, theta)
+        start = client.step
+        if start:
+            log.info("resuming at step %d of %d", start, total)
+        progress = Progress(cfg, total, start, plan.steps_per_epoch)
+        with progress:
+            for step in range(start, total):
+                rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
+                model.zero_grad(set_to_none=True)
+                loss_value = None
+                if len(rows):
+                    x, y = fetch(data, rows)
+                    loss = loss_fn(model(x.to(device)), y.to(device))
+                    loss.backward()
+                    loss_value = loss.item()
+                theta = client.push_pull(gradients(model), step, samples=len(rows), loss=loss_value)
+                load_into(model, theta)
+                samples += len(rows)
+                progress.update(step, client.last_loss, len(rows) * cfg.world_size)
+        client.done()
+        final_loss = client.last_loss
+    seconds = time.monotonic() - t0
+    log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",
+             total - start, cfg.epochs, seconds, "-" if final_loss is None else f"{final_loss:.6g}",
+             samples / seconds if seconds else 0.0)
+    return TrainResult(total - start, start, final_loss, seconds, samples)
