@@ -1,0 +1,31 @@
+"""Shared fixtures: real processes that are always stopped, and a fresh ZeroMQ context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import zmq
+
+from tests.procs import Procs
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Start servers and workers as real processes; all of them are stopped afterwards."""
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    """A private ZeroMQ context, terminated (sockets closed with linger 0) after the test."""
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)

@@ -1,0 +1,73 @@
+"""The documented math, replayed in one process, independent of the worker's code.
+
+    g_k = mean loss gradient over worker k's rows;  g = Σ n_k g_k / Σ n_k  (= 1/K Σ g_k when
+    every n_k is equal);  θ ← optimizer(θ, g)
+
+Shards, batch split and shuffling follow DESIGN.md and the table in ``worker/data.py``'s
+docstring; they are re-derived here so that a bug there cannot hide in both places.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_optimizer(params, optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The same optimizer the server builds for these options."""
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    m = momentum if momentum is not None else (0.9 if optimizer == "momentum" else 0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=m, weight_decay=weight_decay)
+
+
+def worker_rows(n: int, world: int, batch: int, epoch: int, t: int, k: int, shuffle: bool, seed: int) -> torch.Tensor:
+    """Rows of worker k at step t of ``epoch``."""
+    lo, hi = k * n // world, (k + 1) * n // world
+    b = batch // world + (1 if k < batch % world else 0)
+    start, stop = min(t * b, hi - lo), min((t + 1) * b, hi - lo)
+    if shuffle:
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 8_191 + k) % (2**63))
+        return lo + torch.randperm(hi - lo, generator=gen)[start:stop]
+    return torch.arange(lo + start, lo + stop)
+
+
+def steps_per_epoch(n: int, world: int, batch: int) -> int:
+    """S = max_k ⌈|D_k| / b_k⌉."""
+    return max(math.ceil(((k + 1) * n // world - k * n // world) / (batch // world + (k < batch % world)))
+               for k in range(world))
+
+
+def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], object], world: int,
+           batch: int = 100, epochs: int = 10, seed: int = 0, shuffle: bool = True, loss: str = "mse",
+           optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
+           weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+    """Final θ of the data-parallel job, computed in one process."""
+    torch.manual_seed(seed)
+    model = model_factory()
+    torch.manual_seed(seed)
+    data = data_factory()
+    x_all, y_all = data.tensors  # type: ignore[attr-defined]
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+    n = len(x_all)
+    for epoch in range(epochs):
+        for t in range(steps_per_epoch(n, world, batch)):
+            grads, weights = [], []
+            for k in range(world):
+                rows = worker_rows(n, world, batch, epoch, t, k, shuffle, seed)
+                if len(rows) == 0:
+                    continue
+                model.zero_grad()
+                loss_fn(model(x_all[rows]), y_all[rows]).backward()
+                grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+                weights.append(float(len(rows)))
+            for name, p in model.named_parameters():
+                p.grad = sum(w * g[name] for w, g in zip(weights, grads)) / sum(weights)
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
