@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Sequence
 
+from common import faults
 from common.config import ServerConfig, parse_config
 from common.errors import ConfigError
 from common.logs import setup_logging
@@ -31,9 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ps.server import Server  # after logging: importing torch is slow
 
     try:
+        faults.arm(cfg.fault)
         server = Server(cfg)
         server.bind()
         return server.serve()
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130

@@ -17,15 +17,19 @@ from typing import Any, Mapping
 import torch
 import zmq
 
+from common import faults
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import Op
+from common.security import Curve
 from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
+from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
+from ps.recovery import Recovery
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ class Waiter:
     step: int
 
 
-class Server:
+class Server(Recovery):
     """The parameter server. ``bind()`` then ``serve()``; returns 0 when every worker is done."""
 
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
@@ -63,6 +67,7 @@ class Server:
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self._init_recovery()
         self._resume()
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,11 +79,16 @@ class Server:
         self.store.initialize(params, meta.get("versions"), opt_state)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
+        self.limits = schema_limits(self.store.specs(), self.limits)
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
         """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it."""
-        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits)
+        curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
+                 if self.cfg.curve_secret_key else None)
+        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve)
+        if self.store.initialized:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
         if self.cfg.ready_file:
@@ -107,9 +117,12 @@ class Server:
                         if self._finished:
                             break
                 now = time.monotonic()
+                self._check_liveness(now)
                 if now >= next_status:
                     next_status = now + STATUS_EVERY_S
                     self._log_status()
+            if self.failed:
+                return 1
             self._write_final()
             return 0
         finally:
@@ -139,6 +152,7 @@ class Server:
             handler = self._HANDLERS.get(msg.op)
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_OP, f"the server does not handle {msg.op.value!r}")
+            self._screen(ident, msg)
             handler(self, ident, msg)
         except ProtocolError as e:
             log.warning("rejected a message from %s: %s: %s", ident.hex()[:16], e.code.name, e)
@@ -218,23 +232,30 @@ class Server:
         old = self.workers.get(rank)
         if old is not None and old.keys != keys:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
+        self._admit(ident, rank)
         if old is not None:
             log.info("rank %d re-registered", rank)
+        elif self.groups is not None:
+            self._joining.add(rank)
+            self.regroup_pending = True
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
                                         endpoint=f.get("endpoint", ""),
                                         clock=old.clock if old else 0)
         self.registered_specs.update(specs)
+        self._renew(rank)
         log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized})
+                                    "initialized": self.store.initialized, "incarnation": self.incarnation,
+                                    "lease_s": self.cfg.lease, "hold_s": self.cfg.rejoin_deadline})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)
-        self._check_tensors(msg.tensors, w.keys, "init")
+        if msg.tensors or not self.store.initialized:  # a worker rejoining a running job offers nothing
+            self._check_tensors(msg.tensors, w.keys, "init")
         if not self.store.initialized:
             self.offers[w.rank] = msg.tensors
-        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=0))
+        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=self._join_step(w.rank)))
         self._try_start()
         self._wake()
 
@@ -253,6 +274,10 @@ class Server:
             self.offers.clear()
             log.info("θ initialized from rank(s) %s: %d tensors, %d elements", sorted(set(owner.values())),
                      len(owner), sum(p.numel() for p in self.store.params.values()))
+            self._save(0)  # θ_0 survives a crash: a restarted server never needs the workers' offers again
+            self.limits = schema_limits(self.store.specs(), self.limits)
+            if self.sock is not None:
+                self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         if self.groups is None:
             self.groups = form_groups(self.workers, self.store.versions)
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
@@ -279,7 +304,7 @@ class Server:
         if self.groups is None:
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, "pull before every worker has called init")
         keys = self._requested_keys(msg, w)
-        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0)))
+        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("min_version", 0)))
         self._wake()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
@@ -294,6 +319,8 @@ class Server:
         if weight < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
         groups = self._groups_of(w)
+        if not groups:
+            raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
         replay = False
         for g in groups:  # validate against every group before touching any
             if step < g.step or (step == g.step and g.has_pushed(w.rank)):
@@ -319,13 +346,16 @@ class Server:
     def _complete(self, g: KeyGroup) -> None:
         grads, loss = g.finish()
         self.store.apply(grads)
+        faults.hit("after-apply", g.step - 1)
         if loss is not None:
             self.last_loss = loss
         version = self.store.version(self.store.params)
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
-        if every and version % every == 0 and version > self.saved_step:
+        if every and version % every == 0 and version > self.saved_step and self._consistent_cut():
             self._save(version)
+        if self.regroup_pending:
+            self._regroup()
 
     def _save(self, version: int) -> None:
         assert self.store.optimizer is not None
@@ -337,21 +367,27 @@ class Server:
         log.info("checkpoint %s", path)
 
     def _on_done(self, ident: bytes, msg: Message) -> None:
+        """A barrier: answered once every worker is done and the final files are written."""
         w = self._worker(msg)
+        if not w.done:
+            log.info("rank %d finished (%d/%d done)", w.rank, sum(x.done for x in self.workers.values()) + 1,
+                     self.cfg.workers)
         w.done = True
-        log.info("rank %d finished (%d/%d done)", w.rank, sum(x.done for x in self.workers.values()),
-                 self.cfg.workers)
-        self._reply(ident, msg.id, {"version": self.store.version(w.keys) if self.store.initialized else 0})
-        if len(self.workers) == self.cfg.workers and all(x.done for x in self.workers.values()):
-            self._finished = True
+        self.done_waiters.append(Waiter(ident, msg.id, Op.DONE, w.rank, (), step=0))
+        self._finish_if_done()
 
     def _on_ping(self, ident: bytes, msg: Message) -> None:
+        self._heartbeat(ident, msg.fields.get("rank"))
         version = self.store.version(self.store.params) if self.store.initialized else 0
         self._reply(ident, msg.id, {"version": version, "registered": len(self.workers),
                                     "workers": self.cfg.workers, "loss": self.last_loss,
-                                    "done": sum(w.done for w in self.workers.values())})
+                                    "done": sum(w.done for w in self.workers.values()),
+                                    "incarnation": self.incarnation})
 
     def _write_final(self) -> None:
+        if self._final_written:
+            return
+        self._final_written = True
         if not self.store.initialized:
             log.warning("no θ to write: training never started")
             return
