@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zmqps"
 KEY_MARK = "#curve="
-LOG_EVERY_S = 10.0  # the same refusal from the same host is logged at most this often
+UNKNOWN_PEER = "an unknown address"
+LOG_EVERY_S = 10.0  # the same refusal of the same host, for the same reason, is logged at most this often
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,14 @@ _WATCHED = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FA
 
 
 def _peer_of(fd: int) -> str:
-    """``host:port`` of the TCP peer on ``fd`` (a duplicate is inspected; "?" when unknown)."""
+    """``host:port`` of the TCP peer on ``fd`` (a duplicate is inspected), or "an unknown address" when
+    the connection is already gone (a fast refusal can beat the monitor thread to it)."""
     try:
         with socket.socket(fileno=os.dup(fd)) as s:
             host, port = s.getpeername()[:2]
             return f"{host}:{port}"
     except (OSError, ValueError, TypeError):
-        return "?"
+        return UNKNOWN_PEER
 
 
 class Guard(threading.Thread):
@@ -232,7 +234,7 @@ class Guard(threading.Thread):
         self._halt = threading.Event()
         self._ready = threading.Event()
         self._error: Exception | None = None
-        self._last_log: dict[tuple[str, str], float] = {}
+        self._last_log: dict[tuple[str, str, str], float] = {}
         self._n = 0
 
     def start_and_wait(self) -> None:
@@ -257,8 +259,9 @@ class Guard(threading.Thread):
         self.refused += 1
         host = peer.rsplit(":", 1)[0]
         now = time.monotonic()
-        if now - self._last_log.get((what, host), -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last_log[(what, host)] = now
+        key = (what, host, detail)
+        if now - self._last_log.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_log[key] = now
             log.warning("refused %s from %s: %s", what, peer, detail)
 
     def run(self) -> None:
@@ -321,14 +324,15 @@ class Guard(threading.Thread):
         if kind == zmq.EVENT_ACCEPTED:
             peers[value] = _peer_of(value)
         elif kind == zmq.EVENT_DISCONNECTED:
-            peer = peers.pop(value, "?")
+            peer = peers.pop(value, UNKNOWN_PEER)
             if failed:
                 self._note(f"a connection to {label}", peer, failed.pop())
                 failed.clear()
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             failed.append(_PROTOCOL_REASONS.get(value, f"ZMTP protocol error {value:#x}"))
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            failed.append(f"handshake failed (errno {value})")
+            failed.append("the client hung up during the handshake (it does not speak CURVE, or has the wrong "
+                          f"server key; errno {value})")
         # HANDSHAKE_FAILED_AUTH was already logged by _answer, with the key
         return True
 

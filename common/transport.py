@@ -79,11 +79,13 @@ def bind_router(ctx: zmq.Context, endpoint: str, limits: WireLimits = DEFAULT_LI
     _heartbeats(sock)
     if curve is not None:
         security.apply_server(sock, curve)
-        security.ensure_guard(ctx, curve).watch(sock, endpoint)
+        guard = security.ensure_guard(ctx, curve)
     if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] == "0":
         endpoint = endpoint.rsplit(":", 1)[0] + ":*"
     sock.bind(endpoint)
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    if curve is not None:
+        guard.watch(sock, bound)
     return sock, (security.advertise(bound, curve.public) if curve is not None else bound)
 
 

@@ -225,9 +225,12 @@ class PSClient:
         while True:
             try:
                 reg = self._caller.call(Op.REGISTER, self._register, step=self.step)
+                incarnation = reg.fields.get("incarnation")
+                self._caller.incarnation = incarnation if isinstance(incarnation, str) else None
                 hold = reg.fields.get("hold_s")
                 if isinstance(hold, (int, float)) and not isinstance(hold, bool):
                     self._caller.policy = dataclasses.replace(self._caller.policy, hold_s=float(hold))
+                self._start_heartbeat()
                 initialized = bool(reg.fields.get("initialized"))
                 if not initialized and offer is None:
                     raise PSError(f"worker {self.rank}: the server at {self.server} restarted without θ (no "
@@ -241,11 +244,14 @@ class PSClient:
                     raise
         self.step = int(reply.fields["version"])
         self._joined = True
+        return reply.tensors
+
+    def _start_heartbeat(self) -> None:
+        """Once registered (the server renews a lease only for a registered connection's heartbeat)."""
         if self._beat is None and self._heartbeat_s > 0:
             self._beat = Heartbeat(self.ctx, self.server, self._identity, self.rank, self._heartbeat_s, self._curve)
             self._beat.start()
             self._caller.beat = self._beat
-        return reply.tensors
 
     def _stage(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """CPU views of ``tensors``; CUDA ones are copied into reused pinned buffers."""

@@ -81,6 +81,8 @@ class Caller:
         self.policy = policy
         self.watch = HandshakeWatch(ctx, req.sock)
         self.beat: Heartbeat | None = None
+        self.incarnation: str | None = None
+        """The server process this client registered with (from its REGISTER reply)."""
         self.resends = 0
 
     def call(self, op: Op, fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
@@ -100,7 +102,7 @@ class Caller:
             after_send()
         self.watch.update()
         generation = self.watch.generation
-        incarnation = self.beat.incarnation if self.beat else None
+        incarnation = self._incarnation()
         last_life = start
         attempt = 0
         retry_at: float | None = None
@@ -137,7 +139,7 @@ class Caller:
             if reason is not None:
                 ids.add(self.req.send(op, fields, tensors))
                 generation = self.watch.generation
-                incarnation = self.beat.incarnation if self.beat else None
+                incarnation = self._incarnation()
                 retry_at = None
                 self.resends += 1
                 (log.debug if reason == "retry" else log.info)("%s: sending %s again (%s)", self.who, what, reason)
@@ -150,6 +152,10 @@ class Caller:
             if now - last_life > p.deadline_s:
                 raise PSTimeoutError(self.req.endpoint, what, p.deadline_s,
                                      f"{self.who}: no sign of life from the server")
+
+    def _incarnation(self) -> str | None:
+        """The server process a request goes to, as far as this client knows."""
+        return (self.beat.incarnation if self.beat is not None else None) or self.incarnation
 
     def close(self) -> None:
         """Stop watching the socket (before it is closed)."""
