@@ -64,7 +64,8 @@ class HandshakeWatch:
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self.failure = _REASONS.get(value, f"ZMTP protocol error {value:#x}")
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self.failure = "handshake failed (wrong server key, or not a zmqps server)"
+                self.failure = ("the server hung up during the handshake (CURVE on one side only, or the "
+                                "wrong server key)")
 
     def close(self) -> None:
         """Stop monitoring (before the socket is closed)."""

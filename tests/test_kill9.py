@@ -8,7 +8,9 @@ without it).
 
 from __future__ import annotations
 
+import re
 import signal
+import socket
 
 import pytest
 
@@ -87,3 +89,15 @@ def test_shrink_continues_with_the_live_workers(procs, tmp_path):
     procs.wait_ok([w0, server], timeout=120)
     assert "rank 1 lost at step 5: continuing with rank(s) [0]" in server.log.read_text()
     assert_final(tmp_path / "ckpt", expected(ranks=lambda step: [0, 1] if step < 5 else [0]))
+
+
+def test_a_worker_without_its_server_exits_with_one_clear_line(procs):
+    """No hang: past --timeout without a sign of life, exit 1 naming the peer, the operation, the step."""
+    with socket.socket() as hole:  # bound but never listening: every connection attempt is refused
+        hole.bind(("127.0.0.1", 0))
+        ep = f"tcp://127.0.0.1:{hole.getsockname()[1]}"
+        w = procs.worker(ep, 0, WORLD, *JOB, "--timeout", "3")
+        assert w.wait(120) == 1, w.output()
+    (line,) = error_lines(w)
+    assert re.search(rf"PSTimeoutError: register of step 0 to {ep} timed out after 3s \(worker 0: no sign of "
+                     rf"life from the server\)", line), line
