@@ -72,6 +72,8 @@ class Server(Recovery):
 
     # ------------------------------------------------------------------ lifecycle
     def _resume(self) -> None:
+        for stale in checkpoint.remove_temporaries(self.cfg.checkpoint_dir):
+            log.warning("removed %s, left by a crash while writing", stale)
         path = checkpoint.latest_checkpoint(self.cfg.checkpoint_dir)
         if path is None:
             return

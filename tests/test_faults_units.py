@@ -227,3 +227,17 @@ def test_the_decoder_raises_only_protocol_errors(seed):
             assert isinstance(e.code, ErrorCode)
             continue
         assert len(msg.tensors) == len(frames) - 1, frames
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_a_crash_mid_write_leaves_the_old_checkpoint_and_a_temporary_that_is_removed(tmp_path):
+    from ps import checkpoint
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    checkpoint.save_checkpoint(tmp_path, 4, {"w": torch.ones(2)}, opt.state_dict(), {"versions": {"w": 4}})
+    torn = tmp_path / ".ckpt-000000008.safetensors.1234.tmp"  # what a kill -9 during a write leaves
+    torn.write_bytes(b"half a file")
+    assert checkpoint.latest_checkpoint(tmp_path).name == "ckpt-000000004.safetensors"
+    assert checkpoint.remove_temporaries(tmp_path) == [torn] and not torn.exists()
+    params, _, meta = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
+    assert meta["step"] == 4 and torch.equal(params["w"], torch.ones(2))
