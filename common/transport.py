@@ -165,7 +165,9 @@ class Requester:
                     raise PSTimeoutError(self.endpoint, op.value, timeout_s,
                                          f"{self.who} got no reply" if self.who else "no reply")
                 continue
-            if msg.id != req_id:
+            # [Note: id 0] an ERROR with id 0 answers a request whose header was unreadable; only
+            # one request is outstanding on this socket, so it is ours.
+            if msg.id != req_id and not (msg.op is Op.ERROR and msg.id == 0):
                 log.debug("dropping stale reply %s to request %d", msg.op.value, msg.id)
                 continue
             if msg.op is Op.ERROR:

@@ -112,7 +112,7 @@ class Caller:
             now = time.monotonic()
             if msg is not None:
                 last_life = now
-                if msg.id in ids:
+                if msg.id in ids or (msg.op is Op.ERROR and msg.id == 0):  # see transport's [Note: id 0]
                     if msg.op is not Op.ERROR:
                         return msg
                     code, text = msg.fields["code"], msg.fields["message"]
