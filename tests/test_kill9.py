@@ -8,9 +8,7 @@ without it).
 
 from __future__ import annotations
 
-import re
 import signal
-import socket
 
 import pytest
 
@@ -75,7 +73,7 @@ def test_lost_worker_past_the_deadline_fails_the_job_clearly(procs, tmp_path):
     (line,) = error_lines(server)
     assert "job failed at step 5" in line and "rank 1 was lost at step 5" in line and "within 3s" in line
     (line,) = error_lines(w0)
-    assert "RemoteError" in line and f"push_pull of step 5 to {ep}" in line and "WORKER_LOST" in line
+    assert "RemoteError" in line and f"push_pull to {ep} failed: WORKER_LOST" in line and "at step 5" in line
     assert (tmp_path / "ckpt" / "ckpt-000000005.safetensors").exists()
 
 
@@ -90,14 +88,3 @@ def test_shrink_continues_with_the_live_workers(procs, tmp_path):
     assert "rank 1 lost at step 5: continuing with rank(s) [0]" in server.log.read_text()
     assert_final(tmp_path / "ckpt", expected(ranks=lambda step: [0, 1] if step < 5 else [0]))
 
-
-def test_a_worker_without_its_server_exits_with_one_clear_line(procs):
-    """No hang: past --timeout without a sign of life, exit 1 naming the peer, the operation, the step."""
-    with socket.socket() as hole:  # bound but never listening: every connection attempt is refused
-        hole.bind(("127.0.0.1", 0))
-        ep = f"tcp://127.0.0.1:{hole.getsockname()[1]}"
-        w = procs.worker(ep, 0, WORLD, *JOB, "--timeout", "3")
-        assert w.wait(120) == 1, w.output()
-    (line,) = error_lines(w)
-    assert re.search(rf"PSTimeoutError: register of step 0 to {ep} timed out after 3s \(worker 0: no sign of "
-                     rf"life from the server\)", line), line

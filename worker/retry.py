@@ -117,7 +117,7 @@ class Caller:
                         return msg
                     code, text = msg.fields["code"], msg.fields["message"]
                     if code not in RETRYABLE:
-                        raise RemoteError(self.req.endpoint, what, code, text)
+                        raise RemoteError(self.req.endpoint, op.value, code, f"{text} ({self.who} at step {step})")
                     retry_at = now + p.backoff(attempt)
                     attempt += 1
                     log.info("%s: %s refused for now (%s); retrying in %.1fs", self.who, what, text,
@@ -147,11 +147,11 @@ class Caller:
                 last_life = max(last_life, self.beat.last_reply)
                 stalled = now - max(self.beat.last_progress, start)
                 if stalled > p.hold_s + p.deadline_s:
-                    raise PSTimeoutError(self.req.endpoint, what, p.hold_s + p.deadline_s,
-                                         f"{self.who}: the server answers but made no progress")
+                    raise PSTimeoutError(self.req.endpoint, op.value, p.hold_s + p.deadline_s,
+                                         f"{self.who} at step {step}: the server answers but made no progress")
             if now - last_life > p.deadline_s:
-                raise PSTimeoutError(self.req.endpoint, what, p.deadline_s,
-                                     f"{self.who}: no sign of life from the server")
+                raise PSTimeoutError(self.req.endpoint, op.value, p.deadline_s,
+                                     f"{self.who} at step {step}: no sign of life from the server")
 
     def _incarnation(self) -> str | None:
         """The server process a request goes to, as far as this client knows."""
