@@ -16,6 +16,7 @@ from typing import Mapping
 from common.dtypes import ITEMSIZE
 from common.wire import WireLimits
 
+SLACK = 16
 HEADER_SLACK = 64 << 10
 """Room for a header's own fields besides the tensor list (ids, steps, loss, a key list)."""
 
@@ -28,11 +29,13 @@ def schema_limits(specs: Mapping[str, tuple[str, tuple[int, ...]]], base: WireLi
     # a header lists each tensor once ([name, dtype, shape]) and may list the names again ("keys")
     listing = sum(2 * len(name.encode()) + 16 + 10 * len(shape) for name, (_, shape) in specs.items())
     header = min(base.max_header_bytes, HEADER_SLACK + 2 * listing)
+    # counts get a little slack, so a message that is only slightly off (one extra key, one more
+    # dimension) is refused with the precise SCHEMA_MISMATCH rather than TOO_LARGE
     return replace(base,
                    max_header_bytes=header,
-                   max_tensors=min(base.max_tensors, len(specs)),
-                   max_name_len=min(base.max_name_len, max(len(n) for n in specs)),
-                   max_ndim=min(base.max_ndim, max(len(s) for _, s in specs.values())),
+                   max_tensors=min(base.max_tensors, len(specs) + SLACK),
+                   max_name_len=min(base.max_name_len, max(len(n) for n in specs) + 4 * SLACK),
+                   max_ndim=min(base.max_ndim, max(len(s) for _, s in specs.values()) + SLACK // 4),
                    max_message_bytes=min(base.max_message_bytes, header + data))
 
 

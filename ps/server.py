@@ -306,7 +306,7 @@ class Server(Recovery):
         if self.groups is None:
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, "pull before every worker has called init")
         keys = self._requested_keys(msg, w)
-        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("min_version", 0)))
+        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0)))
         self._wake()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:

@@ -19,7 +19,7 @@ from common.protocol import Op
 from common.wire import encode
 
 FIELDS = ("rank", "step", "world_size", "params", "keys", "samples", "loss", "min_version", "role", "stage",
-          "micro", "code", "message", "endpoint", "worker_id", "tensors")
+          "micro", "code", "message", "endpoint", "worker_id", "tensors", "plan")
 DTYPES = ("float64", "float32", "bfloat16", "int8", "bool", "uint8", "complex64", "", 7)
 
 
@@ -88,7 +88,7 @@ def valid_messages(theta: dict[str, torch.Tensor], ranks: Sequence[int]) -> list
     for r in ranks:
         out += [encode(Op.REGISTER, {"rank": r, "world_size": len(ranks), "params": specs}),
                 encode(Op.INIT, {"rank": r}, theta),
-                encode(Op.PULL, {"rank": r, "min_version": 0}),
+                encode(Op.PULL, {"rank": r, "step": 0}),
                 encode(Op.PUSH, {"rank": r, "step": 0, "samples": 1.0}, theta),
                 encode(Op.PUSH_PULL, {"rank": r, "step": 0, "keys": list(theta)}, theta),
                 encode(Op.DONE, {"rank": r}),

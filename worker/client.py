@@ -117,7 +117,7 @@ class PSClient:
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
-        fields: dict[str, Any] = {"rank": self.rank, "min_version": self.step if step is None else step}
+        fields: dict[str, Any] = {"rank": self.rank, "step": self.step if step is None else step}
         if keys is not None:
             fields["keys"] = list(keys)
         try:
