@@ -26,6 +26,7 @@ class Op(str, Enum):
     PING = "ping"  # liveness and status probe; never changes state
     ACTIVATION = "activation"  # pipeline: stage s sends activations of a microbatch to stage s+1
     GRADIENT = "gradient"  # pipeline: stage s+1 sends δ of a microbatch back to stage s
+    ABORT = "abort"  # pipeline: a stage failed; its neighbours stop now instead of at their timeout
     REPLY = "reply"  # success answer to a request; fields depend on the request
     ERROR = "error"  # failure answer: ``code`` (an ErrorCode) and ``message``; nothing changed
 
@@ -37,7 +38,7 @@ INT, NUM, STR, BOOL, STRLIST, SPECS, ANY = "int", "num", "str", "bool", "strlist
 SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: (
         {"rank": INT, "world_size": INT, "params": SPECS},
-        {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR},
+        {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR},
     ),
     Op.INIT: ({"rank": INT}, {}),
     Op.PULL: ({"rank": INT}, {"min_version": INT, "keys": STRLIST}),
@@ -45,8 +46,9 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.PUSH_PULL: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "keys": STRLIST}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
-    Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT}),
-    Op.GRADIENT: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT}),
+    Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
+    Op.GRADIENT: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
+    Op.ABORT: ({"stage": INT, "message": STR}, {"rank": INT, "step": INT, "micro": INT, "action": STR}),
     Op.REPLY: ({}, {"*": ANY}),
     Op.ERROR: ({"code": INT, "message": STR}, {}),
 }

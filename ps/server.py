@@ -221,7 +221,8 @@ class Server:
         if old is not None:
             log.info("rank %d re-registered", rank)
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
-                                        endpoint=f.get("endpoint", ""),
+                                        endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
+                                        plan=f.get("plan", ""),
                                         clock=old.clock if old else 0)
         self.registered_specs.update(specs)
         log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
@@ -269,10 +270,17 @@ class Server:
         for w in self.waiters:
             if self._ready(w):
                 fields = {"version": self.store.version(w.keys), "loss": self.last_loss}
+                if w.op is Op.INIT:
+                    fields["peers"] = self._peer_table()
                 self._reply(w.ident, w.req_id, fields, w.keys)
             else:
                 still.append(w)
         self.waiters = still
+
+    def _peer_table(self) -> list[dict[str, Any]]:
+        """Every worker's rank, role, stage, peer endpoint and plan: how pipeline stages find neighbours."""
+        return [{"rank": w.rank, "role": w.role, "stage": w.stage, "endpoint": w.endpoint, "plan": w.plan}
+                for _, w in sorted(self.workers.items())]
 
     def _on_pull(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)

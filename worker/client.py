@@ -64,6 +64,8 @@ class PSClient:
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.peers: list[dict[str, Any]] = []
+        """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self._pinned: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ API
@@ -79,6 +81,7 @@ class PSClient:
                                  "role": self.role, **register_fields})
         reply = self._call(Op.INIT, {"rank": self.rank}, self._stage(named_tensors))
         self.step = int(reply.fields["version"])
+        self.peers = list(reply.fields.get("peers") or [])
         return reply.tensors
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
