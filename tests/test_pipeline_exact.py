@@ -11,64 +11,71 @@ held: GPipe M microbatches, 1F1B min(P - s, M) <= P.
 
 from __future__ import annotations
 
-import json
-import re
+from typing import Iterator
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests import pipeline_jobs
+from tests.pipeline_run import Job, stage_stats, start_server, start_stages
+from tests.procs import Procs
 from tests.reference_pipeline import replay_pipeline
 
 TOL = 1e-9
 
-CASES = [
-    # (P, M, schedule, R, model, partition, optimizer args)
-    pytest.param(2, 1, "gpipe", 1, "seed_pipe64", "0:1,1:2", [], id="P2-M1-gpipe-R1"),
-    pytest.param(2, 4, "gpipe", 2, "seed_pipe64", "0:1,1:2", [], id="P2-M4-gpipe-R2"),
-    pytest.param(2, 4, "1f1b", 1, "seed_pipe64", "0:1,1:2", [], id="P2-M4-1f1b-R1"),
-    pytest.param(3, 1, "1f1b", 1, "tuple_pipe64", "0:3,3:5,5:6", [], id="P3-M1-1f1b-R1"),
-    pytest.param(3, 4, "gpipe", 1, "tuple_pipe64", "0:3,3:5,5:6", [], id="P3-M4-gpipe-R1"),
-    pytest.param(3, 4, "1f1b", 2, "tuple_pipe64", "0:3,3:5,5:6", ["--optimizer", "momentum"],
-                 id="P3-M4-1f1b-R2-momentum"),
-]
+# name: (P, M, schedule, R, model, partition, optimizer)
+CASES = {
+    "P2-M1-gpipe-R1": (2, 1, "gpipe", 1, "seed_pipe64", "0:1,1:2", "sgd"),
+    "P2-M4-gpipe-R2": (2, 4, "gpipe", 2, "seed_pipe64", "0:1,1:2", "sgd"),
+    "P2-M4-1f1b-R1": (2, 4, "1f1b", 1, "seed_pipe64", "0:1,1:2", "sgd"),
+    "P3-M1-1f1b-R1": (3, 1, "1f1b", 1, "tuple_pipe64", "0:3,3:5,5:6", "sgd"),
+    "P3-M4-gpipe-R1": (3, 4, "gpipe", 1, "tuple_pipe64", "0:3,3:5,5:6", "sgd"),
+    "P3-M4-1f1b-R2-momentum": (3, 4, "1f1b", 2, "tuple_pipe64", "0:3,3:5,5:6", "momentum"),
+}
 
 
-def stage_stats(log_text: str) -> dict:
-    """The stage's own accounting, from its last log line."""
-    m = re.findall(r"stage stats (\{.*\})", log_text)
-    assert m, f"no stage stats in the log:\n{log_text[-2000:]}"
-    return json.loads(m[-1])
+@pytest.fixture(scope="module")
+def jobs(forkserver, tmp_path_factory) -> Iterator[tuple[Procs, dict[str, Job]]]:
+    """Every case's job, all started at once (they share the cores instead of queueing)."""
+    procs = Procs(tmp_path_factory.mktemp("pipeline-exact"))
+    try:
+        started = {}
+        for name, (P, M, schedule, R, model, partition, optimizer) in CASES.items():
+            started[name] = start_server(forkserver, procs, name, P * R,
+                                         ["--lr", "0.05", "--optimizer", optimizer])
+        for name, (P, M, schedule, R, model, partition, optimizer) in CASES.items():
+            start_stages(forkserver, procs, started[name], P * R, [
+                "--stages", str(P), "--partition", partition, "--microbatches", str(M), "--schedule", schedule,
+                "--model", f"tests.pipeline_jobs:{model}", "--data", "tests.pipeline_jobs:data246",
+                "--batch-size", "60", "--epochs", "2", "--seed", "3"])
+        yield procs, started
+    finally:
+        procs.cleanup()
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("P,M,schedule,R,model,partition,opt", CASES)
-def test_pipeline_matches_single_process_sgd(procs, tmp_path, P, M, schedule, R, model, partition, opt):
-    world = P * R
-    ckpt = tmp_path / "ckpt"
-    server, endpoint = procs.server(world, "--lr", "0.05", *opt, ckpt=ckpt)
-    job = ["--mode", "pipeline", "--stages", str(P), "--partition", partition, "--microbatches", str(M),
-           "--schedule", schedule, "--model", f"tests.pipeline_jobs:{model}", "--data", "tests.pipeline_jobs:data246",
-           "--batch-size", "60", "--epochs", "2", "--seed", "3", "--device", "cpu"]
-    stages = [procs.worker(endpoint, k, world, *job) for k in range(world)]
-    procs.wait_ok(stages + [server], timeout=200)
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", list(CASES))
+def test_pipeline_matches_single_process_sgd(jobs, name):
+    P, M, schedule, R, model, partition, optimizer = CASES[name]
+    procs, started = jobs
+    job = started[name]
+    procs.wait_ok(job.stages + [job.server], timeout=150)  # type: ignore[operator]
 
-    got = load_file(str(ckpt / "final.safetensors"))
-    optimizer = opt[1] if opt else "sgd"
+    got = load_file(str(job.ckpt / "final.safetensors"))
     want = replay_pipeline(getattr(pipeline_jobs, model), pipeline_jobs.data246, replicas=R, batch=60, epochs=2,
                            seed=3, optimizer=optimizer, lr=0.05)
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == torch.float64
         err = (got[k] - want[k]).abs().max().item()
-        assert err <= TOL, f"{k}: max |Δθ| = {err:.3g} > {TOL}"
+        assert err <= TOL, f"{name}: {k}: max |Δθ| = {err:.3g} > {TOL}"
     # The job must actually have trained: θ moved away from its initial value.
     torch.manual_seed(3)
     init = dict(getattr(pipeline_jobs, model)().named_parameters())
     assert any((got[k] - init[k]).abs().max() > 1e-3 for k in want)
 
-    for k, child in enumerate(stages):
+    for k, child in enumerate(job.stages):
         stats = stage_stats(child.output(tail=100_000))
         s = k % P
         assert stats["stage"] == s and stats["replica"] == k // P

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from common.config import WorkerConfig
-from common.errors import ConfigError, PSError
+from common.errors import ConfigError, PSError, StageError
 from common.transport import make_context
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch
@@ -179,7 +179,10 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
         client.done()
         linger = cfg.timeout
     except (PSError, RuntimeError) as e:
-        links.abort(f"{type(e).__name__}: {e}")
+        if isinstance(e, StageError):
+            links.abort(f"{type(e).__name__}: {e}", e.step, e.micro, e.action)
+        else:
+            links.abort(f"{type(e).__name__}: {e}")
         linger = 1.0
         raise
     finally:
