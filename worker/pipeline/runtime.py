@@ -102,6 +102,30 @@ def check_plans(me: Place, mine: str, peers: list[dict[str, Any]]) -> None:
                           f"give every stage the same --partition (ranges), --microbatches and --schedule")
 
 
+def build_pipeline_model(cfg: Any, device: torch.device) -> nn.Sequential:
+    """The job's model (default: the seed's two-layer example) on ``device``; must be an nn.Sequential."""
+    model = build_model(cfg.model, cfg.seed, default_pipeline_model)
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(f"pipeline mode needs an nn.Sequential model, got {type(model).__name__}")
+    return model.to(device)
+
+
+def resolve_partition(cfg: Any, replicas: int, model: nn.Sequential | None = None,
+                      data: Any = None) -> Partition:
+    """The job's partition: explicit ranges as given, else balanced on a sample microbatch.
+
+    ``ps-launch`` calls this once and hands the explicit ranges to every stage.
+    """
+    device = resolve_device(cfg.device)
+    model = model if model is not None else build_pipeline_model(cfg, device)
+    data = data if data is not None else build_data(cfg.data, cfg.seed)
+    sample = None
+    if cfg.partition == "auto":
+        rows = ShardPlan(len(data), replicas, cfg.batch_size, 0).local_batch(0) // cfg.microbatches
+        sample = sample_batch(data, rows).to(device)
+    return choose(model, cfg.partition, cfg.stages, sample)
+
+
 class _Schedules:
     """Built (and validated) schedules by microbatch count; a short last batch may use fewer."""
 
@@ -121,14 +145,10 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
     assert cfg.world_size is not None
     replicas = cfg.world_size // me.stages
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model, cfg.seed, default_pipeline_model)
-    if not isinstance(model, nn.Sequential):
-        raise ConfigError(f"pipeline mode needs an nn.Sequential model, got {type(model).__name__}")
-    model.to(device)
+    model = build_pipeline_model(cfg, device)
     data = build_data(cfg.data, cfg.seed)
     shards = ShardPlan(len(data), replicas, cfg.batch_size, me.replica)
-    sample = sample_batch(data, shards.local_batch(0) // cfg.microbatches).to(device)
-    part = choose(model, cfg.partition, me.stages, sample)
+    part = resolve_partition(cfg, replicas, model, data)
     if me.rank == 0 or part.method != "explicit":
         log.info("%s", part.describe())
     a, b = part.ranges[me.stage]
