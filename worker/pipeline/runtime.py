@@ -182,6 +182,7 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
                                 epochs=cfg.epochs, progress=cfg.progress)
         with Progress(shows, total, start, shards.steps_per_epoch) as progress:
             for step in range(start, total):
+                t_step = time.perf_counter()
                 rows = shards.rows(step, not cfg.no_shuffle, cfg.seed)
                 module.zero_grad(set_to_none=True)
                 loss = None
@@ -195,6 +196,7 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
                 theta = client.push_pull(gradients(module), step, samples=len(rows), loss=loss)
                 load_into(module, theta)
                 executor.stats.sync_s += time.perf_counter() - ts
+                executor.stats.end_step(time.perf_counter() - t_step)
                 progress.update(step, client.last_loss, len(rows) * replicas)
         client.done()
         linger = cfg.timeout

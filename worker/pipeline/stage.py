@@ -44,12 +44,23 @@ class StageStats:
     wait_s: float = 0.0  # blocked on a neighbour's activation or δ
     window_s: float = 0.0  # from the first action's start to the last action's end, per step
     sync_s: float = 0.0  # pushing gradients and pulling θ from the server
+    loop_s: float = 0.0  # whole steps: data, actions, push and pull
     peak_held: int = 0  # most microbatches of activations held at once
     microbatches: int = 0
+    first: dict[str, float] = field(default_factory=dict)  # busy/window/loop of the first step alone
+
+    def end_step(self, loop_s: float) -> None:
+        """Add one whole step's time; the first step's numbers are kept apart (warm-up)."""
+        self.loop_s += loop_s
+        if not self.first:
+            self.first = {"busy_s": self.busy_s, "window_s": self.window_s, "loop_s": self.loop_s}
 
     def as_dict(self) -> dict[str, Any]:
-        """The numbers, rounded, for the log."""
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        """The numbers, rounded, for the log; ``steady_*`` leave out the first step."""
+        out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "first"}
+        for k, v in self.first.items():
+            out[f"steady_{k}"] = round(getattr(self, k) - v, 6)
+        return out
 
 
 @dataclass
