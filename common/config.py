@@ -205,7 +205,8 @@ class WorkerConfig(JobFields):
                                   f"(pipeline: world size = stages x replicas)")
             shards = self.world_size // self.stages
         if self.batch_size < shards:
-            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} data shards")
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
+                              f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,8 @@ class LaunchConfig(JobFields):
         assert self.workers is not None and shards is not None
         _positive("workers", self.workers)
         if self.batch_size < shards:
-            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} data shards")
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
+                              f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
 
 
 _RANGES = re.compile(r"^\d+:\d+(,\d+:\d+)*$")

@@ -148,3 +148,29 @@ def test_packing_rejects_what_cannot_cross():
         unflatten("tuple", {"1": torch.zeros(1), "0": torch.zeros(1)})
     with pytest.raises(PackError, match="unknown pack"):
         unflatten("set", {"0": torch.zeros(1)})
+
+
+def test_cpu_staging_is_zero_copy():
+    stager = PinnedStager(torch.device("cpu"))
+    t = torch.randn(3, 4)
+    assert stager.to_host({"0": t})["0"].data_ptr() == t.data_ptr()
+    assert stager.to_device({"0": t})["0"] is t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_staging_goes_through_reused_pinned_buffers(zctx, pair):
+    s0, s1 = pair
+    stager = PinnedStager(torch.device("cuda"))
+    x = torch.randn(64, 32, device="cuda", dtype=torch.float64)
+    host = stager.to_host({"0": x})
+    assert host["0"].is_pinned() and host["0"].device.type == "cpu" and torch.equal(host["0"].cuda(), x)
+    s1.begin_step(0, 1)
+    stager.track(s0.send(Op.ACTIVATION, 0, 0, "tensor", host, track=True))
+    got = s1.recv(Op.ACTIVATION, 0, 0, "1F0")
+    back = PinnedStager(torch.device("cuda")).to_device(got.tensors)["0"]
+    torch.cuda.synchronize()
+    assert back.device.type == "cuda" and torch.equal(back, x)
+    for _ in range(5):  # once ZeroMQ released the send, the same pinned buffer is used again
+        stager.track(s0.send(Op.ACTIVATION, 0, 0, "tensor", stager.to_host({"0": x}), track=True))
+        time.sleep(0.05)
+    assert stager.allocated <= 2
