@@ -49,7 +49,8 @@ def _bool(text: str) -> bool:
 OPTIONS: dict[str, Option] = {
     # server
     "bind": Option("--bind", str, "endpoint the server binds (port 0 lets the OS choose)", group="server"),
-    "workers": Option("--workers", int, "number of workers K", group="server"),
+    "workers": Option("--workers", int, "number of workers K (ps-launch: 2 in data mode, stages x replicas "
+                      "in pipeline mode)", group="server"),
     "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
                         ("sgd", "momentum", "adam"), group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
