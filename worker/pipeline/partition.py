@@ -6,7 +6,9 @@ A partition splits the L layers of an ``nn.Sequential`` into P contiguous, non-e
 * explicit ranges, ``0:3,3:5,5:7``;
 * ``auto``: each layer's forward + backward time is measured on a sample batch (the median
   of a few repetitions, after a warm-up) and the ranges minimise the largest stage time;
-  if the layers cannot be run on the sample, parameter counts are used instead;
+  if the layers cannot be run on the sample, parameter counts are used instead. On the CPU
+  the time is the process's CPU time, so other processes sharing the cores do not distort
+  it; on CUDA it is wall time between device synchronisations;
 * ``params``: the ranges minimise the largest stage parameter count (deterministic).
 
 Every stage must own at least one parameter (the server keeps θ per stage). The balancing
@@ -153,23 +155,25 @@ def measure_layers(model: nn.Sequential, sample: torch.Tensor, repeats: int = 5)
     """Median forward + backward seconds of each layer on ``sample`` (one warm-up pass first).
 
     Each layer's input is the previous layer's output, detached; its backward is driven by
-    a gradient of ones. Parameter gradients are cleared afterwards.
+    a gradient of ones. Parameter gradients are cleared afterwards. CPU: process CPU time
+    (all threads); CUDA: wall time, synchronised.
     """
     device = sample.device
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: list[list[float]] = [[] for _ in model]
     for rep in range(repeats + 1):
         x: Any = sample
         for i, layer in enumerate(model):
             x = _detach(x)
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             out = layer(x)
             outs = [t for t in _float_leaves(out) if t.requires_grad]
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
             _sync(device)
             if rep:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(clock() - t0)
             x = out
     model.zero_grad(set_to_none=True)
     return [statistics.median(t) for t in times]
