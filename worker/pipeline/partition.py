@@ -7,8 +7,9 @@ A partition splits the L layers of an ``nn.Sequential`` into P contiguous, non-e
 * ``auto``: each layer's forward + backward time is measured on a sample batch (the median
   of a few repetitions, after a warm-up) and the ranges minimise the largest stage time;
   if the layers cannot be run on the sample, parameter counts are used instead. On the CPU
-  the time is the process's CPU time, so other processes sharing the cores do not distort
-  it; on CUDA it is wall time between device synchronisations;
+  the time is the CPU time of one thread running the layers with torch's intra-op threads
+  set to 1, so other processes sharing the cores (and idle OpenMP threads spinning) do not
+  distort it; on CUDA it is wall time between device synchronisations;
 * ``params``: the ranges minimise the largest stage parameter count (deterministic).
 
 Every stage must own at least one parameter (the server keeps θ per stage). The balancing
@@ -155,11 +156,22 @@ def measure_layers(model: nn.Sequential, sample: torch.Tensor, repeats: int = 5)
     """Median forward + backward seconds of each layer on ``sample`` (one warm-up pass first).
 
     Each layer's input is the previous layer's output, detached; its backward is driven by
-    a gradient of ones. Parameter gradients are cleared afterwards. CPU: process CPU time
-    (all threads); CUDA: wall time, synchronised.
+    a gradient of ones. Parameter gradients are cleared afterwards. CPU: this thread's CPU
+    time with one intra-op thread; CUDA: wall time, synchronised.
     """
     device = sample.device
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cuda":
+        return _measure(model, sample, repeats, time.perf_counter)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(model, sample, repeats, time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(model: nn.Sequential, sample: torch.Tensor, repeats: int, clock: Callable[[], float]) -> list[float]:
+    device = sample.device
     times: list[list[float]] = [[] for _ in model]
     for rep in range(repeats + 1):
         x: Any = sample
