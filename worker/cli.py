@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"ps-worker: error: {e}\n")
         return 2
-    setup_logging(cfg.log_level, f"worker {cfg.rank}")
+    setup_logging(cfg.log_level, "worker ?" if cfg.rank is None else f"worker {cfg.rank}")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if cfg.mode == "pipeline":
