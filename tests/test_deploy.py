@@ -32,9 +32,9 @@ import yaml
 from safetensors.torch import load_file
 
 from common.errors import ConfigError
-from common.config import KNOWN_ENV, LaunchConfig, PingConfig, ServerConfig, WorkerConfig, parse_config
+from common.config import KNOWN_ENV, OPTIONS, LaunchConfig, PingConfig, ServerConfig, WorkerConfig, parse_config
 from tests import jobs
-from tests.deployfiles import (DEPLOY, Command, UnitHost, compose_commands, documented_env, load_compose,
+from tests.deployfiles import (DEPLOY, ROOT, Command, UnitHost, compose_commands, documented_env, load_compose,
                                load_k8s, k8s_commands, read_env_file, readme_commands, unit_command)
 from tests.netns import Lab, netns_available
 from tests.procs import child_env
@@ -149,7 +149,11 @@ def test_env_files_document_every_option_of_their_role(env_file: str, cls: type)
     documented = {n for n in documented_env(path) if n.startswith("PS_")}
     options = {f"PS_{f.name.upper()}" for f in dataclasses.fields(cls)}
     missing = options - documented
-    assert not missing, f"{path} does not document {sorted(missing)}"
+    by_env = {o.env: o for o in OPTIONS.values()}
+    defaults = {f"PS_{f.name.upper()}": f.default for f in dataclasses.fields(cls)}
+    paste = "".join(f"# {by_env[n].help}.\n#{n}={'' if defaults[n] in (None, dataclasses.MISSING) else defaults[n]}\n"
+                    for n in sorted(missing))
+    assert not missing, f"{path} does not document {sorted(missing)}; add, for example:\n{paste}"
     extra = documented - options - CURVE_PENDING
     assert not extra, f"{path} documents {sorted(extra)}, which {cls.__name__} does not have"
     assert set(read_env_file(path)) <= KNOWN_ENV  # the lines that are set
@@ -193,6 +197,11 @@ def test_systemd_units_verify(tmp_path: Path, dropins: bool) -> None:
               .replace("Restart=on-failure", "Restart=on-fail")}
     bad = _verify(_systemd_root(tmp_path / "bad", broken, dropins))
     assert "NoNewPrivilege" in bad.stderr and "on-fail" in bad.stderr, bad.stderr
+    # hardening: systemd's own exposure score (0 = locked down .. 10 = unprotected) stays at most 3.0
+    for unit in ("zmqps-server.service", "zmqps-worker@0.service"):
+        out = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={tmp_path / 'ok' / 'root'}",
+                              "--threshold=30", "--no-pager", unit], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr
 
 
 def _check_jsonschema() -> str | None:
@@ -244,6 +253,33 @@ def test_dockerfile_lints_clean(tmp_path: Path) -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
     for copied in ("pyproject.toml", "README.md", "common/", "ps/", "worker/"):  # what COPY needs is kept
         assert f"!{copied}" in ignore
+
+
+def test_dockerfile_copies_enough_to_install(tmp_path: Path) -> None:
+    """The files the Dockerfile COPYs (read from it) build a wheel with every package and console script."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            for pattern in sources:  # COPY's sources are globs; ./NAME copies a directory to NAME
+                for path in ROOT.glob(pattern):
+                    if path.is_dir():
+                        shutil.copytree(path, src / dest, ignore=shutil.ignore_patterns("__pycache__"))
+                    else:
+                        shutil.copy(path, src / path.name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("zmqps-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("ps/server.py", "ps/ranks.py", "worker/runtime.py", "worker/ping.py", "common/config.py"):
+        assert module in names, module
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for prog in ("ps-server", "ps-worker", "ps-ping", "ps-launch"):  # what the deploy files run
+        assert f"{prog} =" in entry_points
 
 
 # ---------------------------------------------------------------- the multi-host run
