@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,36 @@ def test_same_id_keeps_its_rank_and_a_third_id_is_refused(procs) -> None:
         assert torch.equal(out["a"]["w"], torch.zeros(3, dtype=torch.float64))  # rank 0 (b) won
         assert torch.equal(out["b"]["w"], torch.zeros(3, dtype=torch.float64))
     assert server.proc.poll() is None
+
+
+def test_assigned_ranks_survive_a_server_restart(procs, tmp_path: Path) -> None:
+    """The id → rank table is saved with each checkpoint: after the server is killed and restarted
+    on its checkpoint directory, a worker id gets its old rank even when it registers first."""
+    ckpt = tmp_path / "ckpt"
+    server, endpoint = procs.server(2, "--checkpoint-every", "1", ckpt=ckpt)
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    grads = {"w": torch.ones(3, dtype=torch.float64)}
+    with PSClient(endpoint, None, 2, timeout=30, worker_id="host-a") as a, \
+            PSClient(endpoint, None, 2, timeout=30, worker_id="host-b") as b:
+        assert a.register(params) == 0 and b.register(params) == 1
+
+        def step(c: PSClient) -> None:
+            c.init(params)
+            c.push_pull(grads, 0)
+
+        t = threading.Thread(target=step, args=(b,))
+        t.start()
+        step(a)
+        t.join(30)
+        assert a.step == b.step == 1
+    deadline = time.monotonic() + 30
+    while not list(ckpt.glob("ckpt-*.safetensors")):
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)
+    server.kill()
+    server.proc.wait(10)
+    _, endpoint = procs.server(2, ckpt=ckpt)
+    with PSClient(endpoint, None, 2, timeout=30, worker_id="host-b") as b, \
+            PSClient(endpoint, None, 2, timeout=30, worker_id="host-new") as c:
+        assert b.register(params) == 1  # first to register, still rank 1
+        assert c.register(params) == 0  # a new id gets the lowest free rank
