@@ -174,7 +174,7 @@ class PSClient:
     def _stage(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """CPU views of ``tensors``; CUDA ones are copied into reused pinned buffers."""
         out: dict[str, torch.Tensor] = {}
-        synced = False
+        devices: set[torch.device] = set()
         for k, t in tensors.items():
             t = t.detach()
             if t.device.type == "cpu":
@@ -185,9 +185,9 @@ class PSClient:
                 buf = self._pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             buf.copy_(t, non_blocking=True)
             out[k] = buf
-            synced = True
-        if synced:
-            torch.cuda.current_stream().synchronize()
+            devices.add(t.device)
+        for dev in devices:  # the copies were queued on each device's current stream
+            torch.cuda.current_stream(dev).synchronize()
         return out
 
 
