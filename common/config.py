@@ -68,7 +68,10 @@ OPTIONS: dict[str, Option] = {
                              group="server"),
     # worker
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
-    "rank": Option("--rank", int, "this worker's rank k", group="worker"),
+    "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",
+                   group="worker"),
+    "worker_id": Option("--worker-id", str, "id the server keys an assigned rank by, stable across restarts "
+                        "(default: HOSTNAME-PID)", group="worker"),
     "world_size": Option("--world-size", int, "number of workers K", group="worker"),
     "mode": Option("--mode", str, "data parallel or pipeline stages", ("data", "pipeline"), group="worker"),
     "model": Option("--model", str, "MODULE:FACTORY returning an nn.Module (default: nn.Linear(10, 1))",
@@ -187,15 +190,18 @@ class WorkerConfig(JobFields):
     peer_advertise: str | None = None
     peer_prev: str | None = None
     peer_next: str | None = None
+    worker_id: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.world_size is None:
             raise ConfigError("--world-size is required (or PS_WORLD_SIZE)")
         _positive("world_size", self.world_size)
-        if self.rank is None:
-            raise ConfigError("--rank is required (or PS_RANK)")
-        if not 0 <= self.rank < self.world_size:
+        if self.rank is None and self.mode == "pipeline":
+            raise ConfigError("--rank is required in pipeline mode (or PS_RANK)")
+        if self.worker_id is not None and not 0 < len(self.worker_id) <= 256:
+            raise ConfigError(f"--worker-id must have 1 to 256 characters, got {self.worker_id!r}")
+        if self.rank is not None and not 0 <= self.rank < self.world_size:
             raise ConfigError(f"--rank must be in [0, {self.world_size}), got {self.rank}")
         shards = self.world_size
         if self.mode == "pipeline":
@@ -280,6 +286,18 @@ def _resolve_stages(cfg: Any, default: int) -> None:
     if cfg.stages is None:
         ranges = _partition_ranges(cfg.partition)
         object.__setattr__(cfg, "stages", len(ranges) if ranges else default)
+
+
+@dataclass(frozen=True)
+class PingConfig:
+    """Configuration of ``ps-ping`` (a health probe: one PING to the server)."""
+
+    server: str = "tcp://127.0.0.1:5555"
+    timeout: float = 5.0
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
 
 
 def _positive(name: str, value: float) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 class Op(str, Enum):
     """Message kinds. Requests go worker → server (or stage → stage); replies come back."""
 
-    REGISTER = "register"  # a worker announces rank, world size and the parameters it owns
+    REGISTER = "register"  # a worker announces rank (or worker_id: the server assigns one), world size, params
     INIT = "init"  # a worker offers initial θ; rank 0's values win, everyone gets θ back
     PULL = "pull"  # fetch θ (optionally only some keys) ready for computing ``step``
     PUSH = "push"  # send the gradients of one step; acknowledged on arrival
@@ -37,8 +37,8 @@ INT, NUM, STR, BOOL, STRLIST, SPECS, ANY = "int", "num", "str", "bool", "strlist
 # op -> (required fields, optional fields); each maps field name -> kind.
 SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: (
-        {"rank": INT, "world_size": INT, "params": SPECS},
-        {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR},
+        {"world_size": INT, "params": SPECS},
+        {"rank": INT, "role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR},
     ),
     Op.INIT: ({"rank": INT}, {}),
     Op.PULL: ({"rank": INT}, {"step": INT, "keys": STRLIST}),

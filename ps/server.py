@@ -26,6 +26,7 @@ from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
 from ps.membership import WorkerInfo, form_groups
+from ps.ranks import RankTable
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Server:
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self.ranks = RankTable()
         self._resume()
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,6 +76,7 @@ class Server:
         self.store.initialize(params, meta.get("versions"), opt_state)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
+        self.ranks.load(meta.get("worker_ids"))
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
@@ -197,9 +200,10 @@ class Server:
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
         f = msg.fields
-        rank, world = f["rank"], f["world_size"]
+        world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
             raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
+        rank = self.ranks.choose(worker_id, f.get("rank"), world, self.workers)  # pure; bound below
         if not 0 <= rank < world:
             raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
         specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
@@ -225,9 +229,11 @@ class Server:
                                         plan=f.get("plan", ""),
                                         clock=old.clock if old else 0)
         self.registered_specs.update(specs)
-        log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
+        self.ranks.bind(worker_id, rank)
+        log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
+                 f" as worker id {worker_id!r}" if worker_id else "")
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized})
+                                    "initialized": self.store.initialized, "rank": rank})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -338,7 +344,8 @@ class Server:
     def _save(self, version: int) -> None:
         assert self.store.optimizer is not None
         meta = {"versions": self.store.versions, "loss": self.last_loss,
-                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers}
+                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
+                "worker_ids": self.ranks.to_meta()}
         path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
                                           self.store.optimizer.state_dict(), meta)
         self.saved_step = version

@@ -26,8 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"ps-worker: error: {e}\n")
         return 2
-    role = f"worker {cfg.rank}"
-    if cfg.mode == "pipeline" and cfg.stages:
+    role = "worker ?" if cfg.rank is None else f"worker {cfg.rank}"
+    if cfg.mode == "pipeline" and cfg.stages and cfg.rank is not None:
         role += f" stage {cfg.rank % cfg.stages}"
     setup_logging(cfg.log_level, role)
     signal.signal(signal.SIGTERM, _terminate)
