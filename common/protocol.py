@@ -40,7 +40,7 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
         {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR},
     ),
     Op.INIT: ({"rank": INT}, {}),
-    Op.PULL: ({"rank": INT}, {"min_version": INT, "keys": STRLIST}),
+    Op.PULL: ({"rank": INT}, {"min_version": INT, "step": INT, "keys": STRLIST}),
     Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "keys": STRLIST}),
     Op.DONE: ({"rank": INT}, {"step": INT}),

@@ -30,7 +30,7 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
-                                "checkpoint_every", "log_level"}]
+                                "checkpoint_every", "log_level", "metrics_port", "status_every"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
 
@@ -106,7 +106,9 @@ def run(cfg: LaunchConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="zmqps-launch-") as tmp:
         ready = Path(tmp) / "endpoint"
         server_argv = [sys.executable, "-m", "ps", "--bind", "tcp://127.0.0.1:0", "--workers", str(world),
-                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS)]
+                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS),
+                       "--metrics-log", cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl")]
+        os.makedirs(ckpt, exist_ok=True)
         try:
             server = Child("server", server_argv)
             children.append(server)

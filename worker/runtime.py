@@ -19,6 +19,7 @@ from common.errors import ConfigError
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch
 from worker.factories import build_data, build_model
+from worker.jitter import Stall
 from worker.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def train(cfg: WorkerConfig) -> TrainResult:
              plan.steps_per_epoch, cfg.epochs, total)
     t0 = time.monotonic()
     samples = 0
+    stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
     with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout) as client:
         theta = client.init({k: p.detach().cpu() for k, p in model.named_parameters()})
         load_into(model, theta)
@@ -84,6 +86,8 @@ def train(cfg: WorkerConfig) -> TrainResult:
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
         with progress:
             for step in range(start, total):
+                if stall is not None:
+                    stall.before(step)
                 rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
                 model.zero_grad(set_to_none=True)
                 loss_value = None
