@@ -64,6 +64,8 @@ class PSClient:
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.server_info: dict[str, Any] = {}
+        """The REGISTER reply: world size, sync model, optimizer and lr the server applies."""
         self._pinned: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ API
@@ -75,8 +77,9 @@ class PSClient:
         """
         self.keys = tuple(named_tensors)
         specs = [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()]
-        self._call(Op.REGISTER, {"rank": self.rank, "world_size": self.world_size, "params": specs,
-                                 "role": self.role, **register_fields})
+        self.server_info = dict(self._call(Op.REGISTER, {"rank": self.rank, "world_size": self.world_size,
+                                                         "params": specs, "role": self.role,
+                                                         **register_fields}).fields)
         reply = self._call(Op.INIT, {"rank": self.rank}, self._stage(named_tensors))
         self.step = int(reply.fields["version"])
         return reply.tensors

@@ -118,7 +118,10 @@ def run(cfg: LaunchConfig) -> int:
             for rank in range(world):
                 children.append(Child(f"worker {rank}", worker_argv(cfg, endpoint, rank, world),
                                       passthrough=(rank == 0 and tty)))
-            return _supervise(children)
+            code = _supervise(children)
+            if code == 0 and cfg.example:
+                _report_example(cfg.example, ckpt)
+            return code
         except KeyboardInterrupt:
             log.warning("interrupted: stopping every process")
             return 130
@@ -156,11 +159,27 @@ def _supervise(children: list[Child]) -> int:
     return code
 
 
+def _report_example(name: str, ckpt: str) -> None:
+    """Log what the example's ``evaluate`` says of the final θ (e.g. held-out accuracy)."""
+    from safetensors.torch import load_file
+
+    from worker.examples import load_example
+
+    theta = load_file(os.path.join(ckpt, "final.safetensors"))
+    for metric, value in load_example(name).evaluate(theta).items():
+        log.info("example %s: %s %.4f", name, metric, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ps-launch``."""
+    description = "run a zmqps server and K workers as local processes"
     try:
-        cfg = parse_config(LaunchConfig, argv, prog="ps-launch",
-                           description="run a zmqps server and K workers as local processes")
+        cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description)
+        if cfg.example:  # its presets sit between the config file and the defaults
+            from worker.examples import load_example
+
+            cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description,
+                               defaults=load_example(cfg.example).PRESETS)
     except ConfigError as e:
         sys.stderr.write(f"ps-launch: error: {e}\n")
         return 2
