@@ -13,7 +13,7 @@ Names (all prefixed ``zmqps_``): ``version``, ``step``, ``updates_total``, ``pus
 {rank}, ``samples_total``, ``loss``, ``request_seconds`` {op}, ``bytes_received_total``,
 ``bytes_sent_total``, ``staleness`` (histogram, in updates), ``lead_steps`` (histogram),
 ``worker_last_seen_seconds`` {rank} (age), ``worker_clock`` {rank}, ``worker_done`` {rank},
-``workers_registered``, ``info`` {sync, staleness, optimizer}.
+``workers_registered``, ``info`` {sync, staleness, optimizer, lr}.
 """
 
 from __future__ import annotations
