@@ -63,8 +63,8 @@ OPTIONS: dict[str, Option] = {
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
     "momentum": Option("--momentum", float, "momentum (default 0 for sgd, 0.9 for momentum)", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
-    "sync": Option("--sync", str, "consistency model: bsp (synchronous), async (apply each push on arrival, "
-                   "lr scaled by 1/K), ssp (a worker at clock c waits while the slowest is below c - S)",
+    "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
+                   "each push on arrival with lr/K; ssp lets a worker run at most --staleness steps ahead",
                    ("bsp", "async", "ssp"), group="consistency"),
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",

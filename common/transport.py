@@ -93,7 +93,9 @@ class Requester:
                 continue
             frames = self.sock.recv_multipart(copy=False)
             msg = decode(frames, self.limits)
-            if msg.id != req_id:
+            # [Note: id 0] an ERROR with id 0 answers a request whose header was unreadable; only
+            # one request is outstanding on this socket, so it is ours.
+            if msg.id != req_id and not (msg.op is Op.ERROR and msg.id == 0):
                 log.debug("dropping stale reply %s to request %d", msg.op.value, msg.id)
                 continue
             if msg.op is Op.ERROR:
