@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests import reference
@@ -76,3 +77,24 @@ def test_async_never_waits_and_converges_like_bsp(procs, tmp_path):
     bsp = full_loss(reference.replay(linear64, teacher64, world=2, batch=80, epochs=3, lr=0.05))
     start, end = full_loss(initial_theta()), full_loss(final_theta(ckpt))
     assert end < 0.1 * start and abs(end - bsp) < 0.25 * (start - bsp), (start, bsp, end)
+
+
+def test_an_out_of_order_async_push_is_refused_and_changes_nothing(procs, tmp_path):
+    """A live async server answers a push ahead of the worker's clock with BAD_STEP, acknowledges
+    a replay without applying it, and goes on serving."""
+    from common.errors import ErrorCode, RemoteError
+    from worker.client import PSClient
+
+    server, ep = procs.server(1, "--sync", "async", "--lr", "0.5")
+    g = {"w": torch.ones(2, dtype=torch.float64)}
+    with PSClient(ep, 0, 1, timeout=30) as c:
+        theta = c.init({"w": torch.zeros(2, dtype=torch.float64)})
+        with pytest.raises(RemoteError) as e:
+            c.push(g, step=3)
+        assert e.value.code is ErrorCode.BAD_STEP and "clock is 0" in str(e.value)
+        assert torch.equal(c.pull(step=0)["w"], theta["w"])  # nothing applied
+        assert c.push(g, step=0) is True
+        assert c.push(g, step=0) is False  # a replay: acknowledged, not applied
+        torch.testing.assert_close(c.pull(step=1)["w"], torch.full((2,), -0.5, dtype=torch.float64))
+        c.done()
+    procs.wait_ok([server], timeout=60)
