@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,8 +25,10 @@ from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
+from ps.consistency import make_consistency
 from ps.membership import WorkerInfo, form_groups
 from ps.ranks import RankTable
+from ps.metrics import ServerMetrics
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Waiter:
     rank: int
     keys: tuple[str, ...]
     step: int
+    t0: float = field(default_factory=time.monotonic)  # arrival, for the latency metric
 
 
 class Server:
@@ -65,6 +68,9 @@ class Server:
         self.sock: zmq.Socket | None = None
         self._finished = False
         self.ranks = RankTable()
+        self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
+                                                   for r, w in list(self.workers.items())])
+        self.sync = make_consistency(cfg, self.store, self.workers, self.metrics)
         self._resume()
 
     # ------------------------------------------------------------------ lifecycle
@@ -77,6 +83,7 @@ class Server:
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
         self.ranks.load(meta.get("worker_ids"))
+        self.sync.load_state(meta.get("consistency"))
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
@@ -84,6 +91,7 @@ class Server:
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits)
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
+        self.metrics.start(self.endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"))
         if self.cfg.ready_file:
             checkpoint.write_atomic(Path(self.cfg.ready_file), (self.endpoint + "\n").encode())
         return self.endpoint
@@ -93,7 +101,7 @@ class Server:
         if self.sock is None:
             self.bind()
         assert self.sock is not None
-        next_status = time.monotonic() + STATUS_EVERY_S
+        next_status = time.monotonic() + self.cfg.status_every
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
         try:
             while not self._finished:
@@ -111,7 +119,7 @@ class Server:
                             break
                 now = time.monotonic()
                 if now >= next_status:
-                    next_status = now + STATUS_EVERY_S
+                    next_status = now + self.cfg.status_every
                     self._log_status()
             self._write_final()
             return 0
@@ -123,12 +131,15 @@ class Server:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
+                           self.last_loss)
 
     def _log_status(self) -> None:
         version = self.store.version(self.store.params) if self.store.initialized else 0
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
-        log.info("step %d, loss %s, %d/%d workers registered, %d done", version, loss,
-                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()))
+        log.info("step %d (%s), loss %s, %d/%d workers registered, %d done; %s", version, self.cfg.sync, loss,
+                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()),
+                 self.metrics.status())
 
     # ------------------------------------------------------------------ dispatch
     def _handle(self, frames: list[zmq.Frame]) -> None:
@@ -136,6 +147,7 @@ class Server:
             return  # an identity with nothing after it: nothing to answer
         ident, body = frames[0].bytes, frames[1:]
         req_id = 0
+        self.metrics.received(sum(len(f) for f in body))
         try:
             msg = decode(body, self.limits)
             req_id = msg.id
@@ -152,6 +164,7 @@ class Server:
 
     def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None
+        self.metrics.sent(sum(memoryview(f).nbytes for f in frames))
         return self.sock.send_multipart([ident, *frames], copy=False, track=track)
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
@@ -233,7 +246,8 @@ class Server:
         log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
                  f" as worker id {worker_id!r}" if worker_id else "")
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized, "rank": rank})
+                                    "initialized": self.store.initialized, "rank": rank,
+                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -269,16 +283,21 @@ class Server:
     def _ready(self, w: Waiter) -> bool:
         if self.groups is None or not self.store.initialized:
             return False
-        return self.store.version(w.keys) >= w.step
+        return self.sync.ready(w.rank, w.step, w.keys)
 
     def _wake(self) -> None:
         still = []
         for w in self.waiters:
             if self._ready(w):
-                fields = {"version": self.store.version(w.keys), "loss": self.last_loss}
+                version = self.store.version(w.keys)
+                self.sync.on_read(w.rank, version)
+                if w.op is Op.INIT:
+                    version = self.sync.start_step(w.rank, version)
+                fields = {"version": version, "loss": self.last_loss}
                 if w.op is Op.INIT:
                     fields["peers"] = self._peer_table()
                 self._reply(w.ident, w.req_id, fields, w.keys)
+                self.metrics.request(w.op.value, time.monotonic() - w.t0)
             else:
                 still.append(w)
         self.waiters = still
@@ -308,6 +327,9 @@ class Server:
         if weight < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
         groups = self._groups_of(w)
+        if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
+            self._push_on_arrival(ident, msg, w, keys, groups, weight)
+            return
         replay = False
         for g in groups:  # validate against every group before touching any
             if step < g.step or (step == g.step and g.has_pushed(w.rank)):
@@ -319,6 +341,7 @@ class Server:
         if replay:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         else:
+            self.sync.record(w, step, weight, f.get("loss"))
             for g in groups:
                 grads = {k: msg.tensors[k] for k in g.keys}
                 if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
@@ -326,8 +349,31 @@ class Server:
             w.clock = max(w.clock, step + 1)
         if msg.op is Op.PUSH:
             self._reply(ident, msg.id, {"applied": not replay, "version": self.store.version(w.keys)})
+            self.metrics.request(msg.op.value, 0.0)  # answered on arrival
         else:
             self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1))
+        self._wake()
+
+    def _push_on_arrival(self, ident: bytes, msg: Message, w: WorkerInfo, keys: tuple[str, ...],
+                         groups: list[KeyGroup], weight: float) -> None:
+        """A push under async / ssp: applied now by the consistency model, then answered."""
+        t0, step = time.monotonic(), msg.fields["step"]
+        applied = self.sync.push(w, step, groups, msg.tensors, weight, msg.fields.get("loss"))
+        if applied:
+            self.last_loss = self.sync.loss if self.sync.loss is not None else self.last_loss
+            slowest = self.sync.slowest(w.rank)
+            self.metrics.step(w.clock if slowest is None else slowest)
+            version = self.store.version(self.store.params)
+            every = self.cfg.checkpoint_every
+            if every and version % every == 0 and version > self.saved_step:
+                self._save(version)
+        else:
+            log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
+        if msg.op is Op.PUSH:
+            self._reply(ident, msg.id, {"applied": applied, "version": self.store.version(w.keys)})
+            self.metrics.request(msg.op.value, time.monotonic() - t0)
+        else:
+            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1, t0=t0))
         self._wake()
 
     def _complete(self, g: KeyGroup) -> None:
@@ -336,6 +382,8 @@ class Server:
         if loss is not None:
             self.last_loss = loss
         version = self.store.version(self.store.params)
+        self.metrics.update(version, loss)
+        self.metrics.step(g.step)
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
         if every and version % every == 0 and version > self.saved_step:
@@ -345,7 +393,7 @@ class Server:
         assert self.store.optimizer is not None
         meta = {"versions": self.store.versions, "loss": self.last_loss,
                 "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
-                "worker_ids": self.ranks.to_meta()}
+                "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
         path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
                                           self.store.optimizer.state_dict(), meta)
         self.saved_step = version
@@ -364,7 +412,8 @@ class Server:
         version = self.store.version(self.store.params) if self.store.initialized else 0
         self._reply(ident, msg.id, {"version": version, "registered": len(self.workers),
                                     "workers": self.cfg.workers, "loss": self.last_loss,
-                                    "done": sum(w.done for w in self.workers.values())})
+                                    "done": sum(w.done for w in self.workers.values()),
+                                    **self.metrics.ping_fields()})
 
     def _write_final(self) -> None:
         if not self.store.initialized:

@@ -71,6 +71,8 @@ class PSClient:
         self.last_loss: float | None = None
         self.peers: list[dict[str, Any]] = []
         """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
+        self.server_info: dict[str, Any] = {}
+        """The REGISTER reply: world size, sync model, optimizer and lr the server applies."""
         self._pinned: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ API
@@ -101,6 +103,7 @@ class PSClient:
         if self.rank is not None:
             fields["rank"] = self.rank
         reply = self._call(Op.REGISTER, fields)
+        self.server_info = dict(reply.fields)
         assigned = reply.fields.get("rank", self.rank)
         if not isinstance(assigned, int) or not 0 <= assigned < self.world_size:
             raise PSError(f"worker {self.worker_id}: the server at {self.server} assigned no valid rank "

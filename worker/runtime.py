@@ -21,6 +21,7 @@ from common.logs import set_role
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch
 from worker.factories import build_data, build_model
+from worker.jitter import Stall
 from worker.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def train(cfg: WorkerConfig) -> TrainResult:
             set_role(f"worker {client.rank}")
             cfg = dataclasses.replace(cfg, rank=client.rank)
         assert cfg.rank is not None
+        stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
         load_into(model, theta)
         plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
         total = plan.steps_per_epoch * cfg.epochs
@@ -94,6 +96,8 @@ def train(cfg: WorkerConfig) -> TrainResult:
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
         with progress:
             for step in range(start, total):
+                if stall is not None:
+                    stall.before(step)
                 rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
                 model.zero_grad(set_to_none=True)
                 loss_value = None
