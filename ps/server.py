@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,8 +27,11 @@ from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
+from ps.consistency import make_consistency
 from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
+from ps.metrics import ServerMetrics
+from ps.ranks import RankTable
 from ps.recovery import Recovery
 from ps.store import ParameterStore
 
@@ -47,6 +50,7 @@ class Waiter:
     rank: int
     keys: tuple[str, ...]
     step: int
+    t0: float = field(default_factory=time.monotonic)  # arrival, for the latency metric
 
 
 class Server(Recovery):
@@ -67,6 +71,10 @@ class Server(Recovery):
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self.ranks = RankTable()
+        self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
+                                                   for r, w in list(self.workers.items())])
+        self.sync = make_consistency(cfg, self.store, self.workers, self.metrics)
         self._init_recovery()
         self._resume()
 
@@ -82,6 +90,8 @@ class Server(Recovery):
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
         self.limits = schema_limits(self.store.specs(), self.limits)
+        self.ranks.load(meta.get("worker_ids"))
+        self.sync.load_state(meta.get("consistency"))
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
@@ -93,6 +103,7 @@ class Server(Recovery):
             self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
+        self.metrics.start(self.endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"))
         if self.cfg.ready_file:
             checkpoint.write_atomic(Path(self.cfg.ready_file), (self.endpoint + "\n").encode())
         return self.endpoint
@@ -102,7 +113,7 @@ class Server(Recovery):
         if self.sock is None:
             self.bind()
         assert self.sock is not None
-        next_status = time.monotonic() + STATUS_EVERY_S
+        next_status = time.monotonic() + self.cfg.status_every
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
         try:
             while not self._finished:
@@ -121,7 +132,7 @@ class Server(Recovery):
                 now = time.monotonic()
                 self._check_liveness(now)
                 if now >= next_status:
-                    next_status = now + STATUS_EVERY_S
+                    next_status = now + self.cfg.status_every
                     self._log_status()
             if self.failed:
                 return 1
@@ -135,12 +146,15 @@ class Server(Recovery):
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
+                           self.last_loss)
 
     def _log_status(self) -> None:
         version = self.store.version(self.store.params) if self.store.initialized else 0
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
-        log.info("step %d, loss %s, %d/%d workers registered, %d done", version, loss,
-                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()))
+        log.info("step %d (%s), loss %s, %d/%d workers registered, %d done; %s", version, self.cfg.sync, loss,
+                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()),
+                 self.metrics.status())
 
     # ------------------------------------------------------------------ dispatch
     def _handle(self, frames: list[zmq.Frame]) -> None:
@@ -148,6 +162,7 @@ class Server(Recovery):
             return  # an identity with nothing after it: nothing to answer
         ident, body = frames[0].bytes, frames[1:]
         req_id = 0
+        self.metrics.received(sum(len(f) for f in body))
         try:
             msg = decode(body, self.limits)
             req_id = msg.id
@@ -165,6 +180,7 @@ class Server(Recovery):
 
     def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None
+        self.metrics.sent(sum(memoryview(f).nbytes for f in frames))
         return self.sock.send_multipart([ident, *frames], copy=False, track=track)
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
@@ -213,9 +229,10 @@ class Server(Recovery):
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
         f = msg.fields
-        rank, world = f["rank"], f["world_size"]
+        world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
             raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
+        rank = self.ranks.choose(worker_id, f.get("rank"), world, self.workers)  # pure; bound below
         if not 0 <= rank < world:
             raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
         specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
@@ -241,14 +258,19 @@ class Server(Recovery):
             self._joining.add(rank)
             self.regroup_pending = True
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
-                                        endpoint=f.get("endpoint", ""),
+                                        endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
+                                        plan=f.get("plan", ""),
                                         clock=old.clock if old else 0)
         self.registered_specs.update(specs)
         self._renew(rank)
-        log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
+        self.ranks.bind(worker_id, rank)
+        log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
+                 f" as worker id {worker_id!r}" if worker_id else "")
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized, "incarnation": self.incarnation,
-                                    "lease_s": self.cfg.lease, "hold_s": self.cfg.rejoin_deadline})
+                                    "initialized": self.store.initialized, "rank": rank,
+                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
+                                    "incarnation": self.incarnation, "lease_s": self.cfg.lease,
+                                    "hold_s": self.cfg.rejoin_deadline})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -289,17 +311,29 @@ class Server(Recovery):
     def _ready(self, w: Waiter) -> bool:
         if self.groups is None or not self.store.initialized:
             return False
-        return self.store.version(w.keys) >= w.step
+        return self.sync.ready(w.rank, w.step, w.keys)
 
     def _wake(self) -> None:
         still = []
         for w in self.waiters:
             if self._ready(w):
-                fields = {"version": self.store.version(w.keys), "loss": self.last_loss}
+                version = self.store.version(w.keys)
+                self.sync.on_read(w.rank, version)
+                if w.op is Op.INIT:
+                    version = self.sync.start_step(w.rank, version)
+                fields = {"version": version, "loss": self.last_loss}
+                if w.op is Op.INIT:
+                    fields["peers"] = self._peer_table()
                 self._reply(w.ident, w.req_id, fields, w.keys)
+                self.metrics.request(w.op.value, time.monotonic() - w.t0)
             else:
                 still.append(w)
         self.waiters = still
+
+    def _peer_table(self) -> list[dict[str, Any]]:
+        """Every worker's rank, role, stage, peer endpoint and plan: how pipeline stages find neighbours."""
+        return [{"rank": w.rank, "role": w.role, "stage": w.stage, "endpoint": w.endpoint, "plan": w.plan}
+                for _, w in sorted(self.workers.items())]
 
     def _on_pull(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)
@@ -323,6 +357,9 @@ class Server(Recovery):
         groups = self._groups_of(w)
         if not groups:
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
+        if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
+            self._push_on_arrival(ident, msg, w, keys, groups, weight)
+            return
         replay = False
         for g in groups:  # validate against every group before touching any
             if step < g.step or (step == g.step and g.has_pushed(w.rank)):
@@ -334,6 +371,7 @@ class Server(Recovery):
         if replay:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         else:
+            self.sync.record(w, step, weight, f.get("loss"))
             for g in groups:
                 grads = {k: msg.tensors[k] for k in g.keys}
                 if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
@@ -341,8 +379,31 @@ class Server(Recovery):
             w.clock = max(w.clock, step + 1)
         if msg.op is Op.PUSH:
             self._reply(ident, msg.id, {"applied": not replay, "version": self.store.version(w.keys)})
+            self.metrics.request(msg.op.value, 0.0)  # answered on arrival
         else:
             self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1))
+        self._wake()
+
+    def _push_on_arrival(self, ident: bytes, msg: Message, w: WorkerInfo, keys: tuple[str, ...],
+                         groups: list[KeyGroup], weight: float) -> None:
+        """A push under async / ssp: applied now by the consistency model, then answered."""
+        t0, step = time.monotonic(), msg.fields["step"]
+        applied = self.sync.push(w, step, groups, msg.tensors, weight, msg.fields.get("loss"))
+        if applied:
+            self.last_loss = self.sync.loss if self.sync.loss is not None else self.last_loss
+            slowest = self.sync.slowest(w.rank)
+            self.metrics.step(w.clock if slowest is None else slowest)
+            version = self.store.version(self.store.params)
+            every = self.cfg.checkpoint_every
+            if every and version % every == 0 and version > self.saved_step:
+                self._save(version)
+        else:
+            log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
+        if msg.op is Op.PUSH:
+            self._reply(ident, msg.id, {"applied": applied, "version": self.store.version(w.keys)})
+            self.metrics.request(msg.op.value, time.monotonic() - t0)
+        else:
+            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1, t0=t0))
         self._wake()
 
     def _complete(self, g: KeyGroup) -> None:
@@ -352,6 +413,8 @@ class Server(Recovery):
         if loss is not None:
             self.last_loss = loss
         version = self.store.version(self.store.params)
+        self.metrics.update(version, loss)
+        self.metrics.step(g.step)
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
         if every and version % every == 0 and version > self.saved_step and self._consistent_cut():
@@ -362,7 +425,8 @@ class Server(Recovery):
     def _save(self, version: int) -> None:
         assert self.store.optimizer is not None
         meta = {"versions": self.store.versions, "loss": self.last_loss,
-                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers}
+                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
+                "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
         path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
                                           self.store.optimizer.state_dict(), meta)
         self.saved_step = version
@@ -384,7 +448,7 @@ class Server(Recovery):
         self._reply(ident, msg.id, {"version": version, "registered": len(self.workers),
                                     "workers": self.cfg.workers, "loss": self.last_loss,
                                     "done": sum(w.done for w in self.workers.values()),
-                                    "incarnation": self.incarnation})
+                                    "incarnation": self.incarnation, **self.metrics.ping_fields()})
 
     def _write_final(self) -> None:
         if self._final_written:

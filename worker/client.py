@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 import uuid
 from typing import Any, Callable, Mapping
@@ -67,31 +68,35 @@ class PSClient:
 
     Args:
         server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``.
-        rank: this worker's rank in ``[0, world_size)``.
+        rank: this worker's rank in ``[0, world_size)``, or None to have the server assign
+            one at registration (then :attr:`rank` is set by :meth:`init`).
         world_size: the number of workers K (must match the server's ``--workers``).
         timeout: seconds a call may go without any sign of life from the server.
         role: ``data`` or ``stage`` (pipeline), for the server's log.
+        worker_id: the id the server keys an assigned rank by (default :func:`default_worker_id`).
         heartbeat: seconds between heartbeats (0: none; then a call fails after ``timeout``
             seconds without a reply, and the server's lease only sees requests).
         curve: CURVE settings (:class:`common.security.Curve`); by default the process's.
     """
 
-    def __init__(self, server: str, rank: int, world_size: int, timeout: float = 60.0,
-                 role: str = "data", ctx: zmq.Context | None = None, heartbeat: float = 1.0,
-                 curve: Any = USE_DEFAULT) -> None:
+    def __init__(self, server: str, rank: int | None, world_size: int, timeout: float = 60.0,
+                 role: str = "data", ctx: zmq.Context | None = None, worker_id: str | None = None,
+                 heartbeat: float = 1.0, curve: Any = USE_DEFAULT) -> None:
         self.server = server
         self.rank = rank
+        self.worker_id = worker_id or default_worker_id()
         self.world_size = world_size
         self.timeout = timeout
         self.role = role
         self._own_ctx = ctx is None
         self.ctx = ctx or make_context()
-        self._identity = f"w{rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self._identity = f"w{'?' if rank is None else rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self._curve = curve
         self._heartbeat_s = heartbeat
         self._beat: Heartbeat | None = None
-        self._req = Requester(self.ctx, server, who=f"worker {rank}", identity=self._identity, curve=curve)
-        self._caller = Caller(self._req, self.ctx, f"worker {rank}", RetryPolicy(deadline_s=timeout))
+        who = f"worker {self.worker_id if rank is None else rank}"
+        self._req = Requester(self.ctx, server, who=who, identity=self._identity, curve=curve)
+        self._caller = Caller(self._req, self.ctx, who, RetryPolicy(deadline_s=timeout))
         self._register: dict[str, Any] = {}
         self._joined = False
         self.rejoins = 0
@@ -100,6 +105,10 @@ class PSClient:
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.peers: list[dict[str, Any]] = []
+        """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
+        self.server_info: dict[str, Any] = {}
+        """The REGISTER reply: world size, sync model, optimizer and lr the server applies."""
         self._pinned: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ API
@@ -108,12 +117,45 @@ class PSClient:
 
         Blocks until every worker has called ``init``. Returns θ (CPU tensors) and sets
         :attr:`step` to the server's version, which is non-zero when the server resumed.
+        Without a rank, the server assigns one (the same one on every later registration
+        of this worker id); it is in :attr:`rank` once this returns.
         """
         self.keys = tuple(named_tensors)
-        specs = [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()]
-        self._register = {"rank": self.rank, "world_size": self.world_size, "params": specs,
-                          "role": self.role, **register_fields}
+        self._register = {"params": [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()],
+                          **register_fields}
         return self._join(named_tensors)
+
+    def register(self, named_tensors: Tensors, **register_fields: Any) -> int:
+        """Announce this worker and its parameters (no tensors sent); return its rank.
+
+        Without a rank yet, asks the server for one; after that, re-registering sends the
+        rank it got, so a reconnect keeps it.
+        """
+        self._register = {"params": [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()],
+                          **register_fields}
+        return self._register_again()
+
+    def _register_again(self) -> int:
+        """REGISTER with the fields of the last :meth:`register`; start the heartbeat."""
+        fields: dict[str, Any] = {"world_size": self.world_size, "role": self.role, "worker_id": self.worker_id,
+                                  **self._register}
+        if self.rank is not None:
+            fields["rank"] = self.rank
+        reply = self._caller.call(Op.REGISTER, fields, step=self.step)
+        self.server_info = dict(reply.fields)
+        assigned = reply.fields.get("rank", self.rank)
+        if not isinstance(assigned, int) or not 0 <= assigned < self.world_size:
+            raise PSError(f"worker {self.worker_id}: the server at {self.server} assigned no valid rank "
+                          f"(got {assigned!r})")
+        if self.rank is None:
+            log.info("the server assigned rank %d to worker id %r", assigned, self.worker_id)
+        self.rank = assigned
+        incarnation, hold = reply.fields.get("incarnation"), reply.fields.get("hold_s")
+        self._caller.incarnation = incarnation if isinstance(incarnation, str) else None
+        if isinstance(hold, (int, float)) and not isinstance(hold, bool):
+            self._caller.policy = dataclasses.replace(self._caller.policy, hold_s=float(hold))
+        self._start_heartbeat()
+        return assigned
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
@@ -172,7 +214,7 @@ class PSClient:
 
     def ping(self) -> dict[str, Any]:
         """The server's status (version, workers registered and done, last loss)."""
-        return dict(self._call(Op.PING, {"rank": self.rank}).fields)
+        return dict(self._call(Op.PING, {} if self.rank is None else {"rank": self.rank}).fields)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -206,6 +248,8 @@ class PSClient:
         """One call; raises :class:`_Rejoined` when the server no longer knew this rank."""
         if self._req is None:
             raise PSError(f"worker {self.rank}: {op.value} on a closed client")
+        if self.rank is None and op not in (Op.REGISTER, Op.PING):
+            raise PSError(f"worker {self.worker_id}: {op.value} before init() (no rank assigned yet)")
         step = self.step if step is None else step
         try:
             return self._caller.call(op, fields, tensors, step, after_send)
@@ -224,14 +268,8 @@ class PSClient:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                reg = self._caller.call(Op.REGISTER, self._register, step=self.step)
-                incarnation = reg.fields.get("incarnation")
-                self._caller.incarnation = incarnation if isinstance(incarnation, str) else None
-                hold = reg.fields.get("hold_s")
-                if isinstance(hold, (int, float)) and not isinstance(hold, bool):
-                    self._caller.policy = dataclasses.replace(self._caller.policy, hold_s=float(hold))
-                self._start_heartbeat()
-                initialized = bool(reg.fields.get("initialized"))
+                self._register_again()
+                initialized = bool(self.server_info.get("initialized"))
                 if not initialized and offer is None:
                     raise PSError(f"worker {self.rank}: the server at {self.server} restarted without θ (no "
                                   f"checkpoint in its --checkpoint-dir) while this worker was at step "
@@ -243,12 +281,14 @@ class PSClient:
                 if e.code != ErrorCode.NOT_REGISTERED or time.monotonic() > deadline:
                     raise
         self.step = int(reply.fields["version"])
+        self.peers = list(reply.fields.get("peers") or [])
         self._joined = True
         return reply.tensors
 
     def _start_heartbeat(self) -> None:
         """Once registered (the server renews a lease only for a registered connection's heartbeat)."""
         if self._beat is None and self._heartbeat_s > 0:
+            assert self.rank is not None
             self._beat = Heartbeat(self.ctx, self.server, self._identity, self.rank, self._heartbeat_s, self._curve)
             self._beat.start()
             self._caller.beat = self._beat
@@ -271,3 +311,10 @@ class PSClient:
         for dev in devices:  # the copies were queued on each device's current stream
             torch.cuda.current_stream(dev).synchronize()
         return out
+
+
+def default_worker_id() -> str:
+    """``HOSTNAME-PID``: unique per process, and stable across restarts of a container
+    (Docker and Kubernetes keep the hostname, and the entry process gets the same pid).
+    Elsewhere set ``--worker-id`` for a rank that survives a restart."""
+    return f"{socket.gethostname()}-{os.getpid()}"
