@@ -9,7 +9,8 @@
 * ``POINT``: where in the step it fires:
 
   - ``before-push`` (worker): the gradients of STEP are computed but not sent;
-  - ``after-push`` (worker): the push of STEP is sent, its reply not yet received;
+  - ``after-push`` (worker): the push of STEP has reached the server (the client waits for the
+    answer to a PING sent after it on the same connection), its reply not yet received;
   - ``after-apply`` (server): the update of STEP is applied to θ, but neither checkpointed nor
     answered.
 
@@ -64,6 +65,11 @@ def arm(spec: str | None) -> None:
     _armed = parse_fault(spec) if spec else None
     if _armed:
         log.warning("fault armed: %s at %s of step %d", _armed.action, _armed.point, _armed.step)
+
+
+def armed(point: str, step: int) -> bool:
+    """Whether the armed fault is for ``point`` of ``step`` (so the caller can prepare for it)."""
+    return _armed is not None and _armed.point == point and _armed.step == step
 
 
 def hit(point: str, step: int) -> None:

@@ -34,9 +34,14 @@ class HandshakeWatch:
 
     Attributes:
         generation: handshakes that succeeded so far.
-        failure: why the latest handshake was refused, or None.
+        failure: why the latest handshake was refused, or None (see :data:`NO_DETAIL_LIMIT`).
         disconnects: connections that dropped so far.
     """
+
+    NO_DETAIL_LIMIT = 3
+    """A server that hangs up during the handshake is only taken for a refusal this many times in a
+    row, and only before any handshake succeeded: a proxy in front of a restarting server hangs
+    up the same way, and a worker that was connected should ride that out."""
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
         addr = f"inproc://zmqps-watch-{next(_ids)}-{id(sock)}"
@@ -48,6 +53,7 @@ class HandshakeWatch:
         self.generation = 0
         self.disconnects = 0
         self.failure: str | None = None
+        self._hangups = 0
 
     def update(self) -> None:
         """Read every pending event."""
@@ -57,6 +63,7 @@ class HandshakeWatch:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.generation += 1
                 self.failure = None
+                self._hangups = 0
             elif kind == zmq.EVENT_DISCONNECTED:
                 self.disconnects += 1
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -64,8 +71,10 @@ class HandshakeWatch:
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self.failure = _REASONS.get(value, f"ZMTP protocol error {value:#x}")
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self.failure = ("the server hung up during the handshake (CURVE on one side only, or the "
-                                "wrong server key)")
+                self._hangups += 1
+                if self.generation == 0 and self._hangups >= self.NO_DETAIL_LIMIT:
+                    self.failure = (f"the server hung up during the handshake {self._hangups} times (CURVE "
+                                    f"on one side only, or the wrong server key)")
 
     def close(self) -> None:
         """Stop monitoring (before the socket is closed)."""

@@ -59,6 +59,7 @@ class Server(Recovery):
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or make_context()
+        self._own_ctx = ctx is None
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
         self.store = ParameterStore(cfg)
         self.workers: dict[int, WorkerInfo] = {}
@@ -142,10 +143,17 @@ class Server(Recovery):
             self.close()
 
     def close(self) -> None:
-        """Close the socket (letting replies already queued go out for up to a second)."""
+        """Close the socket, letting replies already queued go out for up to a second.
+
+        [Note: the last replies] The final DONE replies (or the WORKER_LOST errors) are queued
+        just before this; terminating our own context waits for them to be sent, so they reach
+        the workers even when the process then ends with ``os._exit``.
+        """
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+            if self._own_ctx:
+                self.ctx.term()
         self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
                            self.last_loss)
 

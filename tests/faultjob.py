@@ -16,8 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests import jobs
-from tests.procs import Child
+from tests.forkserver import ForkedChild, ForkServer
+from tests.procs import Child, Procs
 from tests.reference import replay
+
+AnyChild = Child | ForkedChild
 
 TOL = 1e-9
 WORLD, BATCH, EPOCHS, STEPS = 2, 100, 2, 20
@@ -26,6 +29,34 @@ JOB = ("--model", "tests.jobs:linear64", "--data", "tests.jobs:data64", "--batch
 """Worker options of the job (the harness adds --server, --rank, --world-size and --timeout 60)."""
 SERVER = ("--lease", "1.5")
 """Server options: a short lease, so a loss is noticed quickly."""
+
+
+def fork_server(fs: ForkServer, procs: Procs, *args: str, env: dict[str, str] | None = None,
+                bind: str = "tcp://127.0.0.1:0", workers: int = WORLD, timeout: float = 60.0) -> tuple[ForkedChild, str]:
+    """``ps-server`` for the job, forked from the fork server (no torch import to wait for); return it
+    and the endpoint it reported. Checkpoints go to ``procs.tmp / "ckpt"``."""
+    n = len(procs.children) + 1
+    ready = procs.tmp / f"ready-{n}"
+    argv = ["--bind", bind, "--workers", str(workers), "--ready-file", str(ready),
+            "--checkpoint-dir", str(procs.tmp / "ckpt"), *args]
+    child = fs.spawn("server", "ps", argv, procs.tmp / f"{n:02d}-server.log", env=env)
+    procs.children.append(child)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    while not (ready.exists() and ready.read_text().strip()):
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the server did not listen (status {child.poll()}):\n{child.output()}")
+        time.sleep(0.02)
+    return child, ready.read_text().strip()
+
+
+def fork_worker(fs: ForkServer, procs: Procs, endpoint: str, rank: int, *args: str,
+                env: dict[str, str] | None = None) -> ForkedChild:
+    """``ps-worker`` rank ``rank`` of the job (options :data:`JOB`, then ``args``), forked."""
+    n = len(procs.children) + 1
+    argv = ["--server", endpoint, "--rank", str(rank), "--world-size", str(WORLD), "--timeout", "60", *JOB, *args]
+    child = fs.spawn(f"worker {rank}", "worker", argv, procs.tmp / f"{n:02d}-worker_{rank}.log", env=env)
+    procs.children.append(child)  # type: ignore[arg-type]
+    return child
 
 
 def expected(ranks: Callable[[int], Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
@@ -42,7 +73,12 @@ def assert_final(ckpt: Path, want: dict[str, torch.Tensor], tol: float = TOL) ->
         assert diff <= tol, f"{k}: |distributed - reference| = {diff:.3g} > {tol:g}"
 
 
-def state(child: Child) -> str:
+def exited(child: AnyChild) -> int | None:
+    """The exit status of either kind of child, or None while it runs."""
+    return child.poll() if isinstance(child, ForkedChild) else child.proc.poll()
+
+
+def state(child: AnyChild) -> str:
     """The process state letter from /proc (R, S, T for stopped, Z...); "" once it is gone."""
     try:
         return Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -50,24 +86,24 @@ def state(child: Child) -> str:
         return ""
 
 
-def wait_stopped(child: Child, timeout: float = 90.0) -> None:
+def wait_stopped(child: AnyChild, timeout: float = 90.0) -> None:
     """Wait until ``child`` stopped itself (an armed ``stop:`` fault fired)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if state(child) == "T":
             return
-        if child.proc.poll() is not None:
-            raise AssertionError(f"{child.name} exited {child.proc.returncode} before its fault:\n{child.output()}")
+        if exited(child) is not None:
+            raise AssertionError(f"{child.name} exited {exited(child)} before its fault:\n{child.output()}")
         time.sleep(0.05)
     raise AssertionError(f"{child.name} did not reach its fault in {timeout}s:\n{child.output()}")
 
 
-def wait_log(child: Child, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+def wait_log(child: AnyChild, pattern: str, timeout: float = 30.0) -> re.Match[str]:
     """Wait until ``child``'s log has a line matching ``pattern``; return the match."""
     deadline = time.monotonic() + timeout
     rx = re.compile(pattern)
     while True:
-        m = rx.search(child.log.read_text(errors="replace"))
+        m = rx.search(child.output(tail=10**8))  # the log may not exist yet: a forked child creates it
         if m:
             return m
         if time.monotonic() > deadline:
@@ -75,6 +111,6 @@ def wait_log(child: Child, pattern: str, timeout: float = 30.0) -> re.Match[str]
         time.sleep(0.1)
 
 
-def error_lines(child: Child) -> list[str]:
+def error_lines(child: AnyChild) -> list[str]:
     """The ERROR lines of a child's log."""
-    return [line for line in child.log.read_text(errors="replace").splitlines() if " ERROR " in line]
+    return [line for line in child.output(tail=10**8).splitlines() if " ERROR " in line]

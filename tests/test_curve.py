@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.security import load_public, split_endpoint
-from tests.faultjob import JOB, SERVER, WORLD, assert_final, error_lines, expected
+from tests.faultjob import SERVER, WORLD, assert_final, error_lines, expected, fork_server, fork_worker
 from tests.tamper import TamperProxy
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,23 +30,23 @@ def keygen(directory: Path, name: str) -> tuple[Path, Path]:
     return public, secret
 
 
-def test_curve_job_is_exact_and_intruders_are_refused(procs, tmp_path):
+def test_curve_job_is_exact_and_intruders_are_refused(forkserver, procs, tmp_path):
     keys, rogue_dir = tmp_path / "keys", tmp_path / "rogue"
     server_pub, server_sec = keygen(keys, "server")
     secrets = [keygen(keys, f"worker{r}")[1] for r in range(WORLD)]
     rogue_pub, rogue_sec = keygen(rogue_dir, "rogue")
-    server, ep = procs.server(WORLD, *SERVER, "--curve-secret-key", str(server_sec),
-                              "--curve-authorized-keys", str(keys))
+    server, ep = fork_server(forkserver, procs, *SERVER, "--curve-secret-key", str(server_sec),
+                             "--curve-authorized-keys", str(keys))
     plain_ep, advertised = split_endpoint(ep)
     assert advertised == load_public(server_pub)  # the endpoint carries the server's key
     curve = ("--curve-server-key", str(server_pub))
     # intruders first: were they let in, they would take the ranks of the real workers
-    unknown = procs.worker(plain_ep, 0, WORLD, *JOB, *curve, "--curve-secret-key", str(rogue_sec))
-    plaintext = procs.worker(plain_ep, 1, WORLD, *JOB)
+    unknown = fork_worker(forkserver, procs, plain_ep, 0, *curve, "--curve-secret-key", str(rogue_sec))
+    plaintext = fork_worker(forkserver, procs, plain_ep, 1)
     host, port = plain_ep[len("tcp://"):].rsplit(":", 1)
     with TamperProxy((host, int(port))) as proxy:
-        w0 = procs.worker(plain_ep, 0, WORLD, *JOB, *curve, "--curve-secret-key", str(secrets[0]))
-        w1 = procs.worker(f"tcp://127.0.0.1:{proxy.port}", 1, WORLD, *JOB, *curve,
+        w0 = fork_worker(forkserver, procs, plain_ep, 0, *curve, "--curve-secret-key", str(secrets[0]))
+        w1 = fork_worker(forkserver, procs, f"tcp://127.0.0.1:{proxy.port}", 1, *curve,
                           "--curve-secret-key", str(secrets[1]))
         for intruder in (unknown, plaintext):
             assert intruder.wait(120) == 1, intruder.output()

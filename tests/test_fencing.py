@@ -15,6 +15,7 @@ import torch
 
 from common.errors import ErrorCode, RemoteError
 from tests import jobs
+from tests.faultjob import fork_server
 from worker.client import PSClient
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,8 +45,8 @@ def _in_thread(fn, *args):
     return t, out
 
 
-def test_a_held_rank_is_taken_over_only_after_its_lease_and_the_old_holder_is_fenced(procs):
-    server, ep = procs.server(1, "--lease", str(LEASE), "--log-level", "debug")
+def test_a_held_rank_is_taken_over_only_after_its_lease_and_the_old_holder_is_fenced(forkserver, procs):
+    server, ep = fork_server(forkserver, procs, "--lease", str(LEASE), "--log-level", "debug", workers=1)
     old = PSClient(ep, 0, 1, timeout=60, heartbeat=0.3)
     new = PSClient(ep, 0, 1, timeout=60, heartbeat=0.3)
     try:
@@ -75,8 +76,8 @@ def test_a_held_rank_is_taken_over_only_after_its_lease_and_the_old_holder_is_fe
         new.close()
 
 
-def test_after_a_shrink_a_returning_worker_joins_between_steps(procs):
-    server, ep = procs.server(2, "--lease", str(LEASE), "--on-worker-loss", "shrink")
+def test_after_a_shrink_a_returning_worker_joins_between_steps(forkserver, procs):
+    server, ep = fork_server(forkserver, procs, "--lease", str(LEASE), "--on-worker-loss", "shrink")
     a, b = PSClient(ep, 0, 2, timeout=60, heartbeat=0.3), PSClient(ep, 1, 2, timeout=60, heartbeat=0.3)
     c = PSClient(ep, 1, 2, timeout=60, heartbeat=0.3)
     try:

@@ -23,6 +23,8 @@ from common.protocol import Op
 from common.transport import connect_dealer
 from common.wire import decode
 from tests import fuzzgen, jobs
+from tests.faultjob import fork_server
+from tests.forkserver import ForkServer
 from tests.procs import Procs
 from worker.client import PSClient
 
@@ -33,10 +35,10 @@ pytestmark = pytest.mark.timeout(300)
 class Target:
     """A server with two registered workers (in this process) and a fuzzing socket."""
 
-    def __init__(self, procs: Procs) -> None:
+    def __init__(self, fs: ForkServer, procs: Procs) -> None:
         torch.manual_seed(0)
         self.theta = {k: v.detach().clone() for k, v in jobs.linear64().named_parameters()}
-        self.server, self.endpoint = procs.server(2, "--lease", "60")
+        self.server, self.endpoint = fork_server(fs, procs, "--lease", "60")
         self.clients = [PSClient(self.endpoint, r, 2, timeout=60, heartbeat=1.0) for r in range(2)]
         got: dict[int, dict[str, torch.Tensor]] = {}
         threads = [threading.Thread(target=lambda r=r: got.update({r: self.clients[r].init(self.theta)}))
@@ -66,7 +68,7 @@ class Target:
 
     def check_unchanged(self) -> None:
         """The server is up, θ is θ_0 at version 0, and both workers can still finish the job."""
-        assert self.server.proc.poll() is None
+        assert self.server.poll() is None
         status = self.clients[0].ping()
         assert status["version"] == 0 and status["registered"] == 2
         theta = self.clients[0].pull()
@@ -83,8 +85,8 @@ class Target:
 
 
 @pytest.fixture
-def target(procs):
-    t = Target(procs)
+def target(forkserver, procs):
+    t = Target(forkserver, procs)
     try:
         yield t
     finally:

@@ -176,7 +176,7 @@ class PSClient:
         step = self.step if step is None else step
         try:
             reply = self._call(Op.PUSH, self._push_fields(step, samples, loss), self._stage(grads), step,
-                               after_send=lambda: faults.hit("after-push", step))
+                               after_send=lambda: self._fault("after-push", step))
         except _Rejoined:
             return False
         self.step = step + 1
@@ -191,7 +191,7 @@ class PSClient:
         step = self.step if step is None else step
         try:
             reply = self._call(Op.PUSH_PULL, self._push_fields(step, samples, loss), self._stage(grads), step,
-                               after_send=lambda: faults.hit("after-push", step))
+                               after_send=lambda: self._fault("after-push", step))
         except _Rejoined as r:
             return r.theta
         self.step = step + 1
@@ -284,6 +284,12 @@ class PSClient:
         self.peers = list(reply.fields.get("peers") or [])
         self._joined = True
         return reply.tensors
+
+    def _fault(self, point: str, step: int) -> None:
+        """Fire an armed test fault (``common.faults``); at ``after-push``, once the server has the push."""
+        if faults.armed(point, step):
+            self._caller.sync()
+            faults.hit(point, step)
 
     def _start_heartbeat(self) -> None:
         """Once registered (the server renews a lease only for a registered connection's heartbeat)."""

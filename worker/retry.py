@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -84,6 +85,7 @@ class Caller:
         self.incarnation: str | None = None
         """The server process this client registered with (from its REGISTER reply)."""
         self.resends = 0
+        self._early: deque[Message] = deque()
 
     def call(self, op: Op, fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
              step: int = 0, after_send: Callable[[], None] | None = None) -> Message:
@@ -108,7 +110,7 @@ class Caller:
         retry_at: float | None = None
         resend_at = start + p.backoff(0) if self.beat is None else float("inf")
         while True:
-            msg = self.req.receive(p.poll_s)
+            msg = self._early.popleft() if self._early else self.req.receive(p.poll_s)
             now = time.monotonic()
             if msg is not None:
                 last_life = now
@@ -152,6 +154,22 @@ class Caller:
             if now - last_life > p.deadline_s:
                 raise PSTimeoutError(self.req.endpoint, op.value, p.deadline_s,
                                      f"{self.who} at step {step}: no sign of life from the server")
+
+    def sync(self, timeout_s: float = 30.0) -> None:
+        """Wait until the server has handled everything sent so far (a PING behind it is answered).
+
+        Other messages that arrive meanwhile are kept for the call in progress.
+        """
+        ping = self.req.send(Op.PING, {})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.req.receive(self.policy.poll_s)
+            if msg is None:
+                continue
+            if msg.id == ping:
+                return
+            self._early.append(msg)
+        raise PSTimeoutError(self.req.endpoint, Op.PING.value, timeout_s, f"{self.who}: no answer to a sync")
 
     def _incarnation(self) -> str | None:
         """The server process a request goes to, as far as this client knows."""
