@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from safetensors.torch import load_file
+
 from common.security import load_public, split_endpoint
+from tests import pipeline_jobs
 from tests.faultjob import SERVER, WORLD, assert_final, error_lines, expected, fork_server, fork_worker
+from tests.pipeline_run import endpoint, start_server
+from tests.reference_pipeline import replay_pipeline
 from tests.tamper import TamperProxy
 
 pytestmark = pytest.mark.timeout(300)
@@ -64,3 +69,31 @@ def test_curve_job_is_exact_and_intruders_are_refused(forkserver, procs, tmp_pat
     assert re.search(r"refused a connection to .*: a message failed CURVE authentication", log), log
     # the tampered message was lost with its connection: worker 1 sent it again on the new one
     assert re.search(r"sending \w+ of step \d+ again \(the connection was re-established\)", w1.log.read_text())
+
+
+def test_pipeline_peer_links_use_curve_and_the_job_is_exact(forkserver, procs, tmp_path):
+    """Two stages over CURVE: each stage's inbox is a CURVE server whose key travels in the endpoint
+    the server hands out; the stages reach each other only through those links."""
+    keys = tmp_path / "keys"
+    server_pub, server_sec = keygen(keys, "server")
+    secrets = [keygen(keys, f"stage{r}")[1] for r in range(2)]
+    job = start_server(forkserver, procs, "curve-pipe", 2, ["--lr", "0.05", "--curve-secret-key", str(server_sec),
+                                                            "--curve-authorized-keys", str(keys)])
+    ep = endpoint(job)
+    for r in range(2):
+        argv = ["--server", ep, "--rank", str(r), "--world-size", "2", "--timeout", "60", "--mode", "pipeline",
+                "--progress", "off", "--device", "cpu", "--stages", "2", "--partition", "0:1,1:2",
+                "--microbatches", "4", "--model", "tests.pipeline_jobs:seed_pipe64",
+                "--data", "tests.pipeline_jobs:data246", "--batch-size", "60", "--epochs", "1", "--seed", "3",
+                "--curve-server-key", str(server_pub), "--curve-secret-key", str(secrets[r])]
+        child = forkserver.spawn(f"stage {r}", "worker", argv, procs.tmp / f"curve-pipe-{r}.log")
+        procs.children.append(child)  # type: ignore[arg-type]
+        job.stages.append(child)
+    procs.wait_ok([*job.stages, job.server], timeout=150)  # type: ignore[list-item]
+    want = replay_pipeline(pipeline_jobs.seed_pipe64, pipeline_jobs.data246, batch=60, epochs=1, seed=3, lr=0.05)
+    got = load_file(str(job.ckpt / "final.safetensors"))
+    for k in want:
+        assert (got[k] - want[k]).abs().max().item() <= 1e-9, k
+    logs = [c.output(tail=10**6) for c in job.stages]
+    assert all("CURVE on" in text and re.search(r"peer inbox tcp://\S+#curve=[0-9a-f]{64}", text) for text in logs)
+    assert "refused" not in job.server.output(tail=10**6)
