@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,8 @@ def _bool(text: str) -> bool:
 OPTIONS: dict[str, Option] = {
     # server
     "bind": Option("--bind", str, "endpoint the server binds (port 0 lets the OS choose)", group="server"),
-    "workers": Option("--workers", int, "number of workers K", group="server"),
+    "workers": Option("--workers", int, "number of workers K (ps-launch: 2 in data mode, stages x replicas "
+                      "in pipeline mode)", group="server"),
     "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
                         ("sgd", "momentum", "adam"), group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
@@ -83,7 +85,10 @@ OPTIONS: dict[str, Option] = {
                            group="metrics"),
     # worker
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
-    "rank": Option("--rank", int, "this worker's rank k", group="worker"),
+    "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",
+                   group="worker"),
+    "worker_id": Option("--worker-id", str, "id the server keys an assigned rank by, stable across restarts "
+                        "(default: HOSTNAME-PID)", group="worker"),
     "world_size": Option("--world-size", int, "number of workers K", group="worker"),
     "mode": Option("--mode", str, "data parallel or pipeline stages", ("data", "pipeline"), group="worker"),
     "model": Option("--model", str, "MODULE:FACTORY returning an nn.Module (default: nn.Linear(10, 1))",
@@ -99,6 +104,25 @@ OPTIONS: dict[str, Option] = {
     "timeout": Option("--timeout", float, "seconds any one call may block before it fails", group="worker"),
     "progress": Option("--progress", str, "progress bar: auto (rank 0 on a terminal), on, off",
                        ("auto", "on", "off"), group="worker"),
+    # pipeline
+    "stages": Option("--stages", int, "pipeline: number of stages P (default: the number of --partition "
+                     "ranges, else 2 for ps-launch and the world size for ps-worker)", group="pipeline"),
+    "replicas": Option("--replicas", int, "pipeline: replicas R of every stage; ps-launch starts P x R "
+                       "stage workers (pipeline x data parallel)", group="pipeline"),
+    "partition": Option("--partition", str, "pipeline: layer ranges a:b,b:c,... of the nn.Sequential, or auto "
+                        "(balance measured forward+backward time) or params (balance parameter count)",
+                        group="pipeline"),
+    "microbatches": Option("--microbatches", int, "pipeline: microbatches M each batch is split into",
+                           group="pipeline"),
+    "schedule": Option("--schedule", str, "pipeline schedule", ("gpipe", "1f1b"), group="pipeline"),
+    "peer_bind": Option("--peer-bind", str, "pipeline: endpoint this stage binds for its neighbours "
+                        "(port 0 lets the OS choose)", group="pipeline"),
+    "peer_advertise": Option("--peer-advertise", str, "pipeline: host name neighbours dial when --peer-bind "
+                             "is a wildcard address", group="pipeline"),
+    "peer_prev": Option("--peer-prev", str, "pipeline: endpoint of the previous stage (default: from the "
+                        "server)", group="pipeline"),
+    "peer_next": Option("--peer-next", str, "pipeline: endpoint of the next stage (default: from the server)",
+                        group="pipeline"),
     "stall": Option("--stall", str, "inject jitter: before each step, sleep SECONDS with probability P "
                     "(P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
     # launcher
@@ -164,6 +188,10 @@ class JobFields:
     device: str = "auto"
     timeout: float = 60.0
     progress: str = "auto"
+    stages: int | None = None
+    partition: str = "auto"
+    microbatches: int = 4
+    schedule: str = "1f1b"
     stall: str | None = None
     log_level: str = "info"
 
@@ -171,6 +199,12 @@ class JobFields:
         if self.stall is not None:
             parse_stall(self.stall)
         _positive("epochs", self.epochs)
+        _positive("microbatches", self.microbatches)
+        if self.stages is not None:
+            _positive("stages", self.stages)
+        ranges = _partition_ranges(self.partition)
+        if ranges and self.stages is not None and self.stages != len(ranges):
+            raise ConfigError(f"--stages {self.stages} but --partition gives {len(ranges)} ranges")
         _positive("batch_size", self.batch_size)
         _positive("timeout", self.timeout)
         dev = self.device
@@ -185,25 +219,46 @@ class WorkerConfig(JobFields):
     server: str = "tcp://127.0.0.1:5555"
     rank: int | None = None
     world_size: int | None = None
+    peer_bind: str = "tcp://127.0.0.1:0"
+    peer_advertise: str | None = None
+    peer_prev: str | None = None
+    peer_next: str | None = None
+    worker_id: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.world_size is None:
             raise ConfigError("--world-size is required (or PS_WORLD_SIZE)")
         _positive("world_size", self.world_size)
-        if self.rank is None:
-            raise ConfigError("--rank is required (or PS_RANK)")
-        if not 0 <= self.rank < self.world_size:
+        if self.rank is None and self.mode == "pipeline":
+            raise ConfigError("--rank is required in pipeline mode (or PS_RANK)")
+        if self.worker_id is not None and not 0 < len(self.worker_id) <= 256:
+            raise ConfigError(f"--worker-id must have 1 to 256 characters, got {self.worker_id!r}")
+        if self.rank is not None and not 0 <= self.rank < self.world_size:
             raise ConfigError(f"--rank must be in [0, {self.world_size}), got {self.rank}")
-        if self.batch_size < self.world_size:
-            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {self.world_size} workers")
+        shards = self.world_size
+        if self.mode == "pipeline":
+            _resolve_stages(self, self.world_size)
+            assert self.stages is not None
+            if self.world_size % self.stages:
+                raise ConfigError(f"--world-size {self.world_size} is not a multiple of --stages {self.stages} "
+                                  f"(pipeline: world size = stages x replicas)")
+            shards = self.world_size // self.stages
+        if self.batch_size < shards:
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
+                              f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
 
 
 @dataclass(frozen=True)
 class LaunchConfig(JobFields):
-    """Configuration of ``ps-launch``: the job plus the server's optimizer and checkpoints."""
+    """Configuration of ``ps-launch``: the job plus the server's optimizer and checkpoints.
 
-    workers: int = 2
+    In pipeline mode the launcher starts ``stages x replicas`` workers; ``--workers`` may be
+    left out (it is derived) or must equal that product.
+    """
+
+    workers: int | None = None
+    replicas: int = 1
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float | None = None
@@ -219,10 +274,68 @@ class LaunchConfig(JobFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive("replicas", self.replicas)
+        shards = self.workers
+        if self.mode == "pipeline":
+            _resolve_stages(self, 2)
+            assert self.stages is not None
+            world = self.stages * self.replicas
+            if self.workers is not None and self.workers != world:
+                raise ConfigError(f"--workers {self.workers} != --stages {self.stages} x --replicas "
+                                  f"{self.replicas} (leave --workers out in pipeline mode)")
+            object.__setattr__(self, "workers", world)
+            shards = self.replicas
+        elif self.workers is None:
+            object.__setattr__(self, "workers", 2)
+            shards = 2
+        assert self.workers is not None and shards is not None
         _check_metrics(self.metrics_port, self.status_every)
         _positive("workers", self.workers)
-        if self.batch_size < self.workers:
-            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {self.workers} workers")
+        if self.batch_size < shards:
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
+                              f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
+
+
+_RANGES = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
+
+
+def _partition_ranges(text: str) -> list[tuple[int, int]]:
+    """The ranges of an explicit ``--partition`` (empty for ``auto``/``params``); checks the syntax.
+
+    Ranges must be contiguous from layer 0 and non-empty; whether they end at the model's last
+    layer is checked once the model is built.
+    """
+    if text in ("auto", "params"):
+        return []
+    if not _RANGES.match(text.replace(" ", "")):
+        raise ConfigError(f"--partition must be auto, params or ranges like 0:3,3:5,5:7; got {text!r}")
+    ranges = [(int(a), int(b)) for a, b in (r.split(":") for r in text.replace(" ", "").split(","))]
+    expect = 0
+    for a, b in ranges:
+        if a != expect or b <= a:
+            raise ConfigError(f"--partition {text!r}: ranges must be non-empty and contiguous from layer 0 "
+                              f"(a range starts where the previous one ends)")
+        expect = b
+    return ranges
+
+
+def _resolve_stages(cfg: Any, default: int) -> None:
+    """Fill in ``stages`` of a frozen config: the number of explicit ranges, else ``default``."""
+    if cfg.stages is None:
+        ranges = _partition_ranges(cfg.partition)
+        object.__setattr__(cfg, "stages", len(ranges) if ranges else default)
+
+
+@dataclass(frozen=True)
+class PingConfig:
+    """Configuration of ``ps-ping`` (a health probe: one PING to the server)."""
+
+    server: str = "tcp://127.0.0.1:5555"
+    timeout: float = 5.0
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
 
 
 def _positive(name: str, value: float) -> None:

@@ -27,6 +27,7 @@ from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
 from ps.consistency import make_consistency
 from ps.membership import WorkerInfo, form_groups
+from ps.ranks import RankTable
 from ps.metrics import ServerMetrics
 from ps.store import ParameterStore
 
@@ -66,6 +67,7 @@ class Server:
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self.ranks = RankTable()
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
                                                    for r, w in list(self.workers.items())])
         self.sync = make_consistency(cfg, self.store, self.workers, self.metrics)
@@ -80,6 +82,7 @@ class Server:
         self.store.initialize(params, meta.get("versions"), opt_state)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
+        self.ranks.load(meta.get("worker_ids"))
         self.sync.load_state(meta.get("consistency"))
         log.info("resumed from %s at step %d", path, self.saved_step)
 
@@ -210,9 +213,10 @@ class Server:
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
         f = msg.fields
-        rank, world = f["rank"], f["world_size"]
+        world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
             raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
+        rank = self.ranks.choose(worker_id, f.get("rank"), world, self.workers)  # pure; bound below
         if not 0 <= rank < world:
             raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
         specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
@@ -234,13 +238,16 @@ class Server:
         if old is not None:
             log.info("rank %d re-registered", rank)
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
-                                        endpoint=f.get("endpoint", ""),
+                                        endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
+                                        plan=f.get("plan", ""),
                                         clock=old.clock if old else 0)
         self.registered_specs.update(specs)
-        log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
+        self.ranks.bind(worker_id, rank)
+        log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
+                 f" as worker id {worker_id!r}" if worker_id else "")
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized, "optimizer": self.cfg.optimizer,
-                                    "lr": self.cfg.lr})
+                                    "initialized": self.store.initialized, "rank": rank,
+                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -287,11 +294,18 @@ class Server:
                 if w.op is Op.INIT:
                     version = self.sync.start_step(w.rank, version)
                 fields = {"version": version, "loss": self.last_loss}
+                if w.op is Op.INIT:
+                    fields["peers"] = self._peer_table()
                 self._reply(w.ident, w.req_id, fields, w.keys)
                 self.metrics.request(w.op.value, time.monotonic() - w.t0)
             else:
                 still.append(w)
         self.waiters = still
+
+    def _peer_table(self) -> list[dict[str, Any]]:
+        """Every worker's rank, role, stage, peer endpoint and plan: how pipeline stages find neighbours."""
+        return [{"rank": w.rank, "role": w.role, "stage": w.stage, "endpoint": w.endpoint, "plan": w.plan}
+                for _, w in sorted(self.workers.items())]
 
     def _on_pull(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)
@@ -379,7 +393,7 @@ class Server:
         assert self.store.optimizer is not None
         meta = {"versions": self.store.versions, "loss": self.last_loss,
                 "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
-                "consistency": self.sync.state()}
+                "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
         path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
                                           self.store.optimizer.state_dict(), meta)
         self.saved_step = version

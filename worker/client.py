@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from typing import Any, Mapping
 
@@ -43,27 +44,33 @@ class PSClient:
 
     Args:
         server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``.
-        rank: this worker's rank in ``[0, world_size)``.
+        rank: this worker's rank in ``[0, world_size)``, or None to have the server assign
+            one at registration (then :attr:`rank` is set by :meth:`init`).
         world_size: the number of workers K (must match the server's ``--workers``).
         timeout: seconds any one call may block.
         role: ``data`` or ``stage`` (pipeline), for the server's log.
+        worker_id: the id the server keys an assigned rank by (default :func:`default_worker_id`).
     """
 
-    def __init__(self, server: str, rank: int, world_size: int, timeout: float = 60.0,
-                 role: str = "data", ctx: zmq.Context | None = None) -> None:
+    def __init__(self, server: str, rank: int | None, world_size: int, timeout: float = 60.0,
+                 role: str = "data", ctx: zmq.Context | None = None, worker_id: str | None = None) -> None:
         self.server = server
         self.rank = rank
+        self.worker_id = worker_id or default_worker_id()
         self.world_size = world_size
         self.timeout = timeout
         self.role = role
         self._own_ctx = ctx is None
         self.ctx = ctx or make_context()
-        identity = f"w{rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
-        self._req = Requester(self.ctx, server, who=f"worker {rank}", identity=identity)
+        identity = f"w{'?' if rank is None else rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self._req = Requester(self.ctx, server, who=f"worker {self.worker_id if rank is None else rank}",
+                              identity=identity)
         self.keys: tuple[str, ...] = ()
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.peers: list[dict[str, Any]] = []
+        """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self.server_info: dict[str, Any] = {}
         """The REGISTER reply: world size, sync model, optimizer and lr the server applies."""
         self._pinned: dict[str, torch.Tensor] = {}
@@ -74,15 +81,37 @@ class PSClient:
 
         Blocks until every worker has called ``init``. Returns θ (CPU tensors) and sets
         :attr:`step` to the server's version, which is non-zero when the server resumed.
+        Without a rank, the server assigns one (the same one on every later registration
+        of this worker id); it is in :attr:`rank` once this returns.
         """
         self.keys = tuple(named_tensors)
-        specs = [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()]
-        self.server_info = dict(self._call(Op.REGISTER, {"rank": self.rank, "world_size": self.world_size,
-                                                         "params": specs, "role": self.role,
-                                                         **register_fields}).fields)
+        self.register(named_tensors, **register_fields)
         reply = self._call(Op.INIT, {"rank": self.rank}, self._stage(named_tensors))
         self.step = int(reply.fields["version"])
+        self.peers = list(reply.fields.get("peers") or [])
         return reply.tensors
+
+    def register(self, named_tensors: Tensors, **register_fields: Any) -> int:
+        """Announce this worker and its parameters (no tensors sent); return its rank.
+
+        Without a rank yet, asks the server for one; after that, re-registering sends the
+        rank it got, so a reconnect keeps it.
+        """
+        specs = [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()]
+        fields: dict[str, Any] = {"world_size": self.world_size, "params": specs, "role": self.role,
+                                  "worker_id": self.worker_id, **register_fields}
+        if self.rank is not None:
+            fields["rank"] = self.rank
+        reply = self._call(Op.REGISTER, fields)
+        self.server_info = dict(reply.fields)
+        assigned = reply.fields.get("rank", self.rank)
+        if not isinstance(assigned, int) or not 0 <= assigned < self.world_size:
+            raise PSError(f"worker {self.worker_id}: the server at {self.server} assigned no valid rank "
+                          f"(got {assigned!r})")
+        if self.rank is None:
+            log.info("the server assigned rank %d to worker id %r", assigned, self.worker_id)
+        self.rank = assigned
+        return assigned
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
@@ -116,7 +145,7 @@ class PSClient:
 
     def ping(self) -> dict[str, Any]:
         """The server's status (version, workers registered and done, last loss)."""
-        return dict(self._call(Op.PING, {"rank": self.rank}).fields)
+        return dict(self._call(Op.PING, {} if self.rank is None else {"rank": self.rank}).fields)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -144,12 +173,14 @@ class PSClient:
     def _call(self, op: Op, fields: Mapping[str, Any], tensors: Tensors | None = None) -> Message:
         if self._req is None:
             raise PSError(f"worker {self.rank}: {op.value} on a closed client")
+        if self.rank is None and op not in (Op.REGISTER, Op.PING):
+            raise PSError(f"worker {self.worker_id}: {op.value} before init() (no rank assigned yet)")
         return self._req.request(op, fields, tensors, self.timeout)
 
     def _stage(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         """CPU views of ``tensors``; CUDA ones are copied into reused pinned buffers."""
         out: dict[str, torch.Tensor] = {}
-        synced = False
+        devices: set[torch.device] = set()
         for k, t in tensors.items():
             t = t.detach()
             if t.device.type == "cpu":
@@ -160,7 +191,14 @@ class PSClient:
                 buf = self._pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             buf.copy_(t, non_blocking=True)
             out[k] = buf
-            synced = True
-        if synced:
-            torch.cuda.current_stream().synchronize()
+            devices.add(t.device)
+        for dev in devices:  # the copies were queued on each device's current stream
+            torch.cuda.current_stream(dev).synchronize()
         return out
+
+
+def default_worker_id() -> str:
+    """``HOSTNAME-PID``: unique per process, and stable across restarts of a container
+    (Docker and Kubernetes keep the hostname, and the entry process gets the same pid).
+    Elsewhere set ``--worker-id`` for a rank that survives a restart."""
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -98,10 +98,34 @@ def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int) -> list
     return argv
 
 
+def pipeline_plan(cfg: LaunchConfig) -> LaunchConfig:
+    """Pipeline mode: choose the layer ranges once (measuring if asked) for every stage to share."""
+    from worker.pipeline.runtime import resolve_partition
+
+    part = resolve_partition(cfg, cfg.replicas)
+    log.info("%s", part.describe())
+    return dataclasses.replace(cfg, partition=part.text)
+
+
+def worker_name(cfg: LaunchConfig, rank: int) -> str:
+    """The prefix of a worker's output: ``worker k``, or ``worker k stage s`` in pipeline mode."""
+    if cfg.mode == "pipeline" and cfg.stages:
+        return f"worker {rank} stage {rank % cfg.stages}"
+    return f"worker {rank}"
+
+
 def run(cfg: LaunchConfig) -> int:
     """Start the server and the workers, supervise them, and return the exit status."""
     ckpt = cfg.checkpoint_dir or os.path.join("runs", time.strftime("launch-%Y%m%d-%H%M%S"))
+    if cfg.mode == "pipeline":
+        try:
+            cfg = pipeline_plan(cfg)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
     world = cfg.workers
+    assert world is not None
+    shows_progress = cfg.stages - 1 if cfg.mode == "pipeline" and cfg.stages else 0  # the last stage has the loss
     children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="zmqps-launch-") as tmp:
         ready = Path(tmp) / "endpoint"
@@ -116,8 +140,8 @@ def run(cfg: LaunchConfig) -> int:
             log.info("server at %s; starting %d worker(s); checkpoints in %s", endpoint, world, ckpt)
             tty = sys.stderr.isatty()
             for rank in range(world):
-                children.append(Child(f"worker {rank}", worker_argv(cfg, endpoint, rank, world),
-                                      passthrough=(rank == 0 and tty)))
+                children.append(Child(worker_name(cfg, rank), worker_argv(cfg, endpoint, rank, world),
+                                      passthrough=(rank == shows_progress and tty)))
             code = _supervise(children)
             if code == 0 and cfg.example:
                 _report_example(cfg.example, ckpt)

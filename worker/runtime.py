@@ -6,6 +6,7 @@ comes back. A step's loss shown on rank 0 is the server's weighted mean over all
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from torch import nn
 
 from common.config import WorkerConfig
 from common.errors import ConfigError
+from common.logs import set_role
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch
 from worker.factories import build_data, build_model
@@ -62,24 +64,32 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(cfg: WorkerConfig) -> TrainResult:
-    """Run this worker's part of a data-parallel job; returns when the job is done."""
-    assert cfg.rank is not None and cfg.world_size is not None
+    """Run this worker's part of a data-parallel job; returns when the job is done.
+
+    Without ``cfg.rank`` the server assigns the rank at registration; the shard follows from it.
+    """
+    assert cfg.world_size is not None
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.seed).to(device)
     data = build_data(cfg.data, cfg.seed)
-    plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
     loss_fn = LOSSES[cfg.loss]
-    total = plan.steps_per_epoch * cfg.epochs
-    lo, hi = plan.bounds(cfg.rank)
-    log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
-             type(model).__name__, device, lo, hi, plan.n, plan.local_batch(cfg.rank),
-             plan.steps_per_epoch, cfg.epochs, total)
     t0 = time.monotonic()
     samples = 0
-    stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
-    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout) as client:
+    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id) as client:
         theta = client.init({k: p.detach().cpu() for k, p in model.named_parameters()})
+        if cfg.rank is None:
+            assert client.rank is not None
+            set_role(f"worker {client.rank}")
+            cfg = dataclasses.replace(cfg, rank=client.rank)
+        assert cfg.rank is not None
+        stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
         load_into(model, theta)
+        plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
+        total = plan.steps_per_epoch * cfg.epochs
+        lo, hi = plan.bounds(cfg.rank)
+        log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
+                 type(model).__name__, device, lo, hi, plan.n, plan.local_batch(cfg.rank),
+                 plan.steps_per_epoch, cfg.epochs, total)
         start = client.step
         if start:
             log.info("resuming at step %d of %d", start, total)
