@@ -3,8 +3,10 @@
 Each role has one frozen dataclass (:class:`ServerConfig`, :class:`WorkerConfig`,
 :class:`LaunchConfig`). Every field is an option described once in :data:`OPTIONS`: its
 command-line flag, its ``PS_*`` environment variable, its help text and allowed values.
-Precedence: command line > environment > the dataclass default. This module is the only
-place that reads the environment; a ``PS_*`` variable that no role knows fails at start.
+Precedence: command line > ``PS_*`` environment > ``--config FILE`` (TOML, the same keys as
+the options, e.g. ``batch_size = 64`` or ``batch-size = 64``) > the dataclass default. This
+module is the only place that reads the environment or a config file; a ``PS_*`` variable or
+a config key that no role knows fails at start, naming it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,18 @@ import argparse
 import dataclasses
 import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from common.errors import ConfigError
+from common.faults import parse_fault
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 ENV_PREFIX = "PS_"
 
@@ -56,8 +66,10 @@ OPTIONS: dict[str, Option] = {
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
     "momentum": Option("--momentum", float, "momentum (default 0 for sgd, 0.9 for momentum)", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
-    "sync": Option("--sync", str, "consistency model", ("bsp", "async", "ssp"), group="consistency"),
-    "staleness": Option("--staleness", int, "SSP staleness bound S", group="consistency"),
+    "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
+                   "each push on arrival with lr/K; ssp lets a worker run at most --staleness steps ahead",
+                   ("bsp", "async", "ssp"), group="consistency"),
+    "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
     "checkpoint_every": Option("--checkpoint-every", int, "checkpoint every N steps (0: only at the end)",
@@ -66,6 +78,12 @@ OPTIONS: dict[str, Option] = {
                          group="server"),
     "max_message_mb": Option("--max-message-mb", int, "largest frame accepted, in MiB (ZMQ_MAXMSGSIZE)",
                              group="server"),
+    "metrics_port": Option("--metrics-port", int, "serve Prometheus metrics over HTTP on this port "
+                           "(0: the OS picks; the URL is logged and in PING replies)", group="metrics"),
+    "metrics_log": Option("--metrics-log", str, "append one JSON line per applied update to this file "
+                          "(ps-plot turns it into a PNG)", group="metrics"),
+    "status_every": Option("--status-every", float, "seconds between the server's one-line status logs",
+                           group="metrics"),
     # worker
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
     "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",
@@ -84,7 +102,8 @@ OPTIONS: dict[str, Option] = {
     "no_shuffle": Option("--no-shuffle", _bool, "keep each shard in order", group="job"),
     "seed": Option("--seed", int, "seed for the model and the data set", group="job"),
     "device": Option("--device", str, "auto, cpu, cuda or cuda:N", group="job"),
-    "timeout": Option("--timeout", float, "seconds any one call may block before it fails", group="worker"),
+    "timeout": Option("--timeout", float, "seconds a call may go without any sign of life from the server "
+                      "(it retries and reconnects meanwhile) before it fails", group="worker"),
     "progress": Option("--progress", str, "progress bar: auto (rank 0 on a terminal), on, off",
                        ("auto", "on", "off"), group="worker"),
     # pipeline
@@ -106,10 +125,39 @@ OPTIONS: dict[str, Option] = {
                         "server)", group="pipeline"),
     "peer_next": Option("--peer-next", str, "pipeline: endpoint of the next stage (default: from the server)",
                         group="pipeline"),
+    "stall": Option("--stall", str, "inject jitter: before each step, sleep SECONDS with probability P "
+                    "(P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
+    # launcher
+    "example": Option("--example", str, "run a bundled example job (its model, data and hyper-parameters "
+                      "become the defaults)", ("digits",), group="job"),
+    # faults and recovery
+    "on_worker_loss": Option("--on-worker-loss", str, "bsp: when a worker's lease lapses, hold the step until "
+                             "its rank returns (wait; the job fails after --rejoin-deadline) or continue with "
+                             "the live workers (shrink)", ("wait", "shrink"), group="faults"),
+    "rejoin_deadline": Option("--rejoin-deadline", float, "seconds a lost (or never registered) worker has to "
+                              "come back before the job fails", group="faults"),
+    "lease": Option("--lease", float, "seconds without a message or heartbeat after which a worker is lost",
+                    group="faults"),
+    "heartbeat": Option("--heartbeat", float, "seconds between this worker's heartbeats to the server (0: none)",
+                        group="faults"),
+    "fault": Option("--fault", str, "testing: stop or kill this process at a point of a step, "
+                    "ACTION:POINT:STEP such as stop:after-push:7 (see common/faults.py)", group="testing"),
+    # security
+    "curve_secret_key": Option("--curve-secret-key", str, "CURVE: this process's certificate "
+                               "(NAME.key_secret from ps-keygen)", group="security"),
+    "curve_authorized_keys": Option("--curve-authorized-keys", str, "CURVE: directory of the public keys (*.key) "
+                                    "allowed to connect (workers: to a stage's peer inbox; default: the "
+                                    "directory of --curve-server-key)", group="security"),
+    "curve_server_key": Option("--curve-server-key", str, "CURVE: the server's public key (SERVER.key)",
+                               group="security"),
     # common
     "log_level": Option("--log-level", str, "logging level",
                         ("debug", "info", "warning", "error"), group="general"),
+    # every role; read by parse_config itself, not a dataclass field
+    "config": Option("--config", str, "TOML file with option values (same keys as the options)",
+                     group="general"),
 }
+CONFIG_ONLY_AT_PARSE = frozenset({"config"})
 
 
 @dataclass(frozen=True)
@@ -128,9 +176,24 @@ class ServerConfig:
     checkpoint_every: int = 0
     ready_file: str | None = None
     max_message_mb: int = 4096
+    metrics_port: int | None = None
+    metrics_log: str | None = None
+    status_every: float = 10.0
+    on_worker_loss: str = "wait"
+    rejoin_deadline: float = 300.0
+    lease: float = 5.0
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
+    fault: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        _check_metrics(self.metrics_port, self.status_every)
+        _positive("lease", self.lease)
+        _positive("rejoin_deadline", self.rejoin_deadline)
+        _check_fault(self.fault)
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ConfigError("CURVE needs both --curve-secret-key and --curve-authorized-keys")
         if self.workers is None:
             raise ConfigError("--workers is required (or PS_WORKERS)")
         _positive("workers", self.workers)
@@ -162,9 +225,12 @@ class JobFields:
     partition: str = "auto"
     microbatches: int = 4
     schedule: str = "1f1b"
+    stall: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        if self.stall is not None:
+            parse_stall(self.stall)
         _positive("epochs", self.epochs)
         _positive("microbatches", self.microbatches)
         if self.stages is not None:
@@ -191,9 +257,20 @@ class WorkerConfig(JobFields):
     peer_prev: str | None = None
     peer_next: str | None = None
     worker_id: str | None = None
+    heartbeat: float = 1.0
+    curve_server_key: str | None = None
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
+    fault: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _nonneg("heartbeat", self.heartbeat)
+        _check_fault(self.fault)
+        if (self.curve_server_key is None) != (self.curve_secret_key is None):
+            raise ConfigError("CURVE needs both --curve-server-key and --curve-secret-key")
+        if self.curve_authorized_keys is not None and self.curve_server_key is None:
+            raise ConfigError("--curve-authorized-keys on a worker needs CURVE on (--curve-server-key)")
         if self.world_size is None:
             raise ConfigError("--world-size is required (or PS_WORLD_SIZE)")
         _positive("world_size", self.world_size)
@@ -234,9 +311,18 @@ class LaunchConfig(JobFields):
     staleness: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    metrics_port: int | None = None
+    metrics_log: str | None = None
+    status_every: float = 10.0
+    example: str | None = None
+    on_worker_loss: str = "wait"
+    rejoin_deadline: float = 300.0
+    lease: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive("lease", self.lease)
+        _positive("rejoin_deadline", self.rejoin_deadline)
         _positive("replicas", self.replicas)
         shards = self.workers
         if self.mode == "pipeline":
@@ -252,6 +338,7 @@ class LaunchConfig(JobFields):
             object.__setattr__(self, "workers", 2)
             shards = 2
         assert self.workers is not None and shards is not None
+        _check_metrics(self.metrics_port, self.status_every)
         _positive("workers", self.workers)
         if self.batch_size < shards:
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
@@ -310,6 +397,33 @@ def _nonneg(name: str, value: float) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
+def _check_fault(spec: str | None) -> None:
+    if spec is not None:
+        parse_fault(spec)  # raises ConfigError
+
+
+def _check_metrics(port: int | None, status_every: float) -> None:
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port must be in [0, 65535], got {port}")
+    _positive("status_every", status_every)
+
+
+def parse_stall(text: str) -> tuple[float, float]:
+    """``P:SECONDS`` of ``--stall`` as (probability, seconds).
+
+    Raises:
+        ConfigError: not two numbers, P outside [0, 1] or negative SECONDS.
+    """
+    prob, sep, secs = text.partition(":")
+    try:
+        p, s = float(prob), float(secs)
+    except ValueError:
+        p = s = float("nan")
+    if not sep or not (0.0 <= p <= 1.0) or not (s >= 0.0):
+        raise ConfigError(f"--stall must be P:SECONDS with 0 <= P <= 1 and SECONDS >= 0, got {text!r}")
+    return p, s
+
+
 C = TypeVar("C")
 
 KNOWN_ENV: frozenset[str] = frozenset(opt.env for opt in OPTIONS.values())
@@ -319,8 +433,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     """An argparse parser for ``cls``: one flag per field, grouped, with env names in help."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      argument_default=argparse.SUPPRESS,
-                                     epilog="Every option can also be set by the PS_* variable shown; "
-                                            "the command line wins over the environment.")
+                                     epilog="Every option can also be set by the PS_* variable shown, or as "
+                                            "a key of a TOML file given by --config (e.g. batch_size = 64). "
+                                            "Precedence: command line > environment > config file > default.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         opt = OPTIONS[f.name]
@@ -332,6 +447,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         else:
             group.add_argument(opt.flag, dest=f.name, type=opt.kind, choices=opt.choices, help=text,
                                metavar=None if opt.choices else f.name.upper())
+    cfg_opt = OPTIONS["config"]
+    groups.setdefault(cfg_opt.group, parser.add_argument_group(cfg_opt.group)).add_argument(
+        cfg_opt.flag, dest="config", metavar="FILE", help=f"{cfg_opt.help} [{cfg_opt.env}]")
     return parser
 
 
@@ -343,16 +461,71 @@ def check_env(environ: Mapping[str, str]) -> None:
                           f"known: {', '.join(sorted(KNOWN_ENV))}")
 
 
-def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str = "",
-                 environ: Mapping[str, str] | None = None) -> C:
-    """Parse ``argv`` and ``environ`` into ``cls`` (command line > environment > default).
+def _toml_value(opt: Option, value: Any) -> Any:
+    """A TOML value checked against the option's type and choices."""
+    if opt.kind is _bool:
+        ok = isinstance(value, bool)
+    elif opt.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif opt.kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = {_bool: "a boolean", int: "an integer", float: "a number"}.get(opt.kind, "a string")
+        raise ValueError(f"must be {want}, got {type(value).__name__} {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"must be one of {', '.join(opt.choices)}, got {value!r}")
+    return value
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file into ``{field name: value}``.
+
+    Keys are option names with ``_`` or ``-`` (``batch_size`` or ``batch-size``); a key that
+    belongs to another role is accepted (one file can serve a whole job) and ignored there.
 
     Raises:
-        ConfigError: a bad value or unknown ``PS_*`` variable (argparse exits 2 on a bad flag).
+        ConfigError: the file is missing or not TOML, a key is unknown (named), or a value
+            has the wrong type or is not an allowed choice.
+    """
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        opt = OPTIONS.get(name)
+        if opt is None or name in CONFIG_ONLY_AT_PARSE:
+            known = ", ".join(sorted(n for n in OPTIONS if n not in CONFIG_ONLY_AT_PARSE))
+            raise ConfigError(f"--config {path}: unknown key {key!r}; known keys: {known}")
+        try:
+            out[name] = _toml_value(opt, value)
+        except ValueError as e:
+            raise ConfigError(f"--config {path}: {key} {e}") from None
+    return out
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str = "",
+                 environ: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> C:
+    """Parse ``argv``, ``environ`` and ``--config`` into ``cls``.
+
+    Precedence: command line > environment > config file > ``defaults`` (e.g. an example's
+    presets) > the dataclass default.
+
+    Raises:
+        ConfigError: a bad value, unknown ``PS_*`` variable or config key (argparse exits 2 on
+            a bad flag).
     """
     environ = os.environ if environ is None else environ
     check_env(environ)
     ns = build_parser(cls, prog, description).parse_args(argv)
+    path = getattr(ns, "config", None) or environ.get(OPTIONS["config"].env) or None
+    from_file = load_config_file(path) if path else {}
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         opt = OPTIONS[f.name]
@@ -367,6 +540,10 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
             if opt.choices and value not in opt.choices:
                 raise ConfigError(f"{opt.env}={raw!r}: must be one of {', '.join(opt.choices)}")
             values[f.name] = value
+        elif f.name in from_file:
+            values[f.name] = from_file[f.name]
+        elif defaults and f.name in defaults:
+            values[f.name] = defaults[f.name]
     return cls(**values)
 
 

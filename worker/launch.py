@@ -30,7 +30,8 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
-                                "checkpoint_every", "log_level"}]
+                                "checkpoint_every", "log_level", "metrics_port", "status_every",
+                                "on_worker_loss", "rejoin_deadline", "lease"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
 
@@ -130,7 +131,9 @@ def run(cfg: LaunchConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="zmqps-launch-") as tmp:
         ready = Path(tmp) / "endpoint"
         server_argv = [sys.executable, "-m", "ps", "--bind", "tcp://127.0.0.1:0", "--workers", str(world),
-                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS)]
+                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS),
+                       "--metrics-log", cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl")]
+        os.makedirs(ckpt, exist_ok=True)
         try:
             server = Child("server", server_argv)
             children.append(server)
@@ -140,7 +143,10 @@ def run(cfg: LaunchConfig) -> int:
             for rank in range(world):
                 children.append(Child(worker_name(cfg, rank), worker_argv(cfg, endpoint, rank, world),
                                       passthrough=(rank == shows_progress and tty)))
-            return _supervise(children)
+            code = _supervise(children)
+            if code == 0 and cfg.example:
+                _report_example(cfg.example, ckpt)
+            return code
         except KeyboardInterrupt:
             log.warning("interrupted: stopping every process")
             return 130
@@ -178,11 +184,27 @@ def _supervise(children: list[Child]) -> int:
     return code
 
 
+def _report_example(name: str, ckpt: str) -> None:
+    """Log what the example's ``evaluate`` says of the final θ (e.g. held-out accuracy)."""
+    from safetensors.torch import load_file
+
+    from worker.examples import load_example
+
+    theta = load_file(os.path.join(ckpt, "final.safetensors"))
+    for metric, value in load_example(name).evaluate(theta).items():
+        log.info("example %s: %s %.4f", name, metric, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ps-launch``."""
+    description = "run a zmqps server and K workers as local processes"
     try:
-        cfg = parse_config(LaunchConfig, argv, prog="ps-launch",
-                           description="run a zmqps server and K workers as local processes")
+        cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description)
+        if cfg.example:  # its presets sit between the config file and the defaults
+            from worker.examples import load_example
+
+            cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description,
+                               defaults=load_example(cfg.example).PRESETS)
     except ConfigError as e:
         sys.stderr.write(f"ps-launch: error: {e}\n")
         return 2
