@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from common.errors import ConfigError
+from common.faults import parse_fault
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,7 +102,8 @@ OPTIONS: dict[str, Option] = {
     "no_shuffle": Option("--no-shuffle", _bool, "keep each shard in order", group="job"),
     "seed": Option("--seed", int, "seed for the model and the data set", group="job"),
     "device": Option("--device", str, "auto, cpu, cuda or cuda:N", group="job"),
-    "timeout": Option("--timeout", float, "seconds any one call may block before it fails", group="worker"),
+    "timeout": Option("--timeout", float, "seconds a call may go without any sign of life from the server "
+                      "(it retries and reconnects meanwhile) before it fails", group="worker"),
     "progress": Option("--progress", str, "progress bar: auto (rank 0 on a terminal), on, off",
                        ("auto", "on", "off"), group="worker"),
     # pipeline
@@ -128,6 +130,26 @@ OPTIONS: dict[str, Option] = {
     # launcher
     "example": Option("--example", str, "run a bundled example job (its model, data and hyper-parameters "
                       "become the defaults)", ("digits",), group="job"),
+    # faults and recovery
+    "on_worker_loss": Option("--on-worker-loss", str, "bsp: when a worker's lease lapses, hold the step until "
+                             "its rank returns (wait; the job fails after --rejoin-deadline) or continue with "
+                             "the live workers (shrink)", ("wait", "shrink"), group="faults"),
+    "rejoin_deadline": Option("--rejoin-deadline", float, "seconds a lost (or never registered) worker has to "
+                              "come back before the job fails", group="faults"),
+    "lease": Option("--lease", float, "seconds without a message or heartbeat after which a worker is lost",
+                    group="faults"),
+    "heartbeat": Option("--heartbeat", float, "seconds between this worker's heartbeats to the server (0: none)",
+                        group="faults"),
+    "fault": Option("--fault", str, "testing: stop or kill this process at a point of a step, "
+                    "ACTION:POINT:STEP such as stop:after-push:7 (see common/faults.py)", group="testing"),
+    # security
+    "curve_secret_key": Option("--curve-secret-key", str, "CURVE: this process's certificate "
+                               "(NAME.key_secret from ps-keygen)", group="security"),
+    "curve_authorized_keys": Option("--curve-authorized-keys", str, "CURVE: directory of the public keys (*.key) "
+                                    "allowed to connect (workers: to a stage's peer inbox; default: the "
+                                    "directory of --curve-server-key)", group="security"),
+    "curve_server_key": Option("--curve-server-key", str, "CURVE: the server's public key (SERVER.key)",
+                               group="security"),
     # common
     "log_level": Option("--log-level", str, "logging level",
                         ("debug", "info", "warning", "error"), group="general"),
@@ -157,10 +179,21 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_log: str | None = None
     status_every: float = 10.0
+    on_worker_loss: str = "wait"
+    rejoin_deadline: float = 300.0
+    lease: float = 5.0
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
+    fault: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         _check_metrics(self.metrics_port, self.status_every)
+        _positive("lease", self.lease)
+        _positive("rejoin_deadline", self.rejoin_deadline)
+        _check_fault(self.fault)
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ConfigError("CURVE needs both --curve-secret-key and --curve-authorized-keys")
         if self.workers is None:
             raise ConfigError("--workers is required (or PS_WORKERS)")
         _positive("workers", self.workers)
@@ -224,9 +257,20 @@ class WorkerConfig(JobFields):
     peer_prev: str | None = None
     peer_next: str | None = None
     worker_id: str | None = None
+    heartbeat: float = 1.0
+    curve_server_key: str | None = None
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
+    fault: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _nonneg("heartbeat", self.heartbeat)
+        _check_fault(self.fault)
+        if (self.curve_server_key is None) != (self.curve_secret_key is None):
+            raise ConfigError("CURVE needs both --curve-server-key and --curve-secret-key")
+        if self.curve_authorized_keys is not None and self.curve_server_key is None:
+            raise ConfigError("--curve-authorized-keys on a worker needs CURVE on (--curve-server-key)")
         if self.world_size is None:
             raise ConfigError("--world-size is required (or PS_WORLD_SIZE)")
         _positive("world_size", self.world_size)
@@ -271,9 +315,14 @@ class LaunchConfig(JobFields):
     metrics_log: str | None = None
     status_every: float = 10.0
     example: str | None = None
+    on_worker_loss: str = "wait"
+    rejoin_deadline: float = 300.0
+    lease: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive("lease", self.lease)
+        _positive("rejoin_deadline", self.rejoin_deadline)
         _positive("replicas", self.replicas)
         shards = self.workers
         if self.mode == "pipeline":
@@ -346,6 +395,11 @@ def _positive(name: str, value: float) -> None:
 def _nonneg(name: str, value: float) -> None:
     if value < 0:
         raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+
+
+def _check_fault(spec: str | None) -> None:
+    if spec is not None:
+        parse_fault(spec)  # raises ConfigError
 
 
 def _check_metrics(port: int | None, status_every: float) -> None:

@@ -26,6 +26,8 @@ class ErrorCode(IntEnum):
     INTERNAL = 11  # the server failed on a valid request (a bug); state unchanged
     SHUTTING_DOWN = 12  # the server is finishing and accepts no new work
     UNAUTHORIZED = 13  # the peer is not allowed to do this
+    RANK_HELD = 14  # another live connection holds this rank; retry once its lease has expired
+    WORKER_LOST = 15  # a worker was lost past --rejoin-deadline: the job has failed
 
 
 class PSError(Exception):

@@ -45,6 +45,7 @@ class WireLimits:
     max_ndim: int = 16
     max_message_bytes: int = 8 << 30
     max_depth: int = 8  # nesting depth of header values
+    max_map_len: int = 1024  # entries of any map in a header
 
 
 DEFAULT_LIMITS = WireLimits()
@@ -194,7 +195,9 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
                    ErrorCode.TOO_LARGE)
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
-                                 ext_hook=_no_ext, timestamp=0)
+                                 ext_hook=_no_ext, timestamp=0, max_bin_len=0, max_ext_len=0,
+                                 max_str_len=limits.max_header_bytes, max_map_len=limits.max_map_len,
+                                 max_array_len=max(limits.max_tensors, limits.max_ndim, 3))
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises several unrelated types for corrupt input

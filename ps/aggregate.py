@@ -55,6 +55,21 @@ class KeyGroup:
         """Take ``rank``'s push for the current step; True when the step is now complete."""
         self._seen.add(rank)
         self._pending[rank] = contribution
+        return self._drain()
+
+    def remove(self, rank: int) -> bool:
+        """Stop waiting for ``rank`` (it left the job); True when the step is now complete.
+
+        A rank that already pushed the current step stays a contributor until the step
+        completes: its push counts. Whoever owns the group drops it between steps.
+        """
+        if rank in self._seen or rank not in self.contributors:
+            return False
+        self.contributors = tuple(r for r in self.contributors if r != rank)
+        return bool(self._seen) and self._drain()
+
+    def _drain(self) -> bool:
+        """Reduce the pending pushes that are next in rank order; True when all are in."""
         while self._next < len(self.contributors) and self.contributors[self._next] in self._pending:
             self._reduce(self._pending.pop(self.contributors[self._next]))
             self._next += 1

@@ -73,6 +73,17 @@ def save_checkpoint(directory: str | Path, step: int, params: Mapping[str, torch
     return path
 
 
+def remove_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files a crash mid-write left behind (never a finished file); return them."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    stale = [p for p in d.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest ``ckpt-*.safetensors`` in ``directory``, or None."""
     d = Path(directory)

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import zmq
 
+from common import faults
 from common.config import ServerConfig, parse_config
 from common.errors import ConfigError
 from common.logs import setup_logging
@@ -33,9 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ps.server import Server  # after logging: importing torch is slow
 
     try:
+        faults.arm(cfg.fault)
         server = Server(cfg)
         server.bind()
         return server.serve()
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130

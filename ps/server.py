@@ -17,18 +17,22 @@ from typing import Any, Mapping
 import torch
 import zmq
 
+from common import faults
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import Op
+from common.security import Curve
 from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
 from ps.consistency import make_consistency
+from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
-from ps.ranks import RankTable
 from ps.metrics import ServerMetrics
+from ps.ranks import RankTable
+from ps.recovery import Recovery
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,7 @@ class Waiter:
     t0: float = field(default_factory=time.monotonic)  # arrival, for the latency metric
 
 
-class Server:
+class Server(Recovery):
     """The parameter server. ``bind()`` then ``serve()``; returns 0 when every worker is done."""
 
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
@@ -71,10 +75,13 @@ class Server:
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
                                                    for r, w in list(self.workers.items())])
         self.sync = make_consistency(cfg, self.store, self.workers, self.metrics)
+        self._init_recovery()
         self._resume()
 
     # ------------------------------------------------------------------ lifecycle
     def _resume(self) -> None:
+        for stale in checkpoint.remove_temporaries(self.cfg.checkpoint_dir):
+            log.warning("removed %s, left by a crash while writing", stale)
         path = checkpoint.latest_checkpoint(self.cfg.checkpoint_dir)
         if path is None:
             return
@@ -82,13 +89,18 @@ class Server:
         self.store.initialize(params, meta.get("versions"), opt_state)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
+        self.limits = schema_limits(self.store.specs(), self.limits)
         self.ranks.load(meta.get("worker_ids"))
         self.sync.load_state(meta.get("consistency"))
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
         """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it."""
-        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits)
+        curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
+                 if self.cfg.curve_secret_key else None)
+        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve)
+        if self.store.initialized:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
         self.metrics.start(self.endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"))
@@ -118,9 +130,12 @@ class Server:
                         if self._finished:
                             break
                 now = time.monotonic()
+                self._check_liveness(now)
                 if now >= next_status:
                     next_status = now + self.cfg.status_every
                     self._log_status()
+            if self.failed:
+                return 1
             self._write_final()
             return 0
         finally:
@@ -154,6 +169,7 @@ class Server:
             handler = self._HANDLERS.get(msg.op)
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_OP, f"the server does not handle {msg.op.value!r}")
+            self._screen(ident, msg)
             handler(self, ident, msg)
         except ProtocolError as e:
             log.warning("rejected a message from %s: %s: %s", ident.hex()[:16], e.code.name, e)
@@ -235,27 +251,35 @@ class Server:
         old = self.workers.get(rank)
         if old is not None and old.keys != keys:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
+        self._admit(ident, rank)
         if old is not None:
             log.info("rank %d re-registered", rank)
+        elif self.groups is not None:
+            self._joining.add(rank)
+            self.regroup_pending = True
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
                                         endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
                                         plan=f.get("plan", ""),
                                         clock=old.clock if old else 0)
         self.registered_specs.update(specs)
+        self._renew(rank)
         self.ranks.bind(worker_id, rank)
         log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
                  f" as worker id {worker_id!r}" if worker_id else "")
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
                                     "initialized": self.store.initialized, "rank": rank,
-                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr})
+                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
+                                    "incarnation": self.incarnation, "lease_s": self.cfg.lease,
+                                    "hold_s": self.cfg.rejoin_deadline})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)
-        self._check_tensors(msg.tensors, w.keys, "init")
+        if msg.tensors or not self.store.initialized:  # a worker rejoining a running job offers nothing
+            self._check_tensors(msg.tensors, w.keys, "init")
         if not self.store.initialized:
             self.offers[w.rank] = msg.tensors
-        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=0))
+        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=self._join_step(w.rank)))
         self._try_start()
         self._wake()
 
@@ -274,6 +298,10 @@ class Server:
             self.offers.clear()
             log.info("θ initialized from rank(s) %s: %d tensors, %d elements", sorted(set(owner.values())),
                      len(owner), sum(p.numel() for p in self.store.params.values()))
+            self._save(0)  # θ_0 survives a crash: a restarted server never needs the workers' offers again
+            self.limits = schema_limits(self.store.specs(), self.limits)
+            if self.sock is not None:
+                self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         if self.groups is None:
             self.groups = form_groups(self.workers, self.store.versions)
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
@@ -327,6 +355,8 @@ class Server:
         if weight < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
         groups = self._groups_of(w)
+        if not groups:
+            raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
         if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
             self._push_on_arrival(ident, msg, w, keys, groups, weight)
             return
@@ -379,6 +409,7 @@ class Server:
     def _complete(self, g: KeyGroup) -> None:
         grads, loss = g.finish()
         self.store.apply(grads)
+        faults.hit("after-apply", g.step - 1)
         if loss is not None:
             self.last_loss = loss
         version = self.store.version(self.store.params)
@@ -386,8 +417,10 @@ class Server:
         self.metrics.step(g.step)
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
-        if every and version % every == 0 and version > self.saved_step:
+        if every and version % every == 0 and version > self.saved_step and self._consistent_cut():
             self._save(version)
+        if self.regroup_pending:
+            self._regroup()
 
     def _save(self, version: int) -> None:
         assert self.store.optimizer is not None
@@ -400,22 +433,27 @@ class Server:
         log.info("checkpoint %s", path)
 
     def _on_done(self, ident: bytes, msg: Message) -> None:
+        """A barrier: answered once every worker is done and the final files are written."""
         w = self._worker(msg)
+        if not w.done:
+            log.info("rank %d finished (%d/%d done)", w.rank, sum(x.done for x in self.workers.values()) + 1,
+                     self.cfg.workers)
         w.done = True
-        log.info("rank %d finished (%d/%d done)", w.rank, sum(x.done for x in self.workers.values()),
-                 self.cfg.workers)
-        self._reply(ident, msg.id, {"version": self.store.version(w.keys) if self.store.initialized else 0})
-        if len(self.workers) == self.cfg.workers and all(x.done for x in self.workers.values()):
-            self._finished = True
+        self.done_waiters.append(Waiter(ident, msg.id, Op.DONE, w.rank, (), step=0))
+        self._finish_if_done()
 
     def _on_ping(self, ident: bytes, msg: Message) -> None:
+        self._heartbeat(ident, msg.fields.get("rank"))
         version = self.store.version(self.store.params) if self.store.initialized else 0
         self._reply(ident, msg.id, {"version": version, "registered": len(self.workers),
                                     "workers": self.cfg.workers, "loss": self.last_loss,
                                     "done": sum(w.done for w in self.workers.values()),
-                                    **self.metrics.ping_fields()})
+                                    "incarnation": self.incarnation, **self.metrics.ping_fields()})
 
     def _write_final(self) -> None:
+        if self._final_written:
+            return
+        self._final_written = True
         if not self.store.initialized:
             log.warning("no θ to write: training never started")
             return

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
+
+Wrap = Callable[[list[str]], list[str]]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -91,13 +93,16 @@ class Procs:
         return child
 
     def server(self, workers: int, *args: str, ckpt: Path | None = None, env: dict[str, str] | None = None,
-               bind: str = "tcp://127.0.0.1:0", timeout: float = 60.0) -> tuple[Child, str]:
-        """Start ``ps-server`` on a free port; return it and the endpoint it reported."""
+               bind: str = "tcp://127.0.0.1:0", timeout: float = 60.0, wrap: Wrap | None = None) -> tuple[Child, str]:
+        """Start ``ps-server`` on a free port; return it and the endpoint it reported.
+
+        ``wrap`` rewrites the command line, e.g. to run it in a network namespace (``Lab.wrap``).
+        """
         ready = self.tmp / f"ready-{self._n + 1}"
         ckpt = ckpt or self.tmp / "ckpt"
         argv = [sys.executable, "-m", "ps", "--bind", bind, "--workers", str(workers),
                 "--ready-file", str(ready), "--checkpoint-dir", str(ckpt), *args]
-        child = self.spawn("server", argv, env)
+        child = self.spawn("server", wrap(argv) if wrap else argv, env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready.exists() and ready.read_text().strip():
@@ -108,11 +113,11 @@ class Procs:
         raise AssertionError(f"server did not report its endpoint in {timeout}s:\n{child.output()}")
 
     def worker(self, endpoint: str, rank: int, world: int, *args: str,
-               env: dict[str, str] | None = None) -> Child:
-        """Start ``ps-worker`` with rank ``rank`` of ``world``."""
+               env: dict[str, str] | None = None, wrap: Wrap | None = None) -> Child:
+        """Start ``ps-worker`` with rank ``rank`` of ``world`` (``wrap``: see :meth:`server`)."""
         argv = [sys.executable, "-m", "worker", "--server", endpoint, "--rank", str(rank),
                 "--world-size", str(world), "--timeout", "60", *args]
-        return self.spawn(f"worker {rank}", argv, env)
+        return self.spawn(f"worker {rank}", wrap(argv) if wrap else argv, env)
 
     def wait_ok(self, children: Sequence[Child], timeout: float = 120.0) -> None:
         """Every child exits 0 within ``timeout`` (shared deadline), else fail with their logs."""

@@ -10,7 +10,7 @@ docstring; they are re-derived here so that a bug there cannot hide in both plac
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,13 @@ def steps_per_epoch(n: int, world: int, batch: int) -> int:
 def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], object], world: int,
            batch: int = 100, epochs: int = 10, seed: int = 0, shuffle: bool = True, loss: str = "mse",
            optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
-           weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
-    """Final θ of the data-parallel job, computed in one process."""
+           weight_decay: float = 0.0,
+           ranks: Callable[[int], Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Final θ of the data-parallel job, computed in one process.
+
+    ``ranks(step)`` (default: all of them) names the workers whose gradients step ``step``
+    (counted over all epochs) averages, as after ``--on-worker-loss shrink``.
+    """
     torch.manual_seed(seed)
     model = model_factory()
     torch.manual_seed(seed)
@@ -59,7 +64,7 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
     for epoch in range(epochs):
         for t in range(steps_per_epoch(n, world, batch)):
             grads, weights = [], []
-            for k in range(world):
+            for k in (range(world) if ranks is None else ranks(epoch * steps_per_epoch(n, world, batch) + t)):
                 rows = worker_rows(n, world, batch, epoch, t, k, shuffle, seed)
                 if len(rows) == 0:
                     continue

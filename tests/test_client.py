@@ -77,6 +77,8 @@ def test_worker_cli_pointed_at_no_server_exits_nonzero_naming_the_server(procs: 
     w = procs.worker("tcp://127.0.0.1:1", 0, 1, "--timeout", "2")
     assert w.wait(60) == 1
     assert "PSTimeoutError" in w.output() and "tcp://127.0.0.1:1" in w.output()
+    (line,) = [x for x in w.output().splitlines() if " ERROR " in x]  # one line: peer, operation, step
+    assert "register to tcp://127.0.0.1:1 timed out after 2s (worker 0 at step 0: no sign of life" in line
 
 
 def test_wrong_world_size_is_refused(procs: Procs) -> None:

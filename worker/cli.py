@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Sequence
 
+from common import faults, security
 from common.config import WorkerConfig, parse_config
 from common.errors import ConfigError, PSError
 from common.logs import setup_logging
@@ -32,6 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.log_level, role)
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        faults.arm(cfg.fault)
+        if cfg.curve_secret_key:
+            assert cfg.curve_server_key is not None
+            security.configure(security.Curve.for_worker(cfg.curve_secret_key, cfg.curve_server_key,
+                                                         cfg.curve_authorized_keys))
         if cfg.mode == "pipeline":
             from worker.pipeline.runtime import train_stage
 

@@ -2,6 +2,11 @@
 
 Each step is one ``push_pull`` round trip: the gradients of step t go out and θ after step t
 comes back. A step's loss shown on rank 0 is the server's weighted mean over all workers.
+
+A worker keeps nothing a restart could lose: θ comes from the server, and step t's batch and
+random state (dropout) follow from t alone (:func:`worker.data.step_seed`), so a restarted
+worker, or one the server sends back to an older step after its own restart, computes exactly
+the gradients an uninterrupted run computes.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import faults
 from common.config import WorkerConfig
 from common.errors import ConfigError
 from common.logs import set_role
 from worker.client import PSClient
-from worker.data import ShardPlan, fetch
+from worker.data import ShardPlan, fetch, step_seed
 from worker.factories import build_data, build_model
 from worker.jitter import Stall
 from worker.progress import Progress
@@ -75,7 +81,8 @@ def train(cfg: WorkerConfig) -> TrainResult:
     loss_fn = LOSSES[cfg.loss]
     t0 = time.monotonic()
     samples = 0
-    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id) as client:
+    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id,
+                  heartbeat=cfg.heartbeat) as client:
         theta = client.init({k: p.detach().cpu() for k, p in model.named_parameters()})
         if cfg.rank is None:
             assert client.rank is not None
@@ -95,22 +102,32 @@ def train(cfg: WorkerConfig) -> TrainResult:
             log.info("resuming at step %d of %d", start, total)
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
         with progress:
-            for step in range(start, total):
-                if stall is not None:
-                    stall.before(step)
-                rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
-                model.zero_grad(set_to_none=True)
-                loss_value = None
-                if len(rows):
-                    x, y = fetch(data, rows)
-                    loss = loss_fn(model(x.to(device)), y.to(device))
-                    loss.backward()
-                    loss_value = loss.item()
-                theta = client.push_pull(gradients(model), step, samples=len(rows), loss=loss_value)
-                load_into(model, theta)
-                samples += len(rows)
-                progress.update(step, client.last_loss, len(rows) * cfg.world_size)
-        client.done()
+            while True:
+                while client.step < total:
+                    step = client.step
+                    if stall is not None:
+                        stall.before(step)
+                    rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
+                    model.zero_grad(set_to_none=True)
+                    torch.manual_seed(step_seed(cfg.seed, cfg.rank, step))
+                    loss_value = None
+                    if len(rows):
+                        x, y = fetch(data, rows)
+                        loss = loss_fn(model(x.to(device)), y.to(device))
+                        loss.backward()
+                        loss_value = loss.item()
+                    faults.hit("before-push", step)
+                    theta = client.push_pull(gradients(model), step, samples=len(rows), loss=loss_value)
+                    load_into(model, theta)
+                    samples += len(rows)
+                    if client.step == step + 1:
+                        progress.update(step, client.last_loss, len(rows) * cfg.world_size)
+                    else:
+                        log.warning("recomputing from step %d, where the server resumed", client.step)
+                if client.done():
+                    break
+                log.warning("recomputing from step %d, where the server resumed", client.step)
+                load_into(model, client.pull())
         final_loss = client.last_loss
     seconds = time.monotonic() - t0
     log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",

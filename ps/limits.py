@@ -1,0 +1,45 @@
+"""Message caps derived from the registered schema.
+
+Before θ exists the server applies the generic caps of :class:`common.wire.WireLimits`. Once
+θ's names, dtypes and shapes are known, no valid message can be larger than one that carries
+every tensor of θ, so the caps shrink to that: a frame larger than θ's largest tensor (or the
+header cap) is dropped by ZeroMQ itself (``ZMQ_MAXMSGSIZE``, for connections made from then on),
+and every message is checked against the tight caps before it is decoded further.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Mapping
+
+from common.dtypes import ITEMSIZE
+from common.wire import WireLimits
+
+SLACK = 16
+HEADER_SLACK = 64 << 10
+"""Room for a header's own fields besides the tensor list (ids, steps, loss, a key list)."""
+
+
+def schema_limits(specs: Mapping[str, tuple[str, tuple[int, ...]]], base: WireLimits) -> WireLimits:
+    """The caps of ``base`` tightened to what a message about θ (``{name: (dtype, shape)}``) can need."""
+    if not specs:
+        return base
+    data = sum(ITEMSIZE[dtype] * math.prod(shape) for dtype, shape in specs.values())
+    # a header lists each tensor once ([name, dtype, shape]) and may list the names again ("keys")
+    listing = sum(2 * len(name.encode()) + 16 + 10 * len(shape) for name, (_, shape) in specs.items())
+    header = min(base.max_header_bytes, HEADER_SLACK + 2 * listing)
+    # counts get a little slack, so a message that is only slightly off (one extra key, one more
+    # dimension) is refused with the precise SCHEMA_MISMATCH rather than TOO_LARGE
+    return replace(base,
+                   max_header_bytes=header,
+                   max_tensors=min(base.max_tensors, len(specs) + SLACK),
+                   max_name_len=min(base.max_name_len, max(len(n) for n in specs) + 4 * SLACK),
+                   max_ndim=min(base.max_ndim, max(len(s) for _, s in specs.values()) + SLACK // 4),
+                   max_message_bytes=min(base.max_message_bytes, header + data))
+
+
+def largest_frame(specs: Mapping[str, tuple[str, tuple[int, ...]]], limits: WireLimits) -> int:
+    """The largest single frame a valid message can have (the header, or θ's largest tensor)."""
+    biggest = max((ITEMSIZE[dtype] * math.prod(shape) for dtype, shape in specs.values()), default=0)
+    return max(limits.max_header_bytes, biggest)

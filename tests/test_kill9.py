@@ -1,0 +1,90 @@
+"""kill -9 at a chosen step, of a worker or of the server: the job ends with the uninterrupted θ.
+
+Faults are injected by the test: the victim stops itself at the chosen point of the chosen step
+(``PS_FAULT=stop:POINT:STEP``), the test sees it stopped and kills it with SIGKILL, then starts
+it again with the same command line (the fault came from the environment, so the restart runs
+without it).
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.faultjob import JOB, SERVER, WORLD, assert_final, error_lines, expected, wait_log, wait_stopped
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.parametrize("point", ["after-push", "before-push"])
+def test_worker_killed_mid_step_and_restarted(procs, tmp_path, point):
+    """The restarted worker rejoins, gets the current θ and step, and computes that step again.
+
+    ``after-push``: worker 1 dies after its push of step 7 went out, while worker 0 holds back
+    its own push of step 7, so the restarted worker's push of step 7 is a replay (acknowledged,
+    not applied twice). ``before-push``: it dies with its gradient of step 7 computed, unsent.
+    """
+    server, ep = procs.server(WORLD, *SERVER, "--log-level", "debug")
+    w0 = procs.worker(ep, 0, WORLD, *JOB, env={"PS_FAULT": "stop:before-push:7"} if point == "after-push" else None)
+    w1 = procs.worker(ep, 1, WORLD, *JOB, env={"PS_FAULT": f"stop:{point}:7"})
+    wait_stopped(w1)
+    w1.kill()
+    assert w1.wait(30) == -9
+    wait_log(server, r"rank 1 lost: nothing heard", timeout=30)  # its lease lapsed: the server knows
+    again = procs.worker(ep, 1, WORLD, *JOB)
+    wait_log(again, r"resuming at step 7 of 20", timeout=120)
+    if point == "after-push":
+        wait_stopped(w0)
+        wait_log(server, r"rank 1 replayed step 7: acknowledged, not applied", timeout=60)
+        w0.kill(signal.SIGCONT)
+    procs.wait_ok([w0, again, server], timeout=200)
+    assert_final(tmp_path / "ckpt", expected())
+    assert "rank 1: a new connection takes over" in server.log.read_text()
+
+
+def test_server_killed_between_apply_and_checkpoint(procs, tmp_path):
+    """The server dies having applied step 9 (version 10) with its newest checkpoint at step 8: the
+    workers ride out the restart, rejoin, go back to step 8 and recompute steps 8 and 9."""
+    args = (*SERVER, "--checkpoint-every", "4")
+    server, ep = procs.server(WORLD, *args, env={"PS_FAULT": "stop:after-apply:9"})
+    workers = [procs.worker(ep, r, WORLD, *JOB) for r in range(WORLD)]
+    wait_stopped(server)
+    server.kill()
+    assert server.wait(30) == -9
+    again, ep2 = procs.server(WORLD, *args, bind=ep)  # the same command, on the same endpoint
+    assert ep2 == ep
+    procs.wait_ok([*workers, again], timeout=200)
+    assert_final(tmp_path / "ckpt", expected())
+    assert "resumed from" in again.log.read_text() and "ckpt-000000008" in again.log.read_text()
+    for w in workers:
+        assert "rejoined; the server is at step 8" in w.log.read_text(), w.output()
+
+
+def test_lost_worker_past_the_deadline_fails_the_job_clearly(procs, tmp_path):
+    """--on-worker-loss wait: the step is held for the lost rank, then the job fails, with one line
+    per process naming the peer, the operation and the step, and a checkpoint to resume from."""
+    server, ep = procs.server(WORLD, *SERVER, "--rejoin-deadline", "3")
+    w0 = procs.worker(ep, 0, WORLD, *JOB)
+    w1 = procs.worker(ep, 1, WORLD, *JOB, env={"PS_FAULT": "kill:before-push:5"})
+    assert w1.wait(120) == -9
+    assert server.wait(60) == 1, server.output()
+    assert w0.wait(60) == 1, w0.output()
+    (line,) = error_lines(server)
+    assert "job failed at step 5" in line and "rank 1 was lost at step 5" in line and "within 3s" in line
+    (line,) = error_lines(w0)
+    assert "RemoteError" in line and f"push_pull to {ep} failed: WORKER_LOST" in line and "at step 5" in line
+    assert (tmp_path / "ckpt" / "ckpt-000000005.safetensors").exists()
+
+
+def test_shrink_continues_with_the_live_workers(procs, tmp_path):
+    """--on-worker-loss shrink: worker 1 dies before pushing step 5; from step 5 on, every step is
+    rank 0's gradient alone, as the log says."""
+    server, ep = procs.server(WORLD, *SERVER, "--on-worker-loss", "shrink")
+    w0 = procs.worker(ep, 0, WORLD, *JOB)
+    w1 = procs.worker(ep, 1, WORLD, *JOB, env={"PS_FAULT": "kill:before-push:5"})
+    assert w1.wait(120) == -9
+    procs.wait_ok([w0, server], timeout=120)
+    assert "rank 1 lost at step 5: continuing with rank(s) [0]" in server.log.read_text()
+    assert_final(tmp_path / "ckpt", expected(ranks=lambda step: [0, 1] if step < 5 else [0]))
+
