@@ -201,7 +201,11 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
-        raise _bad(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+        text = str(e)
+        if "max_bin_len" in text or "max_ext_len" in text:
+            raise _bad("header holds a binary value or an extension type: not allowed") from None
+        code = ErrorCode.TOO_LARGE if "exceeds max_" in text else ErrorCode.BAD_MESSAGE
+        raise _bad(f"header is not valid msgpack: {type(e).__name__}: {text}", code) from None
     if not isinstance(header, dict):
         raise _bad("header must be a msgpack map")
     _check_plain(header, 0, limits)
