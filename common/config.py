@@ -381,10 +381,14 @@ class PingConfig:
 
     server: str = "tcp://127.0.0.1:5555"
     timeout: float = 5.0
+    curve_server_key: str | None = None
+    curve_secret_key: str | None = None
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
         _positive("timeout", self.timeout)
+        if (self.curve_server_key is None) != (self.curve_secret_key is None):
+            raise ConfigError("CURVE needs both --curve-server-key and --curve-secret-key")
 
 
 def _positive(name: str, value: float) -> None:

@@ -81,6 +81,7 @@ class Consistency:
         self._resumed: dict[int, int] = {}
         self._losses: dict[int, float] = {}
         self._peers: dict[int, tuple[int, ...]] = {}
+        self._peers_size = -1
 
     # ------------------------------------------------------------------ what the server calls
     def on_read(self, rank: int, version: int) -> None:
@@ -119,19 +120,24 @@ class Consistency:
 
     # ------------------------------------------------------------------ helpers
     def peers(self, rank: int) -> tuple[int, ...]:
-        """Ranks sharing at least one key with ``rank`` (itself included)."""
-        if rank not in self._peers or len(self.workers) < self.cfg.workers:
+        """Registered ranks sharing at least one key with ``rank`` (itself included).
+
+        Cached while the membership's size is unchanged (a rank dropped by ``--on-worker-loss
+        shrink`` or a new registration recomputes it).
+        """
+        if self._peers_size != len(self.workers):
+            self._peers.clear()
+            self._peers_size = len(self.workers)
+        found = self._peers.get(rank)
+        if found is None:
             mine = set(self.workers[rank].keys) if rank in self.workers else set()
-            found = tuple(sorted(r for r, w in self.workers.items() if mine & set(w.keys)))
-            if len(self.workers) < self.cfg.workers:
-                return found
-            self._peers[rank] = found
-        return self._peers[rank]
+            found = self._peers[rank] = tuple(sorted(r for r, w in self.workers.items() if mine & set(w.keys)))
+        return found
 
     def slowest(self, rank: int, exclude_self: bool = False) -> int | None:
         """The lowest clock among live (not done) peers of ``rank``; None if there are none."""
-        clocks = [self.workers[r].clock for r in self.peers(rank)
-                  if not self.workers[r].done and not (exclude_self and r == rank)]
+        clocks = [w.clock for r in self.peers(rank) if (w := self.workers.get(r)) is not None
+                  and not w.done and not (exclude_self and r == rank)]
         return min(clocks, default=None)
 
     def lead(self, rank: int, step: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -114,6 +115,16 @@ class UnitHost:
     specifiers: dict[str, str]
     files: dict[str, Path]  # absolute path in the unit -> the file to read instead
     programs: Callable[[str], str]  # ExecStart's argv[0] -> the program to run
+    dirs: dict[str, Path] = field(default_factory=dict)  # a directory of the machine -> a local one
+
+    def local(self, path: str) -> str:
+        """Where ``path`` of the machine is here (a mapped file or a path under a mapped directory)."""
+        if path in self.files:
+            return str(self.files[path])
+        for prefix, local in self.dirs.items():
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return str(local) + path[len(prefix.rstrip("/")):]
+        return path
 
 
 def unit_command(unit: Path, host: UnitHost, dropins: list[Path] = ()) -> Command:  # type: ignore[assignment]
@@ -128,7 +139,13 @@ def unit_command(unit: Path, host: UnitHost, dropins: list[Path] = ()) -> Comman
         if key == "Environment":
             for word in shlex.split(expand_specifiers(value, host.specifiers)):
                 name, _, val = word.partition("=")
-                env[name] = val
+                env[name] = host.local(val) if val.startswith("/") else val
+        elif key == "LoadCredential":  # systemd copies the file into the credentials directory (%d)
+            name, _, source = expand_specifiers(value, host.specifiers).partition(":")
+            if Path(host.local(source)).exists():  # (absent when the test only parses the unit)
+                creds = Path(host.specifiers["d"])
+                creds.mkdir(parents=True, exist_ok=True)
+                shutil.copy(host.local(source), creds / name)
     for key, value in entries:
         if key == "EnvironmentFile":
             optional = value.startswith("-")

@@ -15,6 +15,8 @@ import torch
 from tests import reference
 from tests.consistency_jobs import final_theta, full_loss, initial_theta, linear64, teacher64
 
+pytestmark = pytest.mark.timeout(300)  # real processes on a shared, loaded machine
+
 JOB = ["--model", "tests.consistency_jobs:linear64", "--data", "tests.consistency_jobs:teacher64",
        "--progress", "off"]
 
@@ -31,7 +33,7 @@ def run_job(procs, tmp: Path, world: int, sync: list[str], worker_args: dict[int
     server, ep = procs.server(world, "--lr", "0.05", "--metrics-log", str(log), *sync, ckpt=ckpt)
     workers = [procs.worker(ep, k, world, *(job or JOB), *(worker_args or {}).get(k, []))
                for k in range(world)]
-    procs.wait_ok([*workers, server], timeout=100)
+    procs.wait_ok([*workers, server], timeout=240)
     return ckpt, log
 
 

@@ -107,3 +107,10 @@ def test_stall_draws_depend_only_on_seed_rank_and_step():
     assert draws != [other.hits(t) for t in range(200)]
     assert 30 < sum(draws) < 90
     assert all(Stall(1.0, 0.0).hits(t) for t in range(50)) and not any(Stall(0.0, 0.0).hits(t) for t in range(50))
+
+
+def test_a_dropped_rank_no_longer_holds_ssp_back():
+    policy, _, workers, _, _ = setup("ssp", [6, 1, 6], staleness=2)
+    assert not policy.ready(0, 6, ("w",))
+    del workers[1]  # what --on-worker-loss shrink does
+    assert policy.ready(0, 6, ("w",)) and policy.peers(0) == (0, 2)

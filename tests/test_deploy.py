@@ -32,7 +32,7 @@ import yaml
 from safetensors.torch import load_file
 
 from common.errors import ConfigError
-from common.config import KNOWN_ENV, OPTIONS, LaunchConfig, PingConfig, ServerConfig, WorkerConfig, parse_config
+from common.config import CONFIG_ONLY_AT_PARSE, KNOWN_ENV, OPTIONS, LaunchConfig, PingConfig, ServerConfig, WorkerConfig, parse_config
 from tests import jobs
 from tests.deployfiles import (DEPLOY, ROOT, Command, UnitHost, compose_commands, documented_env, load_compose,
                                load_k8s, k8s_commands, read_env_file, readme_commands, unit_command)
@@ -59,6 +59,14 @@ def program_path(argv0: str) -> str:
     local = BIN / name
     if not local.exists():
         pytest.skip(f"{name} is not installed next to {sys.executable} (run make setup)")
+    return str(local)
+
+
+def program_path_any(name: str) -> str:
+    """An installed console script that the deploy files do not run themselves (e.g. ps-keygen)."""
+    local = BIN / name
+    if not local.exists():
+        pytest.skip(f"{name} is not installed next to {sys.executable}")
     return str(local)
 
 
@@ -154,9 +162,11 @@ def test_env_files_document_every_option_of_their_role(env_file: str, cls: type)
     path = SYSTEMD / env_file
     documented = {n for n in documented_env(path) if n.startswith("PS_")}
     options = {f"PS_{f.name.upper()}" for f in dataclasses.fields(cls)}
+    options |= {OPTIONS[n].env for n in CONFIG_ONLY_AT_PARSE}  # read by parse_config for every role
     missing = options - documented
     by_env = {o.env: o for o in OPTIONS.values()}
     defaults = {f"PS_{f.name.upper()}": f.default for f in dataclasses.fields(cls)}
+    defaults.update({OPTIONS[n].env: None for n in CONFIG_ONLY_AT_PARSE})
     paste = "".join(f"# {by_env[n].help}.\n#{n}={'' if defaults[n] in (None, dataclasses.MISSING) else defaults[n]}\n"
                     for n in sorted(missing))
     assert not missing, f"{path} does not document {sorted(missing)}; add, for example:\n{paste}"
@@ -357,19 +367,32 @@ def _assigned_ranks(logs: list[str]) -> list[int]:
 
 
 @pytest.mark.netns
-def test_multihost_systemd_units(procs, lab, tmp_path: Path) -> None:
-    """zmqps-server.service on one host, zmqps-worker@0 on two others, the env files as shipped
-    plus a job.env; the workers find the server by name (zmqps-server) and get their ranks from it."""
+def test_multihost_systemd_units_with_curve(procs, lab, tmp_path: Path) -> None:
+    """zmqps-server.service on one host, zmqps-worker@0 on two others: the env files as shipped
+    plus a job.env, the CurveZMQ drop-ins, and keys made and copied as deploy/README.md says.
+    The workers find the server by name (zmqps-server) and get their ranks from it."""
     lab, hosts = lab
     hosts.add(["zmqps-server"], "server")
     job = tmp_path / "job.env"
     job.write_text("".join(f"{k}={v}\n" for k, v in JOB_ENV.items()))
+    keygen = program_path_any("ps-keygen")
+    keys = {h: tmp_path / h / "etc-zmqps-keys" for h in ("server", "w0", "w1")}
+    subprocess.run([keygen, str(keys["server"]), "server"], check=True, capture_output=True, timeout=120)
+    (keys["server"] / "authorized").mkdir()
+    for w in ("w0", "w1"):  # README: each worker machine makes its pair; the public halves are swapped
+        subprocess.run([keygen, str(keys[w]), "worker"], check=True, capture_output=True, timeout=120)
+        shutil.copy(keys["server"] / "server.key", keys[w] / "server.key")
+        shutil.copy(keys[w] / "worker.key", keys["server"] / "authorized" / f"machine-{w}.key")
     cmds = {}
     for h in ("server", "w0", "w1"):
         host = systemd_host(tmp_path / h, f"machine-{h}", {"/etc/zmqps/job.env": job})
-        cmds[h] = unit_command(SERVER_UNIT if h == "server" else WORKER_UNIT, host)
+        host.dirs["/etc/zmqps/keys"] = keys[h]
+        unit = SERVER_UNIT if h == "server" else WORKER_UNIT
+        cmds[h] = unit_command(unit, host, [CURVE_DROPINS[unit]])
     assert "PS_RANK" not in cmds["w0"].env and "--rank" not in cmds["w0"].argv
-    ping = Command("README", [program_path("ps-ping"), "--server", cmds["w0"].env["PS_SERVER"]], {})
+    assert cmds["server"].env["PS_CURVE_SECRET_KEY"] == str(tmp_path / "server" / "credentials" / "server.key_secret")
+    ping = Command("README", [program_path("ps-ping"), "--server", cmds["w0"].env["PS_SERVER"]],
+                   {k: v for k, v in cmds["w0"].env.items() if k.startswith("PS_CURVE")})
     logs = _run_job(procs, lab, cmds["server"], [cmds["w0"], cmds["w1"]], ("w0", ping),
                     tmp_path / "server" / "state" / "zmqps")
     assert _assigned_ranks(logs) == [0, 1]

@@ -33,11 +33,12 @@ def scrape(url: str) -> dict[str, dict]:
             for f in text_string_to_metric_families(text)}
 
 
+@pytest.mark.timeout(300)
 def test_the_metrics_endpoint_serves_prometheus_text_during_a_job(procs, tmp_path, zctx):
     server, ep = procs.server(2, "--lr", "0.05", "--metrics-port", "0")
     workers = [procs.worker(ep, k, 2, *JOB, "--stall", "1:0.1") for k in range(2)]  # 30 steps x 0.1 s
     ping = Requester(zctx, ep, who="test")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 150
     while True:
         status = ping.request(Op.PING, {}, timeout_s=10).fields
         if status["pushes"] >= 4:
@@ -57,7 +58,7 @@ def test_the_metrics_endpoint_serves_prometheus_text_during_a_job(procs, tmp_pat
     assert stale[("zmqps_staleness_bucket", (("le", "0.0"),))] == stale[("zmqps_staleness_count", ())] >= 4
     assert families["zmqps_info"][("zmqps_info", (("lr", "0.05"), ("optimizer", "sgd"), ("staleness", "0"),
                                              ("sync", "bsp")))] == 1
-    procs.wait_ok([*workers, server], timeout=100)
+    procs.wait_ok([*workers, server], timeout=240)
 
 
 def test_the_jsonl_log_records_pushes_and_updates(tmp_path):

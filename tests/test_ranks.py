@@ -110,40 +110,42 @@ def test_ranks_by_id_across_reconnects_refusals_and_a_server_restart(procs, tmp_
     saved with each checkpoint: after the server is killed and restarted on its directory, an id
     gets its old rank even when it registers first."""
     ckpt = tmp_path / "ckpt"
-    server, endpoint = procs.server(2, "--checkpoint-every", "1", ckpt=ckpt)
+    server, endpoint = procs.server(2, "--checkpoint-every", "1", "--lease", "1", ckpt=ckpt)
     params = {"w": torch.zeros(3, dtype=torch.float64)}
-    with PSClient(endpoint, None, 2, timeout=30, worker_id="host-b") as b, \
-            PSClient(endpoint, None, 2, timeout=30, worker_id="host-a") as a:
-        assert b.register(params) == 0
-        assert a.register(params) == 1
-        with PSClient(endpoint, None, 2, timeout=30, worker_id="host-b") as b2:  # b reconnects
-            assert b2.register(params) == 0
-        with PSClient(endpoint, None, 2, timeout=30, worker_id="host-c") as c:
-            with pytest.raises(RemoteError) as e:
-                c.register(params)
-            assert e.value.code is ErrorCode.BAD_RANK and "no free rank" in str(e.value)
-            assert c.rank is None
-        assert a.ping()["registered"] == 2
-        out: dict[str, dict] = {}
+    with PSClient(endpoint, None, 2, timeout=30, worker_id="host-a") as a:
+        with PSClient(endpoint, None, 2, timeout=30, worker_id="host-b") as b_old:
+            assert b_old.register(params) == 0
+            assert a.register(params) == 1
+        # host-b's process is gone; a new one with the same id gets rank 0 back (once the old
+        # connection's lease lapses: RANK_HELD is retried by the client meanwhile)
+        with PSClient(endpoint, None, 2, timeout=30, worker_id="host-b") as b:
+            assert b.register(params) == 0
+            with PSClient(endpoint, None, 2, timeout=30, worker_id="host-c") as c:
+                with pytest.raises(RemoteError) as e:
+                    c.register(params)
+                assert e.value.code is ErrorCode.BAD_RANK and "no free rank" in str(e.value)
+                assert c.rank is None
+            assert a.ping()["registered"] == 2
+            out: dict[str, dict] = {}
 
-        def step(name: str, client: PSClient, init: torch.Tensor) -> None:
-            out[name] = client.init({"w": init})
-            client.push_pull({"w": torch.ones(3, dtype=torch.float64)}, 0)
+            def step(name: str, client: PSClient, init: torch.Tensor) -> None:
+                out[name] = client.init({"w": init})
+                client.push_pull({"w": torch.ones(3, dtype=torch.float64)}, 0)
 
-        t = threading.Thread(target=step, args=("b", b, torch.zeros(3, dtype=torch.float64)))
-        t.start()
-        step("a", a, torch.ones(3, dtype=torch.float64))
-        t.join(30)
-        assert torch.equal(out["a"]["w"], torch.zeros(3, dtype=torch.float64))  # rank 0 (host-b) won
-        assert torch.equal(out["b"]["w"], torch.zeros(3, dtype=torch.float64))
-        assert a.step == b.step == 1
+            t = threading.Thread(target=step, args=("b", b, torch.zeros(3, dtype=torch.float64)))
+            t.start()
+            step("a", a, torch.ones(3, dtype=torch.float64))
+            t.join(30)
+            assert torch.equal(out["a"]["w"], torch.zeros(3, dtype=torch.float64))  # rank 0 (host-b) won
+            assert torch.equal(out["b"]["w"], torch.zeros(3, dtype=torch.float64))
+            assert a.step == b.step == 1
     deadline = time.monotonic() + 30
     while not list(ckpt.glob("ckpt-*.safetensors")):
         assert time.monotonic() < deadline, server.output()
         time.sleep(0.05)
     server.kill()
     server.proc.wait(10)
-    _, endpoint = procs.server(2, ckpt=ckpt)
+    _, endpoint = procs.server(2, "--lease", "1", ckpt=ckpt)
     with PSClient(endpoint, None, 2, timeout=30, worker_id="host-a") as a, \
             PSClient(endpoint, None, 2, timeout=30, worker_id="host-new") as n:
         assert a.register(params) == 1  # first to register, still rank 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sys
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from tests import reference
 from tests.consistency_jobs import final_theta, linear64, teacher64
 from tests.procs import ROOT
+
+pytestmark = pytest.mark.timeout(300)  # real processes on a shared, loaded machine
 
 JOB = ["--model", "tests.consistency_jobs:linear64", "--data", "tests.consistency_jobs:teacher64",
        "--loss", "mse", "--epochs", "2", "--batch-size", "80"]
@@ -21,7 +24,7 @@ def test_the_wrapped_custom_loop_gives_the_same_theta_as_the_runtime(procs, tmp_
     runtime = [procs.worker(ep1, k, 2, *JOB, "--progress", "off") for k in range(2)]
     loop = [procs.spawn(f"loop {k}", [sys.executable, str(ROOT / "examples" / "custom_loop.py"), "--server", ep2,
                                       "--rank", str(k), "--world-size", "2", *JOB]) for k in range(2)]
-    procs.wait_ok([*runtime, *loop, s1, s2], timeout=110)
+    procs.wait_ok([*runtime, *loop, s1, s2], timeout=240)
     want = reference.replay(linear64, teacher64, world=2, batch=80, epochs=2, lr=0.05)
     a, b = final_theta(runtime_ckpt), final_theta(loop_ckpt)
     for k, v in want.items():

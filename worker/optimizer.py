@@ -21,7 +21,8 @@ this worker's next step and copies the θ the server sends back into the model, 
 scheduler on the local optimizer therefore has no effect.
 
 The endpoint, rank and world size come from the arguments, else from ``PS_SERVER``,
-``PS_RANK`` and ``PS_WORLD_SIZE`` (as ``ps-worker`` reads them).
+``PS_RANK`` and ``PS_WORLD_SIZE`` (as ``ps-worker`` reads them); without a rank the server
+assigns one at registration (data mode), readable as ``opt.rank``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class DistributedOptimizer:
         optimizer: the loop's optimizer (used for ``zero_grad``); None to use the model's.
         model: the module whose ``named_parameters()`` the server holds.
         server: the server endpoint (default: ``PS_SERVER``).
-        rank: this worker's rank (default: ``PS_RANK``).
+        rank: this worker's rank (default: ``PS_RANK``; else the server assigns one, see ``.rank``).
         world_size: the number of workers K (default: ``PS_WORLD_SIZE``).
         timeout: seconds any call may block before it raises ``PSTimeoutError``.
 
@@ -82,11 +83,12 @@ class DistributedOptimizer:
         given = {"--server": server, "--rank": rank, "--world-size": world_size, "--timeout": timeout}
         argv = [str(x) for flag, value in given.items() if value is not None for x in (flag, value)]
         cfg = parse_config(WorkerConfig, argv, prog="DistributedOptimizer")  # the rest from PS_*
-        assert cfg.rank is not None and cfg.world_size is not None
+        assert cfg.world_size is not None
         self.optimizer = optimizer
         self.model = model
         self._params = dict(model.named_parameters())
-        self.client = PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout)
+        self.client = PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout,
+                               worker_id=cfg.worker_id)  # rank None: the server assigns one
         self._finished = False
         try:
             theta = self.client.init({k: p.detach().cpu() for k, p in self._params.items()})
@@ -97,6 +99,12 @@ class DistributedOptimizer:
         self._check_settings()
         atexit.register(_finish_at_exit, weakref.ref(self))
         _hook_crashes()
+
+    @property
+    def rank(self) -> int:
+        """This worker's rank (given, or assigned by the server)."""
+        assert self.client.rank is not None
+        return self.client.rank
 
     @property
     def next_step(self) -> int:

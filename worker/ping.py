@@ -2,8 +2,10 @@
 
 Exit status 0 when the server answered within ``--timeout`` (the status is printed as one
 JSON line on stdout: version, workers registered and done, last loss), 1 when it did not
-or answered with an error, 2 on a bad option. Used by the container healthchecks and the
-Kubernetes probes in ``deploy/``; a PING never changes the server's state.
+or answered with an error, 2 on a bad option. With CurveZMQ keys (the worker's
+``--curve-server-key`` and ``--curve-secret-key``) it speaks CURVE like a worker. Used by
+the container healthchecks and the Kubernetes probes in ``deploy/``; a PING never changes
+the server's state.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"ps-ping: error: {e}\n")
         return 2
     setup_logging(cfg.log_level, "ping")
+    from common import security
     from worker.client import PSClient  # after parsing: importing torch is slow
 
     try:
+        if cfg.curve_secret_key:
+            assert cfg.curve_server_key is not None
+            security.configure(security.Curve.for_worker(cfg.curve_secret_key, cfg.curve_server_key))
         with PSClient(cfg.server, None, 1, timeout=cfg.timeout, worker_id="ps-ping") as client:
             status = client.ping()
     except PSError as e:
