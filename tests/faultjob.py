@@ -59,6 +59,12 @@ def fork_worker(fs: ForkServer, procs: Procs, endpoint: str, rank: int, *args: s
     return child
 
 
+def dropout64() -> torch.nn.Module:
+    """A float64 MLP with dropout: its gradients depend on the random state of each step."""
+    return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(16, 1)).double()
+
+
 def expected(ranks: Callable[[int], Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
     """Final θ of the job computed in one process (``ranks``: see :func:`tests.reference.replay`)."""
     return replay(jobs.linear64, jobs.data64, WORLD, batch=BATCH, epochs=EPOCHS, ranks=ranks)

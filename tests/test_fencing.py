@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from common.errors import ErrorCode, RemoteError
+from common.errors import ErrorCode, PSTimeoutError, RemoteError
 from tests import jobs
 from tests.faultjob import fork_server
 from worker.client import PSClient
@@ -100,3 +100,25 @@ def test_after_a_shrink_a_returning_worker_joins_between_steps(forkserver, procs
     finally:
         for x in (a, b, c):
             x.close()
+
+
+def test_a_peer_alive_but_stuck_fails_the_wait_clearly_instead_of_hanging(forkserver, procs):
+    """Rank 1 keeps its lease (heartbeats) but never pushes: the server holds the step without end,
+    so rank 0's wait ends after the server's declared hold plus its timeout, naming the step."""
+    server, ep = fork_server(forkserver, procs, "--rejoin-deadline", "1")
+    a, b = PSClient(ep, 0, 2, timeout=1.5, heartbeat=0.2), PSClient(ep, 1, 2, timeout=60, heartbeat=0.2)
+    try:
+        tb, _ = _in_thread(b.init, _theta())
+        a.init(_theta())
+        tb.join(30)
+        t0 = time.monotonic()
+        with pytest.raises(PSTimeoutError) as e:
+            a.push_pull(_grads(1.0), 0)
+        waited = time.monotonic() - t0
+        assert 2.5 - 0.5 <= waited < 30, waited  # hold 1 s + timeout 1.5 s, not the 1.5 s of silence
+        assert e.value.op == "push_pull" and ep in str(e.value)
+        assert "worker 0 at step 0: the server answers but made no progress" in str(e.value)
+        assert server.poll() is None  # nothing is lost: rank 1 holds its lease
+    finally:
+        a.close()
+        b.close()

@@ -9,9 +9,11 @@ restart takes milliseconds, not the seconds of an import.
 
 from __future__ import annotations
 
+import shutil
 import signal
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.faultjob import SERVER, WORLD, assert_final, error_lines, expected, fork_server, fork_worker, wait_log, wait_stopped
 
@@ -89,3 +91,21 @@ def test_shrink_continues_with_the_live_workers(forkserver, procs, tmp_path):
     assert "rank 1 lost at step 5: continuing with rank(s) [0]" in server.log.read_text()
     assert_final(tmp_path / "ckpt", expected(ranks=lambda step: [0, 1] if step < 5 else [0]))
 
+
+
+def test_a_restarted_worker_draws_the_same_dropout_masks(forkserver, procs, tmp_path):
+    """A step's random state follows from (seed, rank, step), like its batch: with dropout, a run
+    whose worker was killed and restarted ends with the same θ as one that was not."""
+    model = ("--model", "tests.faultjob:dropout64")
+    server, ep = fork_server(forkserver, procs, *SERVER)
+    procs.wait_ok([server, *(fork_worker(forkserver, procs, ep, r, *model) for r in range(2))], timeout=120)
+    uninterrupted = load_file(str(tmp_path / "ckpt" / "final.safetensors"))
+    shutil.rmtree(tmp_path / "ckpt")
+    server, ep = fork_server(forkserver, procs, *SERVER)
+    w0 = fork_worker(forkserver, procs, ep, 0, *model)
+    w1 = fork_worker(forkserver, procs, ep, 1, *model, env={"PS_FAULT": "kill:before-push:12"})
+    assert w1.wait(120) == -9
+    again = fork_worker(forkserver, procs, ep, 1, *model)
+    procs.wait_ok([w0, again, server], timeout=120)
+    assert "resuming at step 12 of 20" in again.output(tail=10**6)
+    assert_final(tmp_path / "ckpt", uninterrupted, tol=0.0)
