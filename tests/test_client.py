@@ -17,12 +17,16 @@ from tests.reference import replay
 from worker.client import PSClient
 
 
+_SEED_LOCK = threading.Lock()
+
+
 def _custom_loop(endpoint: str, rank: int, world: int, out: dict, steps: int = 20) -> None:
     """A user's own loop: init, then push_pull or push+pull alternately, then done."""
-    torch.manual_seed(0)
-    model = linear64()
-    torch.manual_seed(0)
-    x, y = data64().tensors
+    with _SEED_LOCK:  # the global RNG: the two client threads must not interleave their seeded draws
+        torch.manual_seed(0)
+        model = linear64()
+        torch.manual_seed(0)
+        x, y = data64().tensors
     lo = rank * 1000 // world
     b = 100 // world
     with PSClient(endpoint, rank, world, timeout=60) as ps:
