@@ -58,6 +58,7 @@ class Server(Recovery):
 
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
+        self._own_ctx = ctx is None
         self.ctx = ctx or make_context()
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
         self.store = ParameterStore(cfg)
@@ -142,10 +143,18 @@ class Server(Recovery):
             self.close()
 
     def close(self) -> None:
-        """Close the socket (letting replies already queued go out for up to a second)."""
+        """Close the socket, letting replies already queued go out for up to a second.
+
+        [Note: flush before exit] ``close(linger)`` only marks the socket; the queued replies
+        (the DONE barrier's, the last ones of a job) leave during the context's termination.
+        A process that ends without it (``os._exit``, a forked child) would drop them, so an
+        own context is destroyed here, which waits up to the linger for them to go out.
+        """
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        if self._own_ctx and not self.ctx.closed:
+            self.ctx.destroy(linger=1000)
         self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
                            self.last_loss)
 
