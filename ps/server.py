@@ -33,6 +33,7 @@ from ps.membership import WorkerInfo, form_groups
 from ps.metrics import ServerMetrics
 from ps.ranks import RankTable
 from ps.recovery import Recovery
+from ps.optim import build_optimizer
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,15 @@ class Server(Recovery):
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
-        """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it."""
+        """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it.
+
+        [Note: warm start] The first torch.optim optimizer of a process imports torch._dynamo,
+        seconds of CPU (tens under load). Built here, before the loop, it cannot stall the loop
+        later and let the workers' leases lapse while θ is being initialized.
+        """
+        warm = torch.nn.Parameter(torch.zeros(1))
+        warm.grad = torch.zeros(1)
+        build_optimizer([warm], self.cfg).step()
         curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
                  if self.cfg.curve_secret_key else None)
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve)
