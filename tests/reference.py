@@ -26,6 +26,18 @@ def make_optimizer(params, optimizer: str = "sgd", lr: float = 0.01, momentum: f
     return torch.optim.SGD(params, lr=lr, momentum=m, weight_decay=weight_decay)
 
 
+def setup(model_factory: Callable[[], nn.Module], data_factory: Callable[[], object], seed: int, loss: str,
+          optimizer: str, lr: float, momentum: float | None, weight_decay: float):
+    """Model, x, y, loss function and optimizer of a replay, seeded exactly as the workers seed."""
+    torch.manual_seed(seed)
+    model = model_factory()
+    torch.manual_seed(seed)
+    data = data_factory()
+    x_all, y_all = data.tensors  # type: ignore[attr-defined]
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    return model, x_all, y_all, loss_fn, make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+
+
 def worker_rows(n: int, world: int, batch: int, epoch: int, t: int, k: int, shuffle: bool, seed: int) -> torch.Tensor:
     """Rows of worker k at step t of ``epoch``."""
     lo, hi = k * n // world, (k + 1) * n // world
@@ -53,13 +65,8 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
     ``ranks(step)`` (default: all of them) names the workers whose gradients step ``step``
     (counted over all epochs) averages, as after ``--on-worker-loss shrink``.
     """
-    torch.manual_seed(seed)
-    model = model_factory()
-    torch.manual_seed(seed)
-    data = data_factory()
-    x_all, y_all = data.tensors  # type: ignore[attr-defined]
-    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+    model, x_all, y_all, loss_fn, opt = setup(model_factory, data_factory, seed, loss, optimizer, lr, momentum,
+                                              weight_decay)
     n = len(x_all)
     for epoch in range(epochs):
         for t in range(steps_per_epoch(n, world, batch)):

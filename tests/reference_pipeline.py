@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tests.reference import make_optimizer, steps_per_epoch, worker_rows
+from tests.reference import setup, steps_per_epoch, worker_rows
 
 
 def replay_pipeline(model_factory: Callable[[], nn.Module], data_factory: Callable[[], object], replicas: int = 1,
@@ -23,13 +22,8 @@ def replay_pipeline(model_factory: Callable[[], nn.Module], data_factory: Callab
                     optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
                     weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
     """Final θ (by state_dict name) of a pipeline job with ``replicas`` replicas."""
-    torch.manual_seed(seed)
-    model = model_factory()
-    torch.manual_seed(seed)
-    data = data_factory()
-    x_all, y_all = data.tensors  # type: ignore[attr-defined]
-    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
+    model, x_all, y_all, loss_fn, opt = setup(model_factory, data_factory, seed, loss, optimizer, lr, momentum,
+                                              weight_decay)
     n = len(x_all)
     for epoch in range(epochs):
         for t in range(steps_per_epoch(n, replicas, batch)):
