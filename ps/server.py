@@ -33,6 +33,7 @@ from ps.membership import WorkerInfo, form_groups
 from ps.metrics import ServerMetrics
 from ps.ranks import RankTable
 from ps.recovery import Recovery
+from ps.optim import build_optimizer
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ class Server(Recovery):
 
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
-        self.ctx = ctx or make_context()
         self._own_ctx = ctx is None
+        self.ctx = ctx or make_context()
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
         self.store = ParameterStore(cfg)
         self.workers: dict[int, WorkerInfo] = {}
@@ -96,7 +97,15 @@ class Server(Recovery):
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
-        """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it."""
+        """Bind the ROUTER socket; write the endpoint to ``--ready-file``; return it.
+
+        [Note: warm start] The first torch.optim optimizer of a process imports torch._dynamo,
+        seconds of CPU (tens under load). Built here, before the loop, it cannot stall the loop
+        later and let the workers' leases lapse while θ is being initialized.
+        """
+        warm = torch.nn.Parameter(torch.zeros(1))
+        warm.grad = torch.zeros(1)
+        build_optimizer([warm], self.cfg).step()
         curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
                  if self.cfg.curve_secret_key else None)
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve)
@@ -145,15 +154,16 @@ class Server(Recovery):
     def close(self) -> None:
         """Close the socket, letting replies already queued go out for up to a second.
 
-        [Note: the last replies] The final DONE replies (or the WORKER_LOST errors) are queued
-        just before this; terminating our own context waits for them to be sent, so they reach
-        the workers even when the process then ends with ``os._exit``.
+        [Note: flush before exit] ``close(linger)`` only marks the socket; the queued replies
+        (the DONE barrier's, the last ones of a job) leave during the context's termination.
+        A process that ends without it (``os._exit``, a forked child) would drop them, so an
+        own context is terminated here, which waits up to the linger for them to go out.
         """
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
-            if self._own_ctx:
-                self.ctx.term()
+        if self._own_ctx and not self.ctx.closed:
+            self.ctx.term()  # term, not destroy: the CURVE guard thread closes its own sockets on ETERM
         self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
                            self.last_loss)
 

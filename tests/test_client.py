@@ -17,12 +17,12 @@ from tests.reference import replay
 from worker.client import PSClient
 
 
-_SEEDING = threading.Lock()  # torch's RNG is global: two threads seeding at once would mix their draws
+_SEED_LOCK = threading.Lock()
 
 
 def _custom_loop(endpoint: str, rank: int, world: int, out: dict, steps: int = 20) -> None:
     """A user's own loop: init, then push_pull or push+pull alternately, then done."""
-    with _SEEDING:
+    with _SEED_LOCK:  # the global RNG: the two client threads must not interleave their seeded draws
         torch.manual_seed(0)
         model = linear64()
         torch.manual_seed(0)
