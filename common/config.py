@@ -82,6 +82,16 @@ OPTIONS: dict[str, Option] = {
     "timeout": Option("--timeout", float, "seconds any one call may block before it fails", group="worker"),
     "progress": Option("--progress", str, "progress bar: auto (rank 0 on a terminal), on, off",
                        ("auto", "on", "off"), group="worker"),
+    # performance (server and worker)
+    "shm": Option("--shm", str, "same-host shared-memory fast path for tensors (bsp only; off: always frames)",
+                  ("auto", "off"), group="performance"),
+    "io_threads": Option("--io-threads", int, "ZeroMQ I/O threads", group="performance"),
+    "chunk_mb": Option("--chunk-mb", float, "split tensors into pieces (server keys, frames) of at most this "
+                       "many MiB (0: never)", group="performance"),
+    "bucket_mb": Option("--bucket-mb", float, "push gradients in buckets of about this many MiB as backward "
+                        "produces them (0: one push after backward)", group="performance"),
+    "wire_dtype": Option("--wire-dtype", str, "dtype of floating-point gradients on the wire (auto: as computed)",
+                         ("auto", "float16", "bfloat16"), group="performance"),
     # common
     "log_level": Option("--log-level", str, "logging level",
                         ("debug", "info", "warning", "error"), group="general"),
@@ -104,9 +114,12 @@ class ServerConfig:
     checkpoint_every: int = 0
     ready_file: str | None = None
     max_message_mb: int = 4096
+    shm: str = "auto"
+    io_threads: int = 1
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        _positive("io_threads", self.io_threads)
         if self.workers is None:
             raise ConfigError("--workers is required (or PS_WORKERS)")
         _positive("workers", self.workers)
@@ -134,9 +147,17 @@ class JobFields:
     device: str = "auto"
     timeout: float = 60.0
     progress: str = "auto"
+    shm: str = "auto"
+    io_threads: int = 1
+    chunk_mb: float = 1.0
+    bucket_mb: float = 16.0
+    wire_dtype: str = "auto"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        _positive("io_threads", self.io_threads)
+        _nonneg("chunk_mb", self.chunk_mb)
+        _nonneg("bucket_mb", self.bucket_mb)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("timeout", self.timeout)

@@ -71,6 +71,8 @@ class Requester:
         self.limits = limits
         self.sock = connect_dealer(ctx, endpoint, identity)
         self._ids = itertools.count(1)
+        self._outstanding: dict[int, Op] = {}
+        self._early: dict[int, Message] = {}
 
     def request(self, op: Op, fields: Mapping[str, Any] | None = None,
                 tensors: Mapping[str, torch.Tensor] | None = None, timeout_s: float = 60.0) -> Message:
@@ -81,24 +83,45 @@ class Requester:
             RemoteError: the peer answered with an ERROR reply.
             ProtocolError: the reply could not be decoded.
         """
+        return self.wait(self.send(op, fields, tensors), timeout_s)
+
+    def send(self, op: Op, fields: Mapping[str, Any] | None = None,
+             tensors: Mapping[str, torch.Tensor] | None = None) -> int:
+        """Send a request without waiting; returns its id for :meth:`wait`.
+
+        Several requests may be outstanding; the tensors must stay unchanged until their
+        reply has been waited for (they are sent zero-copy).
+        """
         req_id = next(self._ids)
         self.sock.send_multipart(encode(op, fields, tensors, req_id), copy=False)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                if time.monotonic() >= deadline:
-                    raise PSTimeoutError(self.endpoint, op.value, timeout_s,
-                                         f"{self.who} got no reply" if self.who else "no reply")
-                continue
-            frames = self.sock.recv_multipart(copy=False)
-            msg = decode(frames, self.limits)
-            if msg.id != req_id:
-                log.debug("dropping stale reply %s to request %d", msg.op.value, msg.id)
-                continue
-            if msg.op is Op.ERROR:
-                raise RemoteError(self.endpoint, op.value, msg.fields["code"], msg.fields["message"])
-            return msg
+        self._outstanding[req_id] = op
+        return req_id
+
+    def wait(self, req_id: int, timeout_s: float = 60.0) -> Message:
+        """The reply to request ``req_id`` (see :meth:`request` for the errors)."""
+        op = self._outstanding[req_id]
+        try:
+            msg = self._early.pop(req_id, None)
+            deadline = time.monotonic() + timeout_s
+            while msg is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    if time.monotonic() >= deadline:
+                        raise PSTimeoutError(self.endpoint, op.value, timeout_s,
+                                             f"{self.who} got no reply" if self.who else "no reply")
+                    continue
+                got = decode(self.sock.recv_multipart(copy=False), self.limits)
+                if got.id == req_id:
+                    msg = got
+                elif got.id in self._outstanding:
+                    self._early[got.id] = got
+                else:
+                    log.debug("dropping stale reply %s to request %d", got.op.value, got.id)
+        finally:
+            del self._outstanding[req_id]
+        if msg.op is Op.ERROR:
+            raise RemoteError(self.endpoint, op.value, msg.fields["code"], msg.fields["message"])
+        return msg
 
     def close(self) -> None:
         """Close the socket without lingering."""

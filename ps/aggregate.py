@@ -42,6 +42,7 @@ class KeyGroup:
     _loss_sum: float = 0.0
     _loss_weight: float = 0.0
     _seen: set[int] = field(default_factory=set)
+    dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)  # accumulator dtypes (θ's)
 
     def has_pushed(self, rank: int) -> bool:
         """Whether ``rank`` has pushed the current step."""
@@ -66,7 +67,7 @@ class KeyGroup:
             g = c.grads[k]
             acc = self._acc.get(k)
             if acc is None:
-                acc = self._acc[k] = torch.empty_like(g)
+                acc = self._acc[k] = torch.empty(g.shape, dtype=self.dtypes.get(k, g.dtype))
             if first:
                 acc.copy_(g)
                 if c.weight != 1.0:

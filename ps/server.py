@@ -20,11 +20,13 @@ import zmq
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
+from common.partition import merge_pieces
 from common.protocol import Op
 from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
+from ps.fastpath import FastPath
 from ps.membership import WorkerInfo, form_groups
 from ps.store import ParameterStore
 
@@ -43,6 +45,7 @@ class Waiter:
     rank: int
     keys: tuple[str, ...]
     step: int
+    shm: bool = False  # reply with θ in shared memory (ps.fastpath) instead of frames
 
 
 class Server:
@@ -50,7 +53,7 @@ class Server:
 
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
-        self.ctx = ctx or make_context()
+        self.ctx = ctx or make_context(cfg.io_threads)
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
         self.store = ParameterStore(cfg)
         self.workers: dict[int, WorkerInfo] = {}
@@ -63,6 +66,8 @@ class Server:
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self.fast = FastPath(cfg)
+        self._deferred: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         self._resume()
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,6 +125,7 @@ class Server:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        self.fast.close()
 
     def _log_status(self) -> None:
         version = self.store.version(self.store.params) if self.store.initialized else 0
@@ -152,7 +158,10 @@ class Server:
         return self.sock.send_multipart([ident, *frames], copy=False, track=track)
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
-               keys: tuple[str, ...] = ()) -> None:
+               keys: tuple[str, ...] = (), shm: bool = False) -> None:
+        if shm and keys and self.store.shared:  # θ is in the segment the worker maps: no frames
+            self._send_frames(ident, encode(Op.REPLY, {**(fields or {}), "shm": True}, None, req_id))
+            return
         tensors = self.store.view(keys) if keys else None
         tracker = self._send_frames(ident, encode(Op.REPLY, fields, tensors, req_id), track=bool(keys))
         self.store.track(keys, tracker)
@@ -166,7 +175,8 @@ class Server:
         w.last_seen = time.monotonic()
         return w
 
-    def _check_tensors(self, tensors: Mapping[str, torch.Tensor], expected: tuple[str, ...], what: str) -> None:
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor], expected: tuple[str, ...], what: str,
+                       grads: bool = False) -> None:
         if set(tensors) != set(expected):
             extra = sorted(set(tensors) - set(expected))[:5]
             missing = sorted(set(expected) - set(tensors))[:5]
@@ -176,7 +186,8 @@ class Server:
         if self.store.initialized:
             for k, t in tensors.items():
                 p = self.store.params[k]
-                if t.dtype != p.dtype or tuple(t.shape) != tuple(p.shape):
+                narrow = grads and t.dtype in (torch.float16, torch.bfloat16) and p.dtype.is_floating_point
+                if (t.dtype != p.dtype and not narrow) or tuple(t.shape) != tuple(p.shape):
                     raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
                                         f"{what}: {k!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
                                         f"θ has {dtype_name(p.dtype)}{list(p.shape)}")
@@ -193,6 +204,43 @@ class Server:
     def _groups_of(self, w: WorkerInfo) -> list[KeyGroup]:
         assert self.groups is not None
         return [g for g in self.groups if w.rank in g.contributors]
+
+    @staticmethod
+    def _buckets(raw: Any, keys: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        """Validate REGISTER's ``buckets``: lists partitioning the worker's keys."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(b, list) and b and all(isinstance(k, str) for k in b)
+                                                for b in raw):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "buckets must be a list of non-empty lists of key names")
+        flat = [k for b in raw for k in b]
+        if len(flat) != len(set(flat)) or set(flat) != set(keys):
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, "buckets must list every registered key exactly once")
+        return tuple(tuple(b) for b in raw)
+
+    def _pushed(self, w: WorkerInfo, msg: Message) -> Mapping[str, torch.Tensor]:
+        """The pushed gradients: frames, or views of the worker's segment (``grads``)."""
+        names = msg.fields.get("grads")
+        if names is None:
+            return msg.tensors
+        if msg.tensors:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a push carries frames or names shared-memory grads, not both")
+        if len(set(names)) != len(names):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "grads lists a key twice")
+        return self.fast.grads(w.rank, names)
+
+    def _push_groups(self, w: WorkerInfo, tensors: Mapping[str, torch.Tensor]) -> list[KeyGroup]:
+        """The key groups a push covers; it must carry whole groups (buckets) of ``w``'s keys."""
+        pushed = set(tensors)
+        groups = [g for g in self._groups_of(w) if pushed.intersection(g.keys)]
+        covered = {k for g in groups for k in g.keys}
+        if not groups or covered != pushed:
+            extra = sorted(pushed - set(w.keys))[:5]
+            partial = sorted(covered - pushed)[:5]
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
+                                f"a push must carry whole buckets of the registered keys; "
+                                f"unexpected {extra}, missing {partial}")
+        return groups
 
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
@@ -215,6 +263,7 @@ class Server:
             if k in known and known[k] != spec:
                 raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"{k!r} registered as {spec}, θ has {known[k]}")
         keys = tuple(specs)
+        buckets = self._buckets(f.get("buckets"), keys)
         old = self.workers.get(rank)
         if old is not None and old.keys != keys:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
@@ -222,11 +271,12 @@ class Server:
             log.info("rank %d re-registered", rank)
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
                                         endpoint=f.get("endpoint", ""),
-                                        clock=old.clock if old else 0)
+                                        clock=old.clock if old else 0, buckets=buckets)
         self.registered_specs.update(specs)
         log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
+        fast = self.fast.register(rank, specs) if f.get("shm") else {}
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized})
+                                    "initialized": self.store.initialized, **fast})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -255,6 +305,10 @@ class Server:
                      len(owner), sum(p.numel() for p in self.store.params.values()))
         if self.groups is None:
             self.groups = form_groups(self.workers, self.store.versions)
+            for g in self.groups:  # accumulate in θ's dtype (gradients may travel narrower)
+                g.dtypes = {k: self.store.params[k].dtype for k in g.keys}
+            if self.fast.wanted and not self.store.shared:
+                self.store.move_to(self.fast.alloc_theta)
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
             if unused:
                 log.warning("θ keys no worker registered (never updated): %s", sorted(unused)[:5])
@@ -269,7 +323,9 @@ class Server:
         for w in self.waiters:
             if self._ready(w):
                 fields = {"version": self.store.version(w.keys), "loss": self.last_loss}
-                self._reply(w.ident, w.req_id, fields, w.keys)
+                if w.op is Op.INIT:
+                    fields.update(self.fast.theta_fields(w.keys))
+                self._reply(w.ident, w.req_id, fields, w.keys, shm=w.shm)
             else:
                 still.append(w)
         self.waiters = still
@@ -279,7 +335,8 @@ class Server:
         if self.groups is None:
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, "pull before every worker has called init")
         keys = self._requested_keys(msg, w)
-        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0)))
+        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0),
+                                   shm=bool(msg.fields.get("shm"))))
         self._wake()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
@@ -289,11 +346,12 @@ class Server:
         f = msg.fields
         step = f["step"]
         keys = self._requested_keys(msg, w) if msg.op is Op.PUSH_PULL else w.keys
-        self._check_tensors(msg.tensors, w.keys, msg.op.value)
+        tensors = self._pushed(w, msg)
+        groups = self._push_groups(w, tensors)
+        self._check_tensors(tensors, tuple(k for g in groups for k in g.keys), msg.op.value, grads=True)
         weight = float(f.get("samples", 1.0))
         if weight < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
-        groups = self._groups_of(w)
         replay = False
         for g in groups:  # validate against every group before touching any
             if step < g.step or (step == g.step and g.has_pushed(w.rank)):
@@ -306,21 +364,32 @@ class Server:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         else:
             for g in groups:
-                grads = {k: msg.tensors[k] for k in g.keys}
+                grads = {k: tensors[k] for k in g.keys}
                 if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
                     self._complete(g)
-            w.clock = max(w.clock, step + 1)
+            if all(g.step > step or g.has_pushed(w.rank) for g in self._groups_of(w)):
+                w.clock = max(w.clock, step + 1)  # every bucket of this step is in
         if msg.op is Op.PUSH:
             self._reply(ident, msg.id, {"applied": not replay, "version": self.store.version(w.keys)})
         else:
-            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1))
+            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1,
+                                       shm=bool(f.get("shm"))))
         self._wake()
 
     def _complete(self, g: KeyGroup) -> None:
         grads, loss = g.finish()
-        self.store.apply(grads)
         if loss is not None:
             self.last_loss = loss
+        if self.store.shared:
+            # [Note: shared θ] workers compute with θ's own memory: apply only when every group
+            # of these contributors has completed the step, i.e. no worker is still using θ.
+            pending = self._deferred.setdefault(g.contributors, {})
+            pending.update(grads)
+            assert self.groups is not None
+            if any(o.step < g.step for o in self.groups if o.contributors == g.contributors):
+                return
+            grads = self._deferred.pop(g.contributors)
+        self.store.apply(grads)
         version = self.store.version(self.store.params)
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
@@ -358,7 +427,7 @@ class Server:
         version = self.store.version(self.store.params)
         if version > self.saved_step:
             self._save(version)
-        path = checkpoint.save_final(self.cfg.checkpoint_dir, self.store.params)
+        path = checkpoint.save_final(self.cfg.checkpoint_dir, merge_pieces(self.store.params))
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
         log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones)",
                  self.cfg.workers, version, loss, os.path.abspath(path), self.store.cow_clones)

@@ -15,23 +15,26 @@ Every call blocks for at most ``timeout`` seconds and then raises
 raises :class:`common.errors.RemoteError`. Tensors on CUDA are staged through pinned host
 buffers allocated once per key and reused (safe: every call waits for its reply, so the
 server has the bytes before a buffer is written again).
+
+``server`` may list several shards, comma-separated (``tcp://a:5555,tcp://b:5555``): the
+tensors are split into pieces and spread over them deterministically (``common.partition``;
+every worker must list the shards in the same order). On the same host as the server, θ
+and the gradients go through shared memory (``common.shm``) unless ``shm="off"``. The
+bytes of both paths are handled by :class:`worker.channel.Channel`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import uuid
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import zmq
 
-from common.dtypes import dtype_name
 from common.errors import PSError
 from common.protocol import Op
-from common.transport import Requester, make_context
-from common.wire import Message
+from common.transport import make_context
+from worker.channel import Channel
 
 log = logging.getLogger(__name__)
 
@@ -39,87 +42,133 @@ Tensors = Mapping[str, torch.Tensor]
 
 
 class PSClient:
-    """A worker's connection to the parameter server.
+    """A worker's connection to the parameter server (one or several shards).
 
     Args:
-        server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``.
+        server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``, or a comma-separated
+            list of shard endpoints.
         rank: this worker's rank in ``[0, world_size)``.
         world_size: the number of workers K (must match the server's ``--workers``).
         timeout: seconds any one call may block.
         role: ``data`` or ``stage`` (pipeline), for the server's log.
+        chunk_mb: split tensors into pieces of at most this many MiB (0: never).
+        shm: ``auto`` uses shared memory with a same-host server; ``off`` always frames.
+        wire_dtype: ``float16``/``bfloat16`` send floating gradients narrowed (frames only).
+        io_threads: ZeroMQ I/O threads of the client's own context.
     """
 
     def __init__(self, server: str, rank: int, world_size: int, timeout: float = 60.0,
-                 role: str = "data", ctx: zmq.Context | None = None) -> None:
+                 role: str = "data", ctx: zmq.Context | None = None, chunk_mb: float = 1.0,
+                 shm: str = "auto", wire_dtype: str = "auto", io_threads: int = 1) -> None:
         self.server = server
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
         self.role = role
         self._own_ctx = ctx is None
-        self.ctx = ctx or make_context()
-        identity = f"w{rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
-        self._req = Requester(self.ctx, server, who=f"worker {rank}", identity=identity)
+        self.ctx = ctx or make_context(io_threads)
+        endpoints = [e.strip() for e in server.split(",") if e.strip()]
+        self._ch: Channel | None = Channel(self.ctx, endpoints, rank, timeout, chunk_mb, shm, wire_dtype)
         self.keys: tuple[str, ...] = ()
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
-        self._pinned: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ API
-    def init(self, named_tensors: Tensors, **register_fields: Any) -> dict[str, torch.Tensor]:
+    def init(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
+             **register_fields: Any) -> dict[str, torch.Tensor]:
         """Register these parameters and agree on initial θ (the lowest rank's values win).
 
-        Blocks until every worker has called ``init``. Returns θ (CPU tensors) and sets
-        :attr:`step` to the server's version, which is non-zero when the server resumed.
+        ``buckets`` (lists of names, together covering every tensor once) are pushed
+        separately by :meth:`push_bucket`; without them a step is pushed whole. Blocks until
+        every worker has called ``init``. Returns θ (CPU tensors) and sets :attr:`step` to
+        the server's version, which is non-zero when the server resumed.
         """
+        ch = self._channel(Op.INIT)
         self.keys = tuple(named_tensors)
-        specs = [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()]
-        self._call(Op.REGISTER, {"rank": self.rank, "world_size": self.world_size, "params": specs,
-                                 "role": self.role, **register_fields})
-        reply = self._call(Op.INIT, {"rank": self.rank}, self._stage(named_tensors))
-        self.step = int(reply.fields["version"])
-        return reply.tensors
+        ch.register(named_tensors, buckets, {"rank": self.rank, "world_size": self.world_size,
+                                             "role": self.role, **register_fields})
+        theta, self.step = ch.init(named_tensors)
+        return theta
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
+        ch = self._channel(Op.PULL)
         fields: dict[str, Any] = {"rank": self.rank, "step": self.step if step is None else step}
-        if keys is not None:
-            fields["keys"] = list(keys)
-        reply = self._call(Op.PULL, fields)
-        self.last_loss = reply.fields.get("loss")
-        return reply.tensors
+        replies = ch.call_all(Op.PULL, fields)
+        pieces: dict[str, torch.Tensor] = {}
+        for r in replies:
+            self.last_loss = r.fields.get("loss", self.last_loss)
+            pieces.update(r.tensors)
+        theta = ch._whole(pieces)
+        return {k: theta[k] for k in keys} if keys is not None else theta
 
     def push(self, grads: Tensors, step: int | None = None, samples: float | None = None,
              loss: float | None = None) -> bool:
-        """Send this worker's gradients of ``step``; True if applied, False if a replay."""
-        step = self.step if step is None else step
-        reply = self._call(Op.PUSH, self._push_fields(step, samples, loss), self._stage(grads))
-        self.step = step + 1
-        return bool(reply.fields.get("applied", True))
+        """Send this worker's gradients of ``step`` (every bucket); returns True."""
+        self._push_all(grads, step, samples, loss)
+        ch = self._channel(Op.PUSH)
+        ch.finish(want_theta=False)
+        self.step = int(ch._step["step"]) + 1
+        return True
 
     def push_pull(self, grads: Tensors, step: int | None = None, samples: float | None = None,
                   loss: float | None = None) -> dict[str, torch.Tensor]:
-        """Push the gradients of ``step`` and get θ after that step, in one round trip."""
+        """Push the gradients of ``step`` and get θ after that step."""
+        self._push_all(grads, step, samples, loss)
+        return self.end_step()
+
+    # ---------------------------------------------------------- bucketed steps (the runtime)
+    def begin_step(self, step: int | None = None, samples: float | None = None, loss: float | None = None) -> None:
+        """Start step ``step``: buckets pushed until :meth:`end_step` carry these fields."""
         step = self.step if step is None else step
-        reply = self._call(Op.PUSH_PULL, self._push_fields(step, samples, loss), self._stage(grads))
-        self.step = step + 1
-        self.last_loss = reply.fields.get("loss")
-        return reply.tensors
+        self._channel(Op.PUSH).begin(step, samples, loss)
+
+    def push_bucket(self, index: int, grads: Tensors) -> None:
+        """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""
+        self._channel(Op.PUSH).push_bucket(index, grads)
+
+    def end_step(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Wait for the step's pushes and θ after it; with ``params``, load θ into them.
+
+        Returns θ as tensors (empty when ``params`` were given and θ came through shared
+        memory: the parameters already hold it).
+        """
+        ch = self._channel(Op.PUSH_PULL)
+        theta = ch.finish(want_theta=True) or {}
+        self.step = int(ch._step["step"]) + 1
+        self.last_loss = ch.last_loss
+        if params is not None:
+            ch.load(theta, params)
+            return theta
+        if not theta or len(theta) < len(self.keys):
+            theta = {**ch.theta_from_shm(), **theta}
+        return theta
+
+    def bind(self, params: Mapping[str, torch.Tensor]) -> int:
+        """Turn CPU parameters into views of the server's θ where shared memory allows.
+
+        Returns how many were bound. Bound parameters must not be written by the caller.
+        """
+        return self._channel(Op.INIT).bind(params)
+
+    def load(self, theta: Tensors | None, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy θ (or, without it, the shared θ) into ``params`` in place."""
+        self._channel(Op.PULL).load(theta, params)
 
     def done(self) -> None:
         """Tell the server this worker has finished training."""
-        self._call(Op.DONE, {"rank": self.rank, "step": self.step})
+        self._channel(Op.DONE).call_all(Op.DONE, {"rank": self.rank, "step": self.step})
 
     def ping(self) -> dict[str, Any]:
-        """The server's status (version, workers registered and done, last loss)."""
-        return dict(self._call(Op.PING, {"rank": self.rank}).fields)
+        """The server's status (version, workers registered and done, last loss) (first shard)."""
+        return dict(self._channel(Op.PING).call_all(Op.PING, {"rank": self.rank})[0].fields)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        if self._req is not None:
-            self._req.close()
-            self._req = None  # type: ignore[assignment]
+        if self._ch is not None:
+            self._ch.close()
+            self._ch = None
             if self._own_ctx:
                 self.ctx.term()
 
@@ -130,34 +179,13 @@ class PSClient:
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def _push_fields(self, step: int, samples: float | None, loss: float | None) -> dict[str, Any]:
-        fields: dict[str, Any] = {"rank": self.rank, "step": step}
-        if samples is not None:
-            fields["samples"] = float(samples)
-        if loss is not None:
-            fields["loss"] = float(loss)
-        return fields
+    def _push_all(self, grads: Tensors, step: int | None, samples: float | None, loss: float | None) -> None:
+        ch = self._channel(Op.PUSH)
+        ch.begin(self.step if step is None else step, samples, loss)
+        for i in range(len(ch.buckets)):
+            ch.push_bucket(i, grads)
 
-    def _call(self, op: Op, fields: Mapping[str, Any], tensors: Tensors | None = None) -> Message:
-        if self._req is None:
+    def _channel(self, op: Op) -> Channel:
+        if self._ch is None:
             raise PSError(f"worker {self.rank}: {op.value} on a closed client")
-        return self._req.request(op, fields, tensors, self.timeout)
-
-    def _stage(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """CPU views of ``tensors``; CUDA ones are copied into reused pinned buffers."""
-        out: dict[str, torch.Tensor] = {}
-        synced = False
-        for k, t in tensors.items():
-            t = t.detach()
-            if t.device.type == "cpu":
-                out[k] = t
-                continue
-            buf = self._pinned.get(k)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = self._pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buf.copy_(t, non_blocking=True)
-            out[k] = buf
-            synced = True
-        if synced:
-            torch.cuda.current_stream().synchronize()
-        return out
+        return self._ch

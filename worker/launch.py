@@ -30,7 +30,7 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
-                                "checkpoint_every", "log_level"}]
+                                "checkpoint_every", "log_level", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
 

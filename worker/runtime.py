@@ -1,7 +1,10 @@
 """The data-parallel runtime: pull θ → forward/backward on this worker's batch → push.
 
-Each step is one ``push_pull`` round trip: the gradients of step t go out and θ after step t
-comes back. A step's loss shown on rank 0 is the server's weighted mean over all workers.
+Gradients of step t go out bucket by bucket from backward hooks (``worker.buckets``; one
+push after backward with ``--bucket-mb 0``), and θ after step t comes back into the
+parameters: through shared memory (CPU parameters are then views of the server's θ and
+nothing is copied) or as frames. A step's loss shown on rank 0 is the server's weighted
+mean over all workers.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,8 @@ from torch import nn
 
 from common.config import WorkerConfig
 from common.errors import ConfigError
+from common.partition import buckets
+from worker.buckets import BucketHooks
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch
 from worker.factories import build_data, build_model
@@ -60,8 +66,13 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
 
 
-def train(cfg: WorkerConfig) -> TrainResult:
-    """Run this worker's part of a data-parallel job; returns when the job is done."""
+def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Run this worker's part of a data-parallel job; returns when the job is done.
+
+    Args:
+        cfg: the worker's configuration.
+        on_step: called with the step number after each step (benchmarks time steps with it).
+    """
     assert cfg.rank is not None and cfg.world_size is not None
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.seed).to(device)
@@ -75,9 +86,17 @@ def train(cfg: WorkerConfig) -> TrainResult:
              plan.steps_per_epoch, cfg.epochs, total)
     t0 = time.monotonic()
     samples = 0
-    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout) as client:
-        theta = client.init({k: p.detach().cpu() for k, p in model.named_parameters()})
+    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, chunk_mb=cfg.chunk_mb,
+                  shm=cfg.shm, wire_dtype=cfg.wire_dtype, io_threads=cfg.io_threads) as client:
+        params = dict(model.named_parameters())
+        sizes = {k: p.numel() * p.element_size() for k, p in params.items()}
+        blist = buckets(list(params), sizes, int(cfg.bucket_mb * (1 << 20)))
+        theta = client.init({k: p.detach().cpu() for k, p in params.items()}, buckets=blist)
         load_into(model, theta)
+        bound = client.bind(params)
+        if bound:
+            log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
+        hooks = BucketHooks(params, blist, client.push_bucket) if cfg.bucket_mb > 0 else None
         start = client.step
         if start:
             log.info("resuming at step %d of %d", start, total)
@@ -86,16 +105,24 @@ def train(cfg: WorkerConfig) -> TrainResult:
             for step in range(start, total):
                 rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
                 model.zero_grad(set_to_none=True)
-                loss_value = None
+                if hooks is not None:
+                    hooks.reset()
                 if len(rows):
                     x, y = fetch(data, rows)
                     loss = loss_fn(model(x.to(device)), y.to(device))
-                    loss.backward()
-                    loss_value = loss.item()
-                theta = client.push_pull(gradients(model), step, samples=len(rows), loss=loss_value)
-                load_into(model, theta)
+                    client.begin_step(step, samples=len(rows), loss=loss.item())
+                    loss.backward()  # with hooks, buckets are pushed from here on
+                else:
+                    client.begin_step(step, samples=0, loss=None)
+                if hooks is not None:
+                    hooks.finish()
+                else:
+                    client.push_bucket(0, gradients(model))
+                client.end_step(params)
                 samples += len(rows)
                 progress.update(step, client.last_loss, len(rows) * cfg.world_size)
+                if on_step is not None:
+                    on_step(step)
         client.done()
         final_loss = client.last_loss
     seconds = time.monotonic() - t0

@@ -1,0 +1,321 @@
+"""How a worker's tensors travel: pieces over one or more server shards, frames or shared memory.
+
+:class:`Channel` is the engine under :class:`worker.client.PSClient`. It splits every
+tensor into pieces (``common.partition``), sends each piece to the shard that owns it, and
+moves the bytes either as ZeroMQ frames (zero-copy) or, when the server offered shared
+memory and this worker can map it (same host), through segments: gradients are copied into
+this worker's gradient segment and only a header travels; θ is read where the server keeps
+it, and CPU parameters can be *views* of it (:meth:`bind`), so a pull costs no copy at all.
+
+Gradients go out bucket by bucket (:meth:`push_bucket`), each as soon as it is ready, and
+the step ends with :meth:`finish` (one PUSH_PULL or PULL per shard, then every reply).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import zmq
+
+from common.dtypes import dtype_name
+from common.errors import PSError
+from common.partition import Piece, assign_shards, piece_nbytes, pieces_of
+from common.protocol import Op
+from common.shm import Segment, layout
+from common.transport import Requester
+from common.wire import Message
+from worker.staging import Stager
+
+log = logging.getLogger(__name__)
+
+Tensors = Mapping[str, torch.Tensor]
+WIRE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Shard:
+    """One server: its requester, its pieces, and its shared-memory segments (if any)."""
+
+    req: Requester
+    pieces: list[Piece] = field(default_factory=list)
+    grad_seg: Segment | None = None
+    grad_views: dict[str, torch.Tensor] = field(default_factory=dict)
+    theta_seg: Segment | None = None
+    theta_views: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Channel:
+    """Pieces, shards and the fast path for one worker (see the module docstring)."""
+
+    def __init__(self, ctx: zmq.Context, servers: Sequence[str], rank: int, timeout: float,
+                 chunk_mb: float = 1.0, shm: str = "auto", wire_dtype: str = "auto") -> None:
+        if not servers:
+            raise PSError("no server endpoint given")
+        self.rank = rank
+        self.timeout = timeout
+        self.chunk_bytes = int(chunk_mb * (1 << 20))
+        self.want_shm = shm != "off"
+        self.wire = WIRE.get(wire_dtype)
+        ident = f"w{rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self.shards = [Shard(Requester(ctx, ep, who=f"worker {rank}", identity=ident)) for ep in servers]
+        self.pieces: dict[str, list[Piece]] = {}  # base name -> its pieces
+        self.owner: dict[str, int] = {}  # piece key -> shard
+        self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.buckets: list[list[str]] = []
+        self.stager = Stager()
+        self._owner_thread = threading.get_ident()
+        self._pending: list[tuple[int, int]] = []  # (shard, request id) awaiting replies
+        self._hold: list[Any] = []  # tensors that outstanding sends still read
+        self._queued: list[int] = []  # buckets staged from another thread, not yet sent
+        self._sent: set[int] = set()
+        self._step: dict[str, Any] = {}
+        self.bound: dict[str, torch.Tensor] = {}  # parameters that are views of the θ segment
+
+    # ------------------------------------------------------------------ set-up
+    def register(self, tensors: Tensors, buckets: Sequence[Sequence[str]] | None, fields: Mapping[str, Any]) -> None:
+        """REGISTER every piece with its shard; set up gradient segments the servers offer."""
+        pieces = pieces_of(tensors, self.chunk_bytes)
+        self.specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        for p in pieces:
+            self.pieces.setdefault(p.base, []).append(p)
+        sizes = {p.key: piece_nbytes(p, tensors[p.base]) for p in pieces}
+        self.owner = assign_shards(sizes, len(self.shards)) if len(self.shards) > 1 else {p.key: 0 for p in pieces}
+        for p in pieces:
+            self.shards[self.owner[p.key]].pieces.append(p)
+        self.buckets = [list(b) for b in buckets] if buckets else [list(tensors)]
+        ids = []
+        for s, shard in enumerate(self.shards):
+            specs = [[p.key, dtype_name(tensors[p.base].dtype), list(p.of(tensors[p.base]).shape)] for p in shard.pieces]
+            if not specs:
+                raise PSError(f"server shard {s} ({shard.req.endpoint}) would own no key: use fewer shards")
+            mine = {p.key for p in shard.pieces}
+            sb = [[p.key for b in bucket for p in self.pieces[b] if p.key in mine] for bucket in self.buckets]
+            f = {**fields, "params": specs, "buckets": [b for b in sb if b]}
+            if self.want_shm:
+                f["shm"] = True
+            ids.append((s, shard.req.send(Op.REGISTER, f), specs))
+        for s, rid, specs in ids:
+            reply = self.shards[s].req.wait(rid, self.timeout)
+            path = reply.fields.get("shm_grad")
+            if path:
+                flat = [(k, d, tuple(sh)) for k, d, sh in specs]
+                offsets, nbytes = layout(flat)
+                seg = Segment.open(path, reply.fields.get("shm_grad_token", ""), nbytes, writable=True)
+                if seg is not None:
+                    self.shards[s].grad_seg = seg
+                    self.shards[s].grad_views = seg.views(flat, offsets)
+                    self.stager.register_host(seg.data)
+        if self.wire is not None and any(sh.grad_seg is not None for sh in self.shards):
+            log.info("gradients go through shared memory: --wire-dtype applies to frames only")
+
+    def init(self, tensors: Tensors) -> tuple[dict[str, torch.Tensor], int]:
+        """INIT every shard with its pieces; θ (whole tensors) and the servers' version."""
+        ids = []
+        for s, shard in enumerate(self.shards):
+            cpu = self.stager.to_host({p.key: p.of(tensors[p.base]) for p in shard.pieces}, f"init{s}")
+            ids.append((s, shard.req.send(Op.INIT, {"rank": self.rank}, cpu), cpu))
+        out = self._alloc_full()
+        version = None
+        for s, rid, _cpu in ids:
+            reply = self.shards[s].req.wait(rid, self.timeout)
+            self._map_theta(s, reply)
+            self._scatter(reply.tensors, out)
+            v = int(reply.fields["version"])
+            version = v if version is None else min(version, v)
+        return out, version or 0
+
+    def _map_theta(self, s: int, reply: Message) -> None:
+        f = reply.fields
+        if not (self.want_shm and f.get("shm_theta")):
+            return
+        seg = Segment.open(f["shm_theta"], f.get("shm_theta_token", ""), int(f.get("shm_theta_size", -1)),
+                           writable=False)
+        if seg is None:
+            return
+        shard = self.shards[s]
+        offsets = {k: int(o) for k, o in f.get("shm_offsets", [])}
+        flat = []
+        for p in shard.pieces:
+            dtype, shape = self.specs[p.base]
+            flat.append((p.key, dtype_name(dtype), (p.hi - p.lo, *shape[1:]) if not p.whole else shape))
+        if set(offsets) != {k for k, _d, _s in flat}:
+            log.warning("server %s sent θ offsets for other keys: using frames", shard.req.endpoint)
+            seg.close()
+            return
+        shard.theta_seg = seg
+        shard.theta_views = seg.views(flat, offsets)
+        self.stager.register_host(seg.data)
+
+    # ------------------------------------------------------------------ parameters
+    def bind(self, params: Mapping[str, torch.Tensor]) -> int:
+        """Make CPU parameters views of the θ segment where possible; returns how many.
+
+        A parameter qualifies when all its pieces sit back to back in one shard's θ
+        segment. Bound parameters are read-only mappings: they change when θ does.
+        """
+        n = 0
+        for name, p in params.items():
+            pieces = self.pieces.get(name, [])
+            if p.device.type != "cpu" or not pieces:
+                continue
+            shard = self.shards[self.owner[pieces[0].key]]
+            if shard.theta_seg is None or any(self.owner[q.key] != self.owner[pieces[0].key] for q in pieces):
+                continue
+            views = [shard.theta_views[q.key] for q in pieces]
+            start = views[0].data_ptr()
+            nbytes = p.numel() * p.element_size()
+            if views[-1].data_ptr() + views[-1].numel() * p.element_size() - start != nbytes:
+                continue
+            base = shard.theta_seg.data
+            off = start - base.data_ptr()
+            p.data = base[off:off + nbytes].view(p.dtype).view(p.shape)
+            self.bound[name] = p
+            n += 1
+        return n
+
+    def load(self, theta: Tensors | None, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy θ into ``params`` (not the bound ones): from frames, or from the θ segments."""
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in self.bound:
+                    continue
+                for q in self.pieces[name]:
+                    shard = self.shards[self.owner[q.key]]
+                    src = theta[name] if theta is not None and name in theta else None
+                    if src is not None:
+                        q.of(p).copy_(q.of(src), non_blocking=True)
+                    elif shard.theta_seg is not None:
+                        q.of(p).copy_(shard.theta_views[q.key], non_blocking=True)
+            self.stager.sync_h2d()
+
+    # ------------------------------------------------------------------ a step
+    def begin(self, step: int, samples: float | None, loss: float | None) -> None:
+        """Start pushing ``step``."""
+        self._step = {"rank": self.rank, "step": step}
+        if samples is not None:
+            self._step["samples"] = float(samples)
+        if loss is not None:
+            self._step["loss"] = float(loss)
+        self._sent.clear()
+
+    def push_bucket(self, i: int, grads: Tensors) -> None:
+        """Stage bucket ``i`` now and send it (later, if called from another thread)."""
+        for name in self.buckets[i]:
+            g = grads[name]
+            for q in self.pieces[name]:
+                shard = self.shards[self.owner[q.key]]
+                if shard.grad_seg is not None:
+                    self.stager.copy_to(shard.grad_views[q.key], q.of(g))
+        self.stager.record(i, {n: grads[n] for n in self.buckets[i]})
+        self._queued.append(i)
+        if threading.get_ident() == self._owner_thread:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every staged bucket (on the thread that owns the sockets)."""
+        while self._queued:
+            i = self._queued.pop(0)
+            grads = self.stager.ready(i)
+            self._send_bucket(i, grads)
+
+    def _send_bucket(self, i: int, grads: Tensors) -> None:
+        per_shard: dict[int, dict[str, torch.Tensor]] = {}
+        for name in self.buckets[i]:
+            g = grads[name]
+            for q in self.pieces[name]:
+                per_shard.setdefault(self.owner[q.key], {})[q.key] = q.of(g)
+        for s, part in per_shard.items():
+            shard = self.shards[s]
+            if shard.grad_seg is not None:
+                rid = shard.req.send(Op.PUSH, {**self._step, "grads": list(part)})
+            else:
+                if self.wire is not None:
+                    part = {k: t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire else t
+                            for k, t in part.items()}
+                rid = shard.req.send(Op.PUSH, self._step, part)
+                self._hold.append(part)
+            self._pending.append((s, rid))
+        self._sent.add(i)
+
+    def finish(self, want_theta: bool = True) -> dict[str, torch.Tensor] | None:
+        """Wait for every push of the step; then θ after it (frames) or None (θ in shared memory).
+
+        Sends one PULL per shard for the state after the step; an unsent bucket is an error.
+        """
+        self.flush()
+        missing = [i for i in range(len(self.buckets)) if i not in self._sent]
+        if missing:
+            raise PSError(f"worker {self.rank}: buckets {missing} of step {self._step.get('step')} were not pushed")
+        step = self._step["step"]
+        pulls = []
+        if want_theta:
+            for s, shard in enumerate(self.shards):
+                f = {"rank": self.rank, "step": step + 1}
+                if shard.theta_seg is not None:
+                    f["shm"] = True
+                pulls.append((s, shard.req.send(Op.PULL, f)))
+        try:
+            for s, rid in self._pending:
+                self.shards[s].req.wait(rid, self.timeout)
+        finally:
+            self._pending.clear()
+            self._hold.clear()
+        self.last_loss = None
+        theta: dict[str, torch.Tensor] = {}
+        for s, rid in pulls:
+            reply = self.shards[s].req.wait(rid, self.timeout)
+            self.last_loss = reply.fields.get("loss", self.last_loss)
+            theta.update(reply.tensors)
+        return self._whole(theta) if want_theta else None
+
+    # ------------------------------------------------------------------ pieces <-> tensors
+    def _alloc_full(self) -> dict[str, torch.Tensor]:
+        return {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in self.specs.items()}
+
+    def _scatter(self, pieces: Tensors, out: dict[str, torch.Tensor]) -> None:
+        for name, plist in self.pieces.items():
+            for q in plist:
+                if q.key in pieces:
+                    q.of(out[name]).copy_(pieces[q.key])
+
+    def _whole(self, pieces: Tensors) -> dict[str, torch.Tensor]:
+        """Whole tensors from received pieces (a whole piece is returned as is, zero-copy)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, plist in self.pieces.items():
+            if len(plist) == 1 and plist[0].whole and plist[0].key in pieces:
+                out[name] = pieces[plist[0].key]
+            elif all(q.key in pieces for q in plist):
+                dtype, shape = self.specs[name]
+                t = torch.empty(shape, dtype=dtype)
+                for q in plist:
+                    q.of(t).copy_(pieces[q.key])
+                out[name] = t
+        return out
+
+    def theta_from_shm(self) -> dict[str, torch.Tensor]:
+        """θ as copies out of the θ segments (for callers that asked for tensors)."""
+        out = self._alloc_full()
+        for name, plist in self.pieces.items():
+            for q in plist:
+                shard = self.shards[self.owner[q.key]]
+                if shard.theta_seg is not None:
+                    q.of(out[name]).copy_(shard.theta_views[q.key])
+        return out
+
+    def call_all(self, op: Op, fields: Mapping[str, Any]) -> list[Message]:
+        """Send ``op`` to every shard and wait for every reply."""
+        ids = [(s, sh.req.send(op, fields)) for s, sh in enumerate(self.shards)]
+        return [self.shards[s].req.wait(rid, self.timeout) for s, rid in ids]
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.req.close()
+            shard.theta_views.clear()
+            shard.grad_views.clear()
+        self.bound.clear()
