@@ -68,10 +68,11 @@ class KeyGroup:
             acc = self._acc.get(k)
             if acc is None:
                 acc = self._acc[k] = torch.empty(g.shape, dtype=self.dtypes.get(k, g.dtype))
-            if first:
-                acc.copy_(g)
+            if first:  # one pass; the same bits as copy_ then mul_
                 if c.weight != 1.0:
-                    acc.mul_(c.weight)
+                    torch.mul(g, c.weight, out=acc)
+                else:
+                    acc.copy_(g)
             else:
                 acc.add_(g, alpha=c.weight)
         self._weight += c.weight
@@ -85,8 +86,9 @@ class KeyGroup:
         The returned tensors are the group's accumulators: use them before the next step.
         """
         if self._weight > 0:
-            for acc in self._acc.values():
-                acc.div_(self._weight)
+            if self._weight != 1.0:  # x / 1 == x exactly: skip the pass
+                for acc in self._acc.values():
+                    acc.div_(self._weight)
         else:  # every batch was empty: no information, apply a zero gradient
             for acc in self._acc.values():
                 acc.zero_()

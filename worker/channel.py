@@ -74,6 +74,8 @@ class Channel:
         self._hold: list[Any] = []  # tensors that outstanding sends still read
         self._queued: list[int] = []  # buckets staged from another thread, not yet sent
         self._sent: set[int] = set()
+        self._pulls: list[tuple[int, int]] = []  # (shard, request id) of θ pulls in flight
+        self.pull_each = True  # pull θ bucket by bucket (set False to push without pulling)
         self._step: dict[str, Any] = {}
         self.bound: dict[str, torch.Tensor] = {}  # parameters that are views of the θ segment
 
@@ -179,24 +181,26 @@ class Channel:
             n += 1
         return n
 
-    def load(self, theta: Tensors | None, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy θ into ``params`` (not the bound ones): from frames, or from the θ segments."""
+    def load(self, pieces: Tensors | None, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy θ into ``params`` (not the bound ones) from received pieces or the θ segments."""
         with torch.no_grad():
             for name, p in params.items():
                 if name in self.bound:
                     continue
                 for q in self.pieces[name]:
-                    shard = self.shards[self.owner[q.key]]
-                    src = theta[name] if theta is not None and name in theta else None
-                    if src is not None:
-                        q.of(p).copy_(q.of(src), non_blocking=True)
-                    elif shard.theta_seg is not None:
-                        q.of(p).copy_(shard.theta_views[q.key], non_blocking=True)
+                    src = pieces.get(q.key) if pieces is not None else None
+                    if src is None:
+                        shard = self.shards[self.owner[q.key]]
+                        if shard.theta_seg is None:
+                            continue
+                        src = shard.theta_views[q.key]
+                    q.of(p).copy_(src, non_blocking=True)
             self.stager.sync_h2d()
 
     # ------------------------------------------------------------------ a step
-    def begin(self, step: int, samples: float | None, loss: float | None) -> None:
-        """Start pushing ``step``."""
+    def begin(self, step: int, samples: float | None, loss: float | None, pull: bool = True) -> None:
+        """Start pushing ``step``; with ``pull``, θ after it is pulled as buckets complete."""
+        self.pull_each = pull
         self._step = {"rank": self.rank, "step": step}
         if samples is not None:
             self._step["samples"] = float(samples)
@@ -241,10 +245,16 @@ class Channel:
                 rid = shard.req.send(Op.PUSH, self._step, part)
                 self._hold.append(part)
             self._pending.append((s, rid))
+            if self.pull_each and shard.theta_seg is None:
+                # θ of this bucket comes back as soon as the bucket's step is applied, while
+                # later buckets are still being pushed (or computed).
+                keys = list(part)
+                f = {"rank": self.rank, "step": self._step["step"] + 1, "keys": keys}
+                self._pulls.append((s, shard.req.send(Op.PULL, f)))
         self._sent.add(i)
 
-    def finish(self, want_theta: bool = True) -> dict[str, torch.Tensor] | None:
-        """Wait for every push of the step; then θ after it (frames) or None (θ in shared memory).
+    def finish(self, want_theta: bool = True) -> dict[str, torch.Tensor]:
+        """Wait for every push of the step; then θ's pieces after it (none from shared memory).
 
         Sends one PULL per shard for the state after the step; an unsent bucket is an error.
         """
@@ -253,13 +263,13 @@ class Channel:
         if missing:
             raise PSError(f"worker {self.rank}: buckets {missing} of step {self._step.get('step')} were not pushed")
         step = self._step["step"]
-        pulls = []
+        pulls, self._pulls = self._pulls, []
         if want_theta:
             for s, shard in enumerate(self.shards):
-                f = {"rank": self.rank, "step": step + 1}
                 if shard.theta_seg is not None:
-                    f["shm"] = True
-                pulls.append((s, shard.req.send(Op.PULL, f)))
+                    pulls.append((s, shard.req.send(Op.PULL, {"rank": self.rank, "step": step + 1, "shm": True})))
+                elif not self.pull_each:
+                    pulls.append((s, shard.req.send(Op.PULL, {"rank": self.rank, "step": step + 1})))
         try:
             for s, rid in self._pending:
                 self.shards[s].req.wait(rid, self.timeout)
@@ -272,7 +282,7 @@ class Channel:
             reply = self.shards[s].req.wait(rid, self.timeout)
             self.last_loss = reply.fields.get("loss", self.last_loss)
             theta.update(reply.tensors)
-        return self._whole(theta) if want_theta else None
+        return theta
 
     # ------------------------------------------------------------------ pieces <-> tensors
     def _alloc_full(self) -> dict[str, torch.Tensor]:

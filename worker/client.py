@@ -106,7 +106,7 @@ class PSClient:
     def push(self, grads: Tensors, step: int | None = None, samples: float | None = None,
              loss: float | None = None) -> bool:
         """Send this worker's gradients of ``step`` (every bucket); returns True."""
-        self._push_all(grads, step, samples, loss)
+        self._push_all(grads, step, samples, loss, pull=False)
         ch = self._channel(Op.PUSH)
         ch.finish(want_theta=False)
         self.step = int(ch._step["step"]) + 1
@@ -131,17 +131,17 @@ class PSClient:
     def end_step(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Wait for the step's pushes and θ after it; with ``params``, load θ into them.
 
-        Returns θ as tensors (empty when ``params`` were given and θ came through shared
-        memory: the parameters already hold it).
+        Returns θ as tensors, or nothing when ``params`` were given (they now hold θ).
         """
         ch = self._channel(Op.PUSH_PULL)
-        theta = ch.finish(want_theta=True) or {}
+        pieces = ch.finish(want_theta=True)
         self.step = int(ch._step["step"]) + 1
         self.last_loss = ch.last_loss
         if params is not None:
-            ch.load(theta, params)
-            return theta
-        if not theta or len(theta) < len(self.keys):
+            ch.load(pieces, params)
+            return {}
+        theta = ch._whole(pieces)
+        if len(theta) < len(self.keys):
             theta = {**ch.theta_from_shm(), **theta}
         return theta
 
@@ -152,9 +152,9 @@ class PSClient:
         """
         return self._channel(Op.INIT).bind(params)
 
-    def load(self, theta: Tensors | None, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy θ (or, without it, the shared θ) into ``params`` in place."""
-        self._channel(Op.PULL).load(theta, params)
+    def load(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy the shared θ into ``params`` in place (nothing to do for bound ones)."""
+        self._channel(Op.PULL).load(None, params)
 
     def done(self) -> None:
         """Tell the server this worker has finished training."""
@@ -179,9 +179,10 @@ class PSClient:
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def _push_all(self, grads: Tensors, step: int | None, samples: float | None, loss: float | None) -> None:
+    def _push_all(self, grads: Tensors, step: int | None, samples: float | None, loss: float | None,
+                  pull: bool = True) -> None:
         ch = self._channel(Op.PUSH)
-        ch.begin(self.step if step is None else step, samples, loss)
+        ch.begin(self.step if step is None else step, samples, loss, pull)
         for i in range(len(ch.buckets)):
             ch.push_bucket(i, grads)
 
