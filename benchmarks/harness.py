@@ -43,6 +43,7 @@ class Group:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.peak_rss: dict[str, int] = {}
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
         log = self.logdir / f"{len(self.procs):02d}-{name}.log"
@@ -54,16 +55,24 @@ class Group:
         return p
 
     def wait(self, timeout: float) -> None:
-        """Every child exits 0 within ``timeout``; otherwise stop them all and raise with logs."""
+        """Every child exits 0 within ``timeout``; otherwise stop them all and raise with logs.
+
+        Records each child's peak RSS (bytes) in :attr:`peak_rss`.
+        """
         deadline = time.monotonic() + timeout
         try:
             for name, p, log in self.procs:
-                try:
-                    code = p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise RuntimeError(f"{name} still running after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-                if code != 0:
-                    raise RuntimeError(f"{name} exited {code}:\n{log.read_text()[-3000:]}")
+                while p.returncode is None:
+                    pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                    if pid:
+                        p.returncode = os.waitstatus_to_exitcode(status)
+                        self.peak_rss[name] = usage.ru_maxrss * 1024
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} still running after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+                    time.sleep(0.02)
+                if p.returncode != 0:
+                    raise RuntimeError(f"{name} exited {p.returncode}:\n{log.read_text()[-3000:]}")
         finally:
             self.stop()
 

@@ -37,6 +37,7 @@ class Job:
     worker_args: list[str] = field(default_factory=list)
     servers: int = 1  # server shards
     env: dict[str, str] = field(default_factory=dict)
+    measure_rss: bool = False
 
     @property
     def rows(self) -> int:
@@ -76,12 +77,12 @@ def run_zmqps(job: Job) -> dict[str, float]:
         endpoints = []
         for s in range(job.servers):
             ready = d / f"ready{s}"
-            shard = ["--shard", f"{s}/{job.servers}"] if job.servers > 1 else []
             g.spawn(f"server{s}", [sys.executable, "-m", "ps", "--bind", "tcp://127.0.0.1:0",
                                    "--workers", str(job.workers), "--ready-file", str(ready),
                                    "--checkpoint-dir", str(d / f"ckpt{s}"), "--lr", str(job.lr),
-                                   "--log-level", "warning", *shard, *job.server_args], job.env_for("server"))
+                                   "--log-level", "warning", *job.server_args], job.env_for("server"))
             endpoints.append(wait_file(ready, g))
+        idle_rss = _rss(g.procs[0][1].pid)
         outs = [d / f"out{k}.json" for k in range(job.workers)]
         t0 = time.perf_counter()
         for k in range(job.workers):
@@ -94,4 +95,19 @@ def run_zmqps(job: Job) -> dict[str, float]:
                     job.env_for("worker"))
         g.wait(job.timeout)
         run_s = time.perf_counter() - t0
-        return {"step_ms": 1000 * _collect(outs, job.warmup), "run_s": run_s}
+        out = {"step_ms": 1000 * _collect(outs, job.warmup), "run_s": run_s}
+        if job.measure_rss:
+            out["server_peak_rss"] = float(g.peak_rss.get("server0", 0))
+            out["server_idle_rss"] = float(idle_rss)
+        return out
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of a running process (0 where /proc is missing)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
