@@ -39,7 +39,7 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
         {"rank": INT, "world_size": INT, "params": SPECS},
         {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "shm": BOOL, "buckets": ANY},
     ),
-    Op.INIT: ({"rank": INT}, {}),
+    Op.INIT: ({"rank": INT}, {"shm": BOOL}),
     Op.PULL: ({"rank": INT}, {"min_version": INT, "keys": STRLIST, "step": INT, "shm": BOOL}),
     Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "grads": STRLIST}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT},

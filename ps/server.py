@@ -284,7 +284,7 @@ class Server:
         self._check_tensors(msg.tensors, w.keys, "init")
         if not self.store.initialized:
             self.offers[w.rank] = msg.tensors
-        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=0))
+        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=0, shm=bool(msg.fields.get("shm"))))
         self._try_start()
         self._wake()
 

@@ -121,13 +121,23 @@ class Channel:
         ids = []
         for s, shard in enumerate(self.shards):
             cpu = self.stager.to_host({p.key: p.of(tensors[p.base]) for p in shard.pieces}, f"init{s}")
-            ids.append((s, shard.req.send(Op.INIT, {"rank": self.rank}, cpu), cpu))
+            f: dict[str, Any] = {"rank": self.rank}
+            if shard.grad_seg is not None:
+                f["shm"] = True  # same host: θ may come back in shared memory
+            ids.append((s, shard.req.send(Op.INIT, f, cpu), cpu))
         out = self._alloc_full()
         version = None
         for s, rid, _cpu in ids:
             reply = self.shards[s].req.wait(rid, self.timeout)
             self._map_theta(s, reply)
-            self._scatter(reply.tensors, out)
+            pieces = reply.tensors
+            if reply.fields.get("shm"):
+                if self.shards[s].theta_seg is not None:
+                    pieces = self.shards[s].theta_views
+                else:  # could not map it after all: θ as frames
+                    pieces = self.shards[s].req.request(Op.PULL, {"rank": self.rank, "step": 0},
+                                                        timeout_s=self.timeout).tensors
+            self._scatter(pieces, out)
             v = int(reply.fields["version"])
             version = v if version is None else min(version, v)
         return out, version or 0
