@@ -39,9 +39,10 @@ class ConfigError(PSError, ValueError):
 class ProtocolError(PSError, ValueError):
     """A message violates the wire protocol; carries the :class:`ErrorCode` to reply with."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, req_id: int = 0) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)
+        self.req_id = req_id  # the request's id when the header was readable, so the reply can be matched
 
 
 class PSTimeoutError(PSError, TimeoutError):

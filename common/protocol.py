@@ -19,7 +19,7 @@ class Op(str, Enum):
 
     REGISTER = "register"  # a worker announces rank, world size and the parameters it owns
     INIT = "init"  # a worker offers initial θ; rank 0's values win, everyone gets θ back
-    PULL = "pull"  # fetch θ (optionally only some keys) once its version reaches min_version
+    PULL = "pull"  # fetch θ (optionally only some keys) ready for computing ``step``
     PUSH = "push"  # send the gradients of one step; acknowledged on arrival
     PUSH_PULL = "push_pull"  # push, then reply with θ once that step is applied (one round trip)
     DONE = "done"  # the worker finished training; the server exits when every worker has
@@ -40,7 +40,7 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
         {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "shm": BOOL, "buckets": ANY},
     ),
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
-    Op.PULL: ({"rank": INT}, {"min_version": INT, "keys": STRLIST, "step": INT, "shm": BOOL}),
+    Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
     Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "grads": STRLIST}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT},
                    {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL}),

@@ -111,7 +111,9 @@ class Requester:
                                              f"{self.who} got no reply" if self.who else "no reply")
                     continue
                 got = decode(self.sock.recv_multipart(copy=False), self.limits)
-                if got.id == req_id:
+                # [Note: id 0] an ERROR with id 0 answers a request whose header was unreadable;
+                # it is taken as the answer to the request being waited for.
+                if got.id == req_id or (got.op is Op.ERROR and got.id == 0):
                     msg = got
                 elif got.id in self._outstanding:
                     self._early[got.id] = got

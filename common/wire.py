@@ -202,14 +202,23 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
     if not isinstance(header, dict):
         raise _bad("header must be a msgpack map")
     _check_plain(header, 0, limits)
-    if header.get("v") != PROTOCOL_VERSION:
-        raise _bad(f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}", ErrorCode.BAD_VERSION)
-    op = OPS_BY_VALUE.get(header.get("op")) if isinstance(header.get("op"), str) else None
-    if op is None:
-        raise _bad(f"unknown op {str(header.get('op'))[:80]!r}", ErrorCode.UNKNOWN_OP)
     req_id = header.get("id", 0)
     if not _is_int(req_id) or not 0 <= req_id < 2**63:
         raise _bad("'id' must be an int in [0, 2**63)")
+    try:
+        if header.get("v") != PROTOCOL_VERSION:
+            raise _bad(f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}", ErrorCode.BAD_VERSION)
+        op = OPS_BY_VALUE.get(header.get("op")) if isinstance(header.get("op"), str) else None
+        if op is None:
+            raise _bad(f"unknown op {str(header.get('op'))[:80]!r}", ErrorCode.UNKNOWN_OP)
+        return _decode_body(op, req_id, header, frames, limits)
+    except ProtocolError as e:
+        e.req_id = req_id
+        raise
+
+
+def _decode_body(op: Op, req_id: int, header: dict[str, Any], frames: Sequence[Frame],
+                 limits: WireLimits) -> Message:
     required, optional = SCHEMA[op]
     fields = {k: v for k, v in header.items() if k not in RESERVED}
     for name, kind in required.items():

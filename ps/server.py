@@ -148,7 +148,7 @@ class Server:
             handler(self, ident, msg)
         except ProtocolError as e:
             log.warning("rejected a message from %s: %s: %s", ident.hex()[:16], e.code.name, e)
-            self._send_frames(ident, error_frames(e.code, str(e), req_id))
+            self._send_frames(ident, error_frames(e.code, str(e), req_id or e.req_id))
         except Exception as e:  # a bug must not take the server down; the client sees INTERNAL
             log.exception("internal error while handling a message")
             self._send_frames(ident, error_frames(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", req_id))
