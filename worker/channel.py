@@ -78,6 +78,7 @@ class Channel:
         self.pull_each = True  # pull θ bucket by bucket (set False to push without pulling)
         self._step: dict[str, Any] = {}
         self.bound: dict[str, torch.Tensor] = {}  # parameters that are views of the θ segment
+        self.applied = True  # every push of the last finished step was applied (not a replay)
 
     # ------------------------------------------------------------------ set-up
     def register(self, tensors: Tensors, buckets: Sequence[Sequence[str]] | None, fields: Mapping[str, Any]) -> None:
@@ -280,9 +281,11 @@ class Channel:
                     pulls.append((s, shard.req.send(Op.PULL, {"rank": self.rank, "step": step + 1, "shm": True})))
                 elif not self.pull_each:
                     pulls.append((s, shard.req.send(Op.PULL, {"rank": self.rank, "step": step + 1})))
+        self.applied = True
         try:
             for s, rid in self._pending:
-                self.shards[s].req.wait(rid, self.timeout)
+                reply = self.shards[s].req.wait(rid, self.timeout)
+                self.applied = self.applied and bool(reply.fields.get("applied", True))
         finally:
             self._pending.clear()
             self._hold.clear()

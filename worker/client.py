@@ -105,12 +105,12 @@ class PSClient:
 
     def push(self, grads: Tensors, step: int | None = None, samples: float | None = None,
              loss: float | None = None) -> bool:
-        """Send this worker's gradients of ``step`` (every bucket); returns True."""
+        """Send this worker's gradients of ``step``; True if applied, False if a replay."""
         self._push_all(grads, step, samples, loss, pull=False)
         ch = self._channel(Op.PUSH)
         ch.finish(want_theta=False)
         self.step = int(ch._step["step"]) + 1
-        return True
+        return ch.applied
 
     def push_pull(self, grads: Tensors, step: int | None = None, samples: float | None = None,
                   loss: float | None = None) -> dict[str, torch.Tensor]:
@@ -177,6 +177,11 @@ class PSClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def _req(self) -> Any:
+        """The first shard's :class:`common.transport.Requester` (for tests and tools)."""
+        return self._channel(Op.PING).shards[0].req
 
     # ------------------------------------------------------------------ internals
     def _push_all(self, grads: Tensors, step: int | None, samples: float | None, loss: float | None,
