@@ -11,6 +11,7 @@ BENCHMARKS = {
     "scaling": "zmqps step time over K = 1, 2, 4 workers and over server shards",
     "memory": "server peak RSS against |θ|",
     "hotpath": "one hot-path change at a time, A/B against its baseline",
+    "frames": "raw ZeroMQ throughput by frame size (why --chunk-mb 1)",
     "gpu_floor": "pinned host<->device copy rates and the GPU goal's floor (CUDA only)",
 }
 
