@@ -221,13 +221,16 @@ class Channel:
 
     def push_bucket(self, i: int, grads: Tensors) -> None:
         """Stage bucket ``i`` now and send it (later, if called from another thread)."""
+        framed: dict[str, torch.Tensor] = {}
         for name in self.buckets[i]:
             g = grads[name]
             for q in self.pieces[name]:
                 shard = self.shards[self.owner[q.key]]
                 if shard.grad_seg is not None:
                     self.stager.copy_to(shard.grad_views[q.key], q.of(g))
-        self.stager.record(i, {n: grads[n] for n in self.buckets[i]})
+                else:
+                    framed[name] = g
+        self.stager.record(i, framed)
         self._queued.append(i)
         if threading.get_ident() == self._owner_thread:
             self.flush()
@@ -240,11 +243,12 @@ class Channel:
             self._send_bucket(i, grads)
 
     def _send_bucket(self, i: int, grads: Tensors) -> None:
-        per_shard: dict[int, dict[str, torch.Tensor]] = {}
+        per_shard: dict[int, dict[str, torch.Tensor | None]] = {}
         for name in self.buckets[i]:
-            g = grads[name]
             for q in self.pieces[name]:
-                per_shard.setdefault(self.owner[q.key], {})[q.key] = q.of(g)
+                s = self.owner[q.key]
+                shm = self.shards[s].grad_seg is not None
+                per_shard.setdefault(s, {})[q.key] = None if shm else q.of(grads[name])
         for s, part in per_shard.items():
             shard = self.shards[s]
             if shard.grad_seg is not None:
