@@ -44,6 +44,7 @@ class Group:
         self.logdir = logdir
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.peak_rss: dict[str, int] = {}
+        self.rss_series: list[int] = []  # resident bytes of the first child, sampled while waiting
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
         log = self.logdir / f"{len(self.procs):02d}-{name}.log"
@@ -68,6 +69,9 @@ class Group:
                         p.returncode = os.waitstatus_to_exitcode(status)
                         self.peak_rss[name] = usage.ru_maxrss * 1024
                         break
+                    rss = _vmrss(self.procs[0][1].pid)
+                    if rss:
+                        self.rss_series.append(rss)
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{name} still running after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
                     time.sleep(0.02)
@@ -84,6 +88,17 @@ class Group:
                 except ProcessLookupError:
                     pass
                 p.wait(10)
+
+
+def _vmrss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def wait_file(path: Path, group: Group, timeout: float = 120.0) -> str:

@@ -99,6 +99,7 @@ def run_zmqps(job: Job) -> dict[str, float]:
         if job.measure_rss:
             out["server_peak_rss"] = float(g.peak_rss.get("server0", 0))
             out["server_idle_rss"] = float(idle_rss)
+            out["server_median_rss"] = float(statistics.median(g.rss_series)) if g.rss_series else 0.0
         return out
 
 
