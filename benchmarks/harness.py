@@ -44,7 +44,7 @@ class Group:
         self.logdir = logdir
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.peak_rss: dict[str, int] = {}
-        self.rss_series: list[int] = []  # resident bytes of the first child, sampled while waiting
+        self.rss_series: list[tuple[float, int]] = []  # (perf_counter, resident bytes) of the first child
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
         log = self.logdir / f"{len(self.procs):02d}-{name}.log"
@@ -71,7 +71,7 @@ class Group:
                         break
                     rss = _vmrss(self.procs[0][1].pid)
                     if rss:
-                        self.rss_series.append(rss)
+                        self.rss_series.append((time.perf_counter(), rss))
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{name} still running after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
                     time.sleep(0.02)

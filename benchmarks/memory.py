@@ -3,7 +3,7 @@
     python -m benchmarks memory [--reps 2] [--steps 15] [--optimizer sgd|momentum|adam]
 
 Reports the server's peak resident set (``ru_maxrss``), its median resident set sampled
-while the job ran (steady state: the steps dominate the run), its resident set when idle
+while the steps ran (steady state: from the end of the warm-up to the last step), its resident set when idle
 before any worker came (Python, torch, ZeroMQ), and (peak − idle) / |θ|, (steady − idle) / |θ|.
 The peak is set by transients outside the step loop: INIT (every worker's offer of θ is
 received before rank 0's wins) and the final checkpoint plus final.safetensors (each

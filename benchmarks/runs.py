@@ -99,7 +99,12 @@ def run_zmqps(job: Job) -> dict[str, float]:
         if job.measure_rss:
             out["server_peak_rss"] = float(g.peak_rss.get("server0", 0))
             out["server_idle_rss"] = float(idle_rss)
-            out["server_median_rss"] = float(statistics.median(g.rss_series)) if g.rss_series else 0.0
+            # steady state: samples taken while the steps ran (perf_counter is one clock for all
+            # processes of a Linux host), from the end of the warm-up to the last step
+            times = json.loads(outs[0].read_text())["times"]
+            lo, hi = times[min(job.warmup, len(times) - 1)], times[-1]
+            inside = [r for t, r in g.rss_series if lo <= t <= hi]
+            out["server_median_rss"] = float(statistics.median(inside)) if inside else 0.0
         return out
 
 
