@@ -3,8 +3,10 @@
 Each role has one frozen dataclass (:class:`ServerConfig`, :class:`WorkerConfig`,
 :class:`LaunchConfig`). Every field is an option described once in :data:`OPTIONS`: its
 command-line flag, its ``PS_*`` environment variable, its help text and allowed values.
-Precedence: command line > environment > the dataclass default. This module is the only
-place that reads the environment; a ``PS_*`` variable that no role knows fails at start.
+Precedence: command line > ``PS_*`` environment > ``--config FILE`` (TOML, the same keys as
+the options, e.g. ``batch_size = 64`` or ``batch-size = 64``) > the dataclass default. This
+module is the only place that reads the environment or a config file; a ``PS_*`` variable or
+a config key that no role knows fails at start, naming it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from common.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 ENV_PREFIX = "PS_"
 
@@ -48,14 +58,17 @@ def _bool(text: str) -> bool:
 OPTIONS: dict[str, Option] = {
     # server
     "bind": Option("--bind", str, "endpoint the server binds (port 0 lets the OS choose)", group="server"),
-    "workers": Option("--workers", int, "number of workers K", group="server"),
+    "workers": Option("--workers", int, "number of workers K (ps-launch: 2 in data mode, stages x replicas "
+                      "in pipeline mode)", group="server"),
     "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
                         ("sgd", "momentum", "adam"), group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
     "momentum": Option("--momentum", float, "momentum (default 0 for sgd, 0.9 for momentum)", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
-    "sync": Option("--sync", str, "consistency model", ("bsp", "async", "ssp"), group="consistency"),
-    "staleness": Option("--staleness", int, "SSP staleness bound S", group="consistency"),
+    "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
+                   "each push on arrival with lr/K; ssp lets a worker run at most --staleness steps ahead",
+                   ("bsp", "async", "ssp"), group="consistency"),
+    "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
     "checkpoint_every": Option("--checkpoint-every", int, "checkpoint every N steps (0: only at the end)",
@@ -64,9 +77,18 @@ OPTIONS: dict[str, Option] = {
                          group="server"),
     "max_message_mb": Option("--max-message-mb", int, "largest frame accepted, in MiB (ZMQ_MAXMSGSIZE)",
                              group="server"),
+    "metrics_port": Option("--metrics-port", int, "serve Prometheus metrics over HTTP on this port "
+                           "(0: the OS picks; the URL is logged and in PING replies)", group="metrics"),
+    "metrics_log": Option("--metrics-log", str, "append one JSON line per applied update to this file "
+                          "(ps-plot turns it into a PNG)", group="metrics"),
+    "status_every": Option("--status-every", float, "seconds between the server's one-line status logs",
+                           group="metrics"),
     # worker
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
-    "rank": Option("--rank", int, "this worker's rank k", group="worker"),
+    "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",
+                   group="worker"),
+    "worker_id": Option("--worker-id", str, "id the server keys an assigned rank by, stable across restarts "
+                        "(default: HOSTNAME-PID)", group="worker"),
     "world_size": Option("--world-size", int, "number of workers K", group="worker"),
     "mode": Option("--mode", str, "data parallel or pipeline stages", ("data", "pipeline"), group="worker"),
     "model": Option("--model", str, "MODULE:FACTORY returning an nn.Module (default: nn.Linear(10, 1))",
@@ -92,10 +114,38 @@ OPTIONS: dict[str, Option] = {
                         "produces them (0: one push after backward)", group="performance"),
     "wire_dtype": Option("--wire-dtype", str, "dtype of floating-point gradients on the wire (auto: as computed)",
                          ("auto", "float16", "bfloat16"), group="performance"),
+    # pipeline
+    "stages": Option("--stages", int, "pipeline: number of stages P (default: the number of --partition "
+                     "ranges, else 2 for ps-launch and the world size for ps-worker)", group="pipeline"),
+    "replicas": Option("--replicas", int, "pipeline: replicas R of every stage; ps-launch starts P x R "
+                       "stage workers (pipeline x data parallel)", group="pipeline"),
+    "partition": Option("--partition", str, "pipeline: layer ranges a:b,b:c,... of the nn.Sequential, or auto "
+                        "(balance measured forward+backward time) or params (balance parameter count)",
+                        group="pipeline"),
+    "microbatches": Option("--microbatches", int, "pipeline: microbatches M each batch is split into",
+                           group="pipeline"),
+    "schedule": Option("--schedule", str, "pipeline schedule", ("gpipe", "1f1b"), group="pipeline"),
+    "peer_bind": Option("--peer-bind", str, "pipeline: endpoint this stage binds for its neighbours "
+                        "(port 0 lets the OS choose)", group="pipeline"),
+    "peer_advertise": Option("--peer-advertise", str, "pipeline: host name neighbours dial when --peer-bind "
+                             "is a wildcard address", group="pipeline"),
+    "peer_prev": Option("--peer-prev", str, "pipeline: endpoint of the previous stage (default: from the "
+                        "server)", group="pipeline"),
+    "peer_next": Option("--peer-next", str, "pipeline: endpoint of the next stage (default: from the server)",
+                        group="pipeline"),
+    "stall": Option("--stall", str, "inject jitter: before each step, sleep SECONDS with probability P "
+                    "(P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
+    # launcher
+    "example": Option("--example", str, "run a bundled example job (its model, data and hyper-parameters "
+                      "become the defaults)", ("digits",), group="job"),
     # common
     "log_level": Option("--log-level", str, "logging level",
                         ("debug", "info", "warning", "error"), group="general"),
+    # every role; read by parse_config itself, not a dataclass field
+    "config": Option("--config", str, "TOML file with option values (same keys as the options)",
+                     group="general"),
 }
+CONFIG_ONLY_AT_PARSE = frozenset({"config"})
 
 
 @dataclass(frozen=True)
@@ -116,10 +166,14 @@ class ServerConfig:
     max_message_mb: int = 4096
     shm: str = "auto"
     io_threads: int = 1
+    metrics_port: int | None = None
+    metrics_log: str | None = None
+    status_every: float = 10.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         _positive("io_threads", self.io_threads)
+        _check_metrics(self.metrics_port, self.status_every)
         if self.workers is None:
             raise ConfigError("--workers is required (or PS_WORKERS)")
         _positive("workers", self.workers)
@@ -147,6 +201,11 @@ class JobFields:
     device: str = "auto"
     timeout: float = 60.0
     progress: str = "auto"
+    stages: int | None = None
+    partition: str = "auto"
+    microbatches: int = 4
+    schedule: str = "1f1b"
+    stall: str | None = None
     shm: str = "auto"
     io_threads: int = 1
     chunk_mb: float = 1.0
@@ -155,10 +214,18 @@ class JobFields:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        if self.stall is not None:
+            parse_stall(self.stall)
         _positive("io_threads", self.io_threads)
         _nonneg("chunk_mb", self.chunk_mb)
         _nonneg("bucket_mb", self.bucket_mb)
         _positive("epochs", self.epochs)
+        _positive("microbatches", self.microbatches)
+        if self.stages is not None:
+            _positive("stages", self.stages)
+        ranges = _partition_ranges(self.partition)
+        if ranges and self.stages is not None and self.stages != len(ranges):
+            raise ConfigError(f"--stages {self.stages} but --partition gives {len(ranges)} ranges")
         _positive("batch_size", self.batch_size)
         _positive("timeout", self.timeout)
         dev = self.device
@@ -173,25 +240,46 @@ class WorkerConfig(JobFields):
     server: str = "tcp://127.0.0.1:5555"
     rank: int | None = None
     world_size: int | None = None
+    peer_bind: str = "tcp://127.0.0.1:0"
+    peer_advertise: str | None = None
+    peer_prev: str | None = None
+    peer_next: str | None = None
+    worker_id: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.world_size is None:
             raise ConfigError("--world-size is required (or PS_WORLD_SIZE)")
         _positive("world_size", self.world_size)
-        if self.rank is None:
-            raise ConfigError("--rank is required (or PS_RANK)")
-        if not 0 <= self.rank < self.world_size:
+        if self.rank is None and self.mode == "pipeline":
+            raise ConfigError("--rank is required in pipeline mode (or PS_RANK)")
+        if self.worker_id is not None and not 0 < len(self.worker_id) <= 256:
+            raise ConfigError(f"--worker-id must have 1 to 256 characters, got {self.worker_id!r}")
+        if self.rank is not None and not 0 <= self.rank < self.world_size:
             raise ConfigError(f"--rank must be in [0, {self.world_size}), got {self.rank}")
-        if self.batch_size < self.world_size:
-            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {self.world_size} workers")
+        shards = self.world_size
+        if self.mode == "pipeline":
+            _resolve_stages(self, self.world_size)
+            assert self.stages is not None
+            if self.world_size % self.stages:
+                raise ConfigError(f"--world-size {self.world_size} is not a multiple of --stages {self.stages} "
+                                  f"(pipeline: world size = stages x replicas)")
+            shards = self.world_size // self.stages
+        if self.batch_size < shards:
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
+                              f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
 
 
 @dataclass(frozen=True)
 class LaunchConfig(JobFields):
-    """Configuration of ``ps-launch``: the job plus the server's optimizer and checkpoints."""
+    """Configuration of ``ps-launch``: the job plus the server's optimizer and checkpoints.
 
-    workers: int = 2
+    In pipeline mode the launcher starts ``stages x replicas`` workers; ``--workers`` may be
+    left out (it is derived) or must equal that product.
+    """
+
+    workers: int | None = None
+    replicas: int = 1
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float | None = None
@@ -200,12 +288,75 @@ class LaunchConfig(JobFields):
     staleness: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    metrics_port: int | None = None
+    metrics_log: str | None = None
+    status_every: float = 10.0
+    example: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive("replicas", self.replicas)
+        shards = self.workers
+        if self.mode == "pipeline":
+            _resolve_stages(self, 2)
+            assert self.stages is not None
+            world = self.stages * self.replicas
+            if self.workers is not None and self.workers != world:
+                raise ConfigError(f"--workers {self.workers} != --stages {self.stages} x --replicas "
+                                  f"{self.replicas} (leave --workers out in pipeline mode)")
+            object.__setattr__(self, "workers", world)
+            shards = self.replicas
+        elif self.workers is None:
+            object.__setattr__(self, "workers", 2)
+            shards = 2
+        assert self.workers is not None and shards is not None
+        _check_metrics(self.metrics_port, self.status_every)
         _positive("workers", self.workers)
-        if self.batch_size < self.workers:
-            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {self.workers} workers")
+        if self.batch_size < shards:
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
+                              f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
+
+
+_RANGES = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
+
+
+def _partition_ranges(text: str) -> list[tuple[int, int]]:
+    """The ranges of an explicit ``--partition`` (empty for ``auto``/``params``); checks the syntax.
+
+    Ranges must be contiguous from layer 0 and non-empty; whether they end at the model's last
+    layer is checked once the model is built.
+    """
+    if text in ("auto", "params"):
+        return []
+    if not _RANGES.match(text.replace(" ", "")):
+        raise ConfigError(f"--partition must be auto, params or ranges like 0:3,3:5,5:7; got {text!r}")
+    ranges = [(int(a), int(b)) for a, b in (r.split(":") for r in text.replace(" ", "").split(","))]
+    expect = 0
+    for a, b in ranges:
+        if a != expect or b <= a:
+            raise ConfigError(f"--partition {text!r}: ranges must be non-empty and contiguous from layer 0 "
+                              f"(a range starts where the previous one ends)")
+        expect = b
+    return ranges
+
+
+def _resolve_stages(cfg: Any, default: int) -> None:
+    """Fill in ``stages`` of a frozen config: the number of explicit ranges, else ``default``."""
+    if cfg.stages is None:
+        ranges = _partition_ranges(cfg.partition)
+        object.__setattr__(cfg, "stages", len(ranges) if ranges else default)
+
+
+@dataclass(frozen=True)
+class PingConfig:
+    """Configuration of ``ps-ping`` (a health probe: one PING to the server)."""
+
+    server: str = "tcp://127.0.0.1:5555"
+    timeout: float = 5.0
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
 
 
 def _positive(name: str, value: float) -> None:
@@ -218,6 +369,28 @@ def _nonneg(name: str, value: float) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
+def _check_metrics(port: int | None, status_every: float) -> None:
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port must be in [0, 65535], got {port}")
+    _positive("status_every", status_every)
+
+
+def parse_stall(text: str) -> tuple[float, float]:
+    """``P:SECONDS`` of ``--stall`` as (probability, seconds).
+
+    Raises:
+        ConfigError: not two numbers, P outside [0, 1] or negative SECONDS.
+    """
+    prob, sep, secs = text.partition(":")
+    try:
+        p, s = float(prob), float(secs)
+    except ValueError:
+        p = s = float("nan")
+    if not sep or not (0.0 <= p <= 1.0) or not (s >= 0.0):
+        raise ConfigError(f"--stall must be P:SECONDS with 0 <= P <= 1 and SECONDS >= 0, got {text!r}")
+    return p, s
+
+
 C = TypeVar("C")
 
 KNOWN_ENV: frozenset[str] = frozenset(opt.env for opt in OPTIONS.values())
@@ -227,8 +400,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     """An argparse parser for ``cls``: one flag per field, grouped, with env names in help."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      argument_default=argparse.SUPPRESS,
-                                     epilog="Every option can also be set by the PS_* variable shown; "
-                                            "the command line wins over the environment.")
+                                     epilog="Every option can also be set by the PS_* variable shown, or as "
+                                            "a key of a TOML file given by --config (e.g. batch_size = 64). "
+                                            "Precedence: command line > environment > config file > default.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         opt = OPTIONS[f.name]
@@ -240,6 +414,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         else:
             group.add_argument(opt.flag, dest=f.name, type=opt.kind, choices=opt.choices, help=text,
                                metavar=None if opt.choices else f.name.upper())
+    cfg_opt = OPTIONS["config"]
+    groups.setdefault(cfg_opt.group, parser.add_argument_group(cfg_opt.group)).add_argument(
+        cfg_opt.flag, dest="config", metavar="FILE", help=f"{cfg_opt.help} [{cfg_opt.env}]")
     return parser
 
 
@@ -251,16 +428,71 @@ def check_env(environ: Mapping[str, str]) -> None:
                           f"known: {', '.join(sorted(KNOWN_ENV))}")
 
 
-def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str = "",
-                 environ: Mapping[str, str] | None = None) -> C:
-    """Parse ``argv`` and ``environ`` into ``cls`` (command line > environment > default).
+def _toml_value(opt: Option, value: Any) -> Any:
+    """A TOML value checked against the option's type and choices."""
+    if opt.kind is _bool:
+        ok = isinstance(value, bool)
+    elif opt.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif opt.kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = {_bool: "a boolean", int: "an integer", float: "a number"}.get(opt.kind, "a string")
+        raise ValueError(f"must be {want}, got {type(value).__name__} {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"must be one of {', '.join(opt.choices)}, got {value!r}")
+    return value
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file into ``{field name: value}``.
+
+    Keys are option names with ``_`` or ``-`` (``batch_size`` or ``batch-size``); a key that
+    belongs to another role is accepted (one file can serve a whole job) and ignored there.
 
     Raises:
-        ConfigError: a bad value or unknown ``PS_*`` variable (argparse exits 2 on a bad flag).
+        ConfigError: the file is missing or not TOML, a key is unknown (named), or a value
+            has the wrong type or is not an allowed choice.
+    """
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        opt = OPTIONS.get(name)
+        if opt is None or name in CONFIG_ONLY_AT_PARSE:
+            known = ", ".join(sorted(n for n in OPTIONS if n not in CONFIG_ONLY_AT_PARSE))
+            raise ConfigError(f"--config {path}: unknown key {key!r}; known keys: {known}")
+        try:
+            out[name] = _toml_value(opt, value)
+        except ValueError as e:
+            raise ConfigError(f"--config {path}: {key} {e}") from None
+    return out
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str = "",
+                 environ: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> C:
+    """Parse ``argv``, ``environ`` and ``--config`` into ``cls``.
+
+    Precedence: command line > environment > config file > ``defaults`` (e.g. an example's
+    presets) > the dataclass default.
+
+    Raises:
+        ConfigError: a bad value, unknown ``PS_*`` variable or config key (argparse exits 2 on
+            a bad flag).
     """
     environ = os.environ if environ is None else environ
     check_env(environ)
     ns = build_parser(cls, prog, description).parse_args(argv)
+    path = getattr(ns, "config", None) or environ.get(OPTIONS["config"].env) or None
+    from_file = load_config_file(path) if path else {}
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         opt = OPTIONS[f.name]
@@ -275,6 +507,10 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
             if opt.choices and value not in opt.choices:
                 raise ConfigError(f"{opt.env}={raw!r}: must be one of {', '.join(opt.choices)}")
             values[f.name] = value
+        elif f.name in from_file:
+            values[f.name] = from_file[f.name]
+        elif defaults and f.name in defaults:
+            values[f.name] = defaults[f.name]
     return cls(**values)
 
 

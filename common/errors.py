@@ -80,3 +80,31 @@ class PSConnectionError(PSError, ConnectionError):
 
 class AuthenticationError(PSConnectionError):
     """The peer rejected our credentials (CURVE handshake failed)."""
+
+
+class StageError(PSError, RuntimeError):
+    """A pipeline stage could not carry out an action of its schedule.
+
+    The message names the stage (and its rank), the step, the microbatch and the action in the
+    schedule's printed form (``1F2``: stage 1, forward of microbatch 2).
+    """
+
+    def __init__(self, stage: int, rank: int, step: int, micro: int, action: str, message: str) -> None:
+        Exception.__init__(self, f"stage {stage} (rank {rank}), step {step}, microbatch {micro}, "
+                                 f"action {action}: {message}")
+        self.stage = stage
+        self.rank = rank
+        self.step = step
+        self.micro = micro
+        self.action = action
+
+
+class StageTimeoutError(StageError, PSTimeoutError):
+    """A neighbour stage stayed silent past the deadline (it died, hangs, or was never started)."""
+
+    def __init__(self, stage: int, rank: int, step: int, micro: int, action: str, message: str,
+                 peer: str = "", timeout_s: float = 0.0) -> None:
+        StageError.__init__(self, stage, rank, step, micro, action, message)
+        self.peer = peer
+        self.op = action
+        self.timeout_s = timeout_s

@@ -13,3 +13,12 @@ def setup_logging(level: str, role: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def set_role(role: str) -> None:
+    """Change the role prefix of the lines :func:`setup_logging` writes (e.g. once a rank is assigned)."""
+    for handler in logging.getLogger().handlers:
+        fmt = handler.formatter
+        if fmt is not None and fmt._fmt is not None and "[" in fmt._fmt:
+            head, _, _ = fmt._fmt.partition("[")
+            handler.setFormatter(logging.Formatter(f"{head}[{role}] %(message)s", fmt.datefmt))

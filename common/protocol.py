@@ -17,7 +17,7 @@ from typing import Any
 class Op(str, Enum):
     """Message kinds. Requests go worker → server (or stage → stage); replies come back."""
 
-    REGISTER = "register"  # a worker announces rank, world size and the parameters it owns
+    REGISTER = "register"  # a worker announces rank (or worker_id: the server assigns one), world size, params
     INIT = "init"  # a worker offers initial θ; rank 0's values win, everyone gets θ back
     PULL = "pull"  # fetch θ (optionally only some keys) ready for computing ``step``
     PUSH = "push"  # send the gradients of one step; acknowledged on arrival
@@ -26,6 +26,7 @@ class Op(str, Enum):
     PING = "ping"  # liveness and status probe; never changes state
     ACTIVATION = "activation"  # pipeline: stage s sends activations of a microbatch to stage s+1
     GRADIENT = "gradient"  # pipeline: stage s+1 sends δ of a microbatch back to stage s
+    ABORT = "abort"  # pipeline: a stage failed; its neighbours stop now instead of at their timeout
     REPLY = "reply"  # success answer to a request; fields depend on the request
     ERROR = "error"  # failure answer: ``code`` (an ErrorCode) and ``message``; nothing changed
 
@@ -36,8 +37,9 @@ INT, NUM, STR, BOOL, STRLIST, SPECS, ANY = "int", "num", "str", "bool", "strlist
 # op -> (required fields, optional fields); each maps field name -> kind.
 SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: (
-        {"rank": INT, "world_size": INT, "params": SPECS},
-        {"role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "shm": BOOL, "buckets": ANY},
+        {"world_size": INT, "params": SPECS},
+        {"rank": INT, "role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR, "shm": BOOL,
+         "buckets": ANY},
     ),
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
     Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
@@ -46,8 +48,9 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
                    {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
-    Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT}),
-    Op.GRADIENT: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT}),
+    Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
+    Op.GRADIENT: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
+    Op.ABORT: ({"stage": INT, "message": STR}, {"rank": INT, "step": INT, "micro": INT, "action": STR}),
     Op.REPLY: ({}, {"*": ANY}),
     Op.ERROR: ({"code": INT, "message": STR}, {}),
 }

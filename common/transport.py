@@ -58,6 +58,26 @@ def connect_dealer(ctx: zmq.Context, endpoint: str, identity: bytes | None = Non
     return sock
 
 
+def bind_peer(ctx: zmq.Context, endpoint: str, advertise: str | None = None,
+              limits: WireLimits = DEFAULT_LIMITS) -> tuple[zmq.Socket, str]:
+    """Bind a pipeline stage's inbox (a ROUTER); return it with the endpoint neighbours should dial.
+
+    Neighbours send activations and δ here, one way (no replies). A wildcard bind
+    (``tcp://0.0.0.0:0``, ``tcp://*:0``) cannot be dialled from another host, so the returned
+    endpoint puts ``advertise`` (a host name or address) in its place when given.
+    """
+    sock, bound = bind_router(ctx, endpoint, limits)
+    if advertise and bound.startswith("tcp://"):
+        port = bound.rsplit(":", 1)[-1]
+        bound = f"tcp://{advertise}:{port}"
+    return sock, bound
+
+
+def connect_peer(ctx: zmq.Context, endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+    """A DEALER that sends a stage's messages to a neighbour's inbox (see :func:`bind_peer`)."""
+    return connect_dealer(ctx, endpoint, identity)
+
+
 class Requester:
     """Request/reply over one DEALER socket, with ids matched and a deadline on every call.
 
@@ -130,4 +150,4 @@ class Requester:
         self.sock.close(linger=0)
 
 
-__all__ = ["Requester", "bind_router", "connect_dealer", "make_context", "ErrorCode"]
+__all__ = ["Requester", "bind_peer", "bind_router", "connect_dealer", "connect_peer", "make_context", "ErrorCode"]

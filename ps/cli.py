@@ -7,6 +7,8 @@ import signal
 import sys
 from typing import Sequence
 
+import zmq
+
 from common.config import ServerConfig, parse_config
 from common.errors import ConfigError
 from common.logs import setup_logging
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
-    except OSError as e:
+    except (OSError, zmq.ZMQError) as e:
         log.error("cannot serve on %s: %s", cfg.bind, e)
         return 1
 

@@ -17,6 +17,8 @@ class WorkerInfo:
     keys: tuple[str, ...]
     role: str = "data"
     endpoint: str = ""
+    stage: int = -1  # pipeline stage index; -1 for a data-parallel worker
+    plan: str = ""  # pipeline: the stage's layer ranges and schedule, compared by its peers
     done: bool = False
     clock: int = 0  # the next step this worker will push
     buckets: tuple[tuple[str, ...], ...] = ()  # keys pushed together (empty: all at once)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,7 +27,10 @@ from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
 from ps.fastpath import FastPath
+from ps.consistency import make_consistency
 from ps.membership import WorkerInfo, form_groups
+from ps.ranks import RankTable
+from ps.metrics import ServerMetrics
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class Waiter:
     keys: tuple[str, ...]
     step: int
     shm: bool = False  # reply with θ in shared memory (ps.fastpath) instead of frames
+    t0: float = field(default_factory=time.monotonic)  # arrival, for the latency metric
 
 
 class Server:
@@ -68,6 +72,10 @@ class Server:
         self._finished = False
         self.fast = FastPath(cfg)
         self._deferred: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        self.ranks = RankTable()
+        self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
+                                                   for r, w in list(self.workers.items())])
+        self.sync = make_consistency(cfg, self.store, self.workers, self.metrics)
         self._resume()
 
     # ------------------------------------------------------------------ lifecycle
@@ -79,6 +87,8 @@ class Server:
         self.store.initialize(params, meta.get("versions"), opt_state)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
+        self.ranks.load(meta.get("worker_ids"))
+        self.sync.load_state(meta.get("consistency"))
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
@@ -86,6 +96,7 @@ class Server:
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits)
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
+        self.metrics.start(self.endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"))
         if self.cfg.ready_file:
             checkpoint.write_atomic(Path(self.cfg.ready_file), (self.endpoint + "\n").encode())
         return self.endpoint
@@ -95,7 +106,7 @@ class Server:
         if self.sock is None:
             self.bind()
         assert self.sock is not None
-        next_status = time.monotonic() + STATUS_EVERY_S
+        next_status = time.monotonic() + self.cfg.status_every
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
         try:
             while not self._finished:
@@ -113,7 +124,7 @@ class Server:
                             break
                 now = time.monotonic()
                 if now >= next_status:
-                    next_status = now + STATUS_EVERY_S
+                    next_status = now + self.cfg.status_every
                     self._log_status()
             self._write_final()
             return 0
@@ -125,13 +136,16 @@ class Server:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
+                           self.last_loss)
         self.fast.close()
 
     def _log_status(self) -> None:
         version = self.store.version(self.store.params) if self.store.initialized else 0
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
-        log.info("step %d, loss %s, %d/%d workers registered, %d done", version, loss,
-                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()))
+        log.info("step %d (%s), loss %s, %d/%d workers registered, %d done; %s", version, self.cfg.sync, loss,
+                 len(self.workers), self.cfg.workers, sum(w.done for w in self.workers.values()),
+                 self.metrics.status())
 
     # ------------------------------------------------------------------ dispatch
     def _handle(self, frames: list[zmq.Frame]) -> None:
@@ -139,6 +153,7 @@ class Server:
             return  # an identity with nothing after it: nothing to answer
         ident, body = frames[0].bytes, frames[1:]
         req_id = 0
+        self.metrics.received(sum(len(f) for f in body))
         try:
             msg = decode(body, self.limits)
             req_id = msg.id
@@ -155,6 +170,7 @@ class Server:
 
     def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None
+        self.metrics.sent(sum(memoryview(f).nbytes for f in frames))
         return self.sock.send_multipart([ident, *frames], copy=False, track=track)
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
@@ -205,9 +221,12 @@ class Server:
         assert self.groups is not None
         return [g for g in self.groups if w.rank in g.contributors]
 
-    @staticmethod
-    def _buckets(raw: Any, keys: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
-        """Validate REGISTER's ``buckets``: lists partitioning the worker's keys."""
+    def _buckets(self, raw: Any, keys: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        """Validate REGISTER's ``buckets``: lists partitioning the worker's keys.
+
+        Only bsp takes pushes bucket by bucket; under async/ssp a push is a whole step, and
+        the reply's ``buckets: false`` tells the worker so.
+        """
         if raw is None:
             return ()
         if not isinstance(raw, list) or not all(isinstance(b, list) and b and all(isinstance(k, str) for k in b)
@@ -216,7 +235,7 @@ class Server:
         flat = [k for b in raw for k in b]
         if len(flat) != len(set(flat)) or set(flat) != set(keys):
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, "buckets must list every registered key exactly once")
-        return tuple(tuple(b) for b in raw)
+        return tuple(tuple(b) for b in raw) if self.cfg.sync == "bsp" else ()
 
     def _pushed(self, w: WorkerInfo, msg: Message) -> Mapping[str, torch.Tensor]:
         """The pushed gradients: frames, or views of the worker's segment (``grads``)."""
@@ -245,9 +264,10 @@ class Server:
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
         f = msg.fields
-        rank, world = f["rank"], f["world_size"]
+        world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
             raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
+        rank = self.ranks.choose(worker_id, f.get("rank"), world, self.workers)  # pure; bound below
         if not 0 <= rank < world:
             raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
         specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
@@ -270,13 +290,18 @@ class Server:
         if old is not None:
             log.info("rank %d re-registered", rank)
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
-                                        endpoint=f.get("endpoint", ""),
+                                        endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
+                                        plan=f.get("plan", ""),
                                         clock=old.clock if old else 0, buckets=buckets)
         self.registered_specs.update(specs)
-        log.info("rank %d registered %d key(s) (%d/%d)", rank, len(keys), len(self.workers), self.cfg.workers)
+        self.ranks.bind(worker_id, rank)
+        log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
+                 f" as worker id {worker_id!r}" if worker_id else "")
         fast = self.fast.register(rank, specs) if f.get("shm") else {}
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized, **fast})
+                                    "initialized": self.store.initialized, "rank": rank,
+                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
+                                    "buckets": bool(buckets), **fast})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -316,19 +341,30 @@ class Server:
     def _ready(self, w: Waiter) -> bool:
         if self.groups is None or not self.store.initialized:
             return False
-        return self.store.version(w.keys) >= w.step
+        return self.sync.ready(w.rank, w.step, w.keys)
 
     def _wake(self) -> None:
         still = []
         for w in self.waiters:
             if self._ready(w):
-                fields = {"version": self.store.version(w.keys), "loss": self.last_loss}
+                version = self.store.version(w.keys)
+                self.sync.on_read(w.rank, version)
                 if w.op is Op.INIT:
+                    version = self.sync.start_step(w.rank, version)
+                fields = {"version": version, "loss": self.last_loss}
+                if w.op is Op.INIT:
+                    fields["peers"] = self._peer_table()
                     fields.update(self.fast.theta_fields(w.keys))
                 self._reply(w.ident, w.req_id, fields, w.keys, shm=w.shm)
+                self.metrics.request(w.op.value, time.monotonic() - w.t0)
             else:
                 still.append(w)
         self.waiters = still
+
+    def _peer_table(self) -> list[dict[str, Any]]:
+        """Every worker's rank, role, stage, peer endpoint and plan: how pipeline stages find neighbours."""
+        return [{"rank": w.rank, "role": w.role, "stage": w.stage, "endpoint": w.endpoint, "plan": w.plan}
+                for _, w in sorted(self.workers.items())]
 
     def _on_pull(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)
@@ -352,6 +388,9 @@ class Server:
         weight = float(f.get("samples", 1.0))
         if weight < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
+        if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
+            self._push_on_arrival(ident, msg, w, keys, groups, weight, tensors)
+            return
         replay = False
         for g in groups:  # validate against every group before touching any
             if step < g.step or (step == g.step and g.has_pushed(w.rank)):
@@ -363,6 +402,7 @@ class Server:
         if replay:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         else:
+            self.sync.record(w, step, weight, f.get("loss"))
             for g in groups:
                 grads = {k: tensors[k] for k in g.keys}
                 if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
@@ -371,9 +411,32 @@ class Server:
                 w.clock = max(w.clock, step + 1)  # every bucket of this step is in
         if msg.op is Op.PUSH:
             self._reply(ident, msg.id, {"applied": not replay, "version": self.store.version(w.keys)})
+            self.metrics.request(msg.op.value, 0.0)  # answered on arrival
         else:
             self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1,
                                        shm=bool(f.get("shm"))))
+        self._wake()
+
+    def _push_on_arrival(self, ident: bytes, msg: Message, w: WorkerInfo, keys: tuple[str, ...],
+                         groups: list[KeyGroup], weight: float, tensors: Mapping[str, torch.Tensor]) -> None:
+        """A push under async / ssp: applied now by the consistency model, then answered."""
+        t0, step = time.monotonic(), msg.fields["step"]
+        applied = self.sync.push(w, step, groups, tensors, weight, msg.fields.get("loss"))
+        if applied:
+            self.last_loss = self.sync.loss if self.sync.loss is not None else self.last_loss
+            slowest = self.sync.slowest(w.rank)
+            self.metrics.step(w.clock if slowest is None else slowest)
+            version = self.store.version(self.store.params)
+            every = self.cfg.checkpoint_every
+            if every and version % every == 0 and version > self.saved_step:
+                self._save(version)
+        else:
+            log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
+        if msg.op is Op.PUSH:
+            self._reply(ident, msg.id, {"applied": applied, "version": self.store.version(w.keys)})
+            self.metrics.request(msg.op.value, time.monotonic() - t0)
+        else:
+            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1, t0=t0))
         self._wake()
 
     def _complete(self, g: KeyGroup) -> None:
@@ -391,6 +454,8 @@ class Server:
             grads = self._deferred.pop(g.contributors)
         self.store.apply(grads)
         version = self.store.version(self.store.params)
+        self.metrics.update(version, loss)
+        self.metrics.step(g.step)
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
         if every and version % every == 0 and version > self.saved_step:
@@ -399,7 +464,8 @@ class Server:
     def _save(self, version: int) -> None:
         assert self.store.optimizer is not None
         meta = {"versions": self.store.versions, "loss": self.last_loss,
-                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers}
+                "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
+                "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
         path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
                                           self.store.optimizer.state_dict(), meta)
         self.saved_step = version
@@ -418,7 +484,8 @@ class Server:
         version = self.store.version(self.store.params) if self.store.initialized else 0
         self._reply(ident, msg.id, {"version": version, "registered": len(self.workers),
                                     "workers": self.cfg.workers, "loss": self.last_loss,
-                                    "done": sum(w.done for w in self.workers.values())})
+                                    "done": sum(w.done for w in self.workers.values()),
+                                    **self.metrics.ping_fields()})
 
     def _write_final(self) -> None:
         if not self.store.initialized:

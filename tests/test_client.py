@@ -107,3 +107,13 @@ def test_checkpoints_every_n_and_resume_on_restart(procs: Procs) -> None:
         assert torch.equal(theta["w"], load_file(str(ckpt / "final.safetensors"))["w"])
         ps.done()
     assert server2.wait(60) == 0
+
+
+def test_server_on_a_busy_port_fails_clearly(procs: Procs) -> None:
+    _, endpoint = procs.server(1)
+    import sys
+
+    second = procs.spawn("server2", [sys.executable, "-m", "ps", "--workers", "1", "--bind", endpoint,
+                                     "--checkpoint-dir", str(procs.tmp / "c2")])
+    assert second.wait(60) == 1
+    assert "cannot serve on" in second.output() and "Address already in use" in second.output()

@@ -59,3 +59,10 @@ def test_equals_torch_ddp_gloo(procs: Procs, tmp_path) -> None:
     got = run_job(procs, world, worker_args=(*JOB, "--no-shuffle"))
     want = run_ddp(world, epochs=3, tmp=tmp_path)
     assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_workers_match_the_math(procs: Procs) -> None:
+    """Gradients computed on the GPU, staged through pinned buffers, give the same θ."""
+    got = run_job(procs, 2, worker_args=(*JOB, "--device", "cuda"))
+    assert_close(got, replay(linear64, data64, 2, batch=100, epochs=3))

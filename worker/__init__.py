@@ -1,5 +1,6 @@
-"""zmqps workers: the client API (:class:`PSClient`), the data-parallel runtime, the launcher."""
+"""zmqps workers: the client API (:class:`PSClient`), the optimizer wrapper, the runtime, the launcher."""
 
 from worker.client import PSClient
+from worker.optimizer import DistributedOptimizer
 
-__all__ = ["PSClient"]
+__all__ = ["DistributedOptimizer", "PSClient"]

@@ -53,8 +53,8 @@ class Shard:
 class Channel:
     """Pieces, shards and the fast path for one worker (see the module docstring)."""
 
-    def __init__(self, ctx: zmq.Context, servers: Sequence[str], rank: int, timeout: float,
-                 chunk_mb: float = 1.0, shm: str = "auto", wire_dtype: str = "auto") -> None:
+    def __init__(self, ctx: zmq.Context, servers: Sequence[str], rank: int | None, timeout: float,
+                 chunk_mb: float = 1.0, shm: str = "auto", wire_dtype: str = "auto", who: str | None = None) -> None:
         if not servers:
             raise PSError("no server endpoint given")
         self.rank = rank
@@ -62,8 +62,8 @@ class Channel:
         self.chunk_bytes = int(chunk_mb * (1 << 20))
         self.want_shm = shm != "off"
         self.wire = WIRE.get(wire_dtype)
-        ident = f"w{rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
-        self.shards = [Shard(Requester(ctx, ep, who=f"worker {rank}", identity=ident)) for ep in servers]
+        ident = f"w{'?' if rank is None else rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self.shards = [Shard(Requester(ctx, ep, who=f"worker {who or rank}", identity=ident)) for ep in servers]
         self.pieces: dict[str, list[Piece]] = {}  # base name -> its pieces
         self.owner: dict[str, int] = {}  # piece key -> shard
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -81,9 +81,17 @@ class Channel:
         self.applied = True  # every push of the last finished step was applied (not a replay)
 
     # ------------------------------------------------------------------ set-up
-    def register(self, tensors: Tensors, buckets: Sequence[Sequence[str]] | None, fields: Mapping[str, Any]) -> None:
-        """REGISTER every piece with its shard; set up gradient segments the servers offer."""
+    def register(self, tensors: Tensors, buckets: Sequence[Sequence[str]] | None, fields: Mapping[str, Any],
+                 rank: int | None, world_size: int) -> dict[str, Any]:
+        """REGISTER every piece with its shard; set up gradient segments the servers offer.
+
+        Without ``rank``, the first shard assigns one (kept in :attr:`rank`) and the other
+        shards are registered with it. Returns the first shard's reply fields.
+        """
         pieces = pieces_of(tensors, self.chunk_bytes)
+        self.pieces, self.owner = {}, {}
+        for shard in self.shards:
+            shard.pieces = []
         self.specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         for p in pieces:
             self.pieces.setdefault(p.base, []).append(p)
@@ -93,6 +101,7 @@ class Channel:
             self.shards[self.owner[p.key]].pieces.append(p)
         self.buckets = [list(b) for b in buckets] if buckets else [list(tensors)]
         ids = []
+        first: dict[str, Any] = {}
         for s, shard in enumerate(self.shards):
             specs = [[p.key, dtype_name(tensors[p.base].dtype), list(p.of(tensors[p.base]).shape)] for p in shard.pieces]
             if not specs:
@@ -100,11 +109,22 @@ class Channel:
             mine = {p.key for p in shard.pieces}
             sb = [[p.key for b in bucket for p in self.pieces[b] if p.key in mine] for bucket in self.buckets]
             f = {**fields, "params": specs, "buckets": [b for b in sb if b]}
+            if rank is not None:
+                f["rank"] = rank
             if self.want_shm:
                 f["shm"] = True
             ids.append((s, shard.req.send(Op.REGISTER, f), specs))
+            if s == 0:  # the first shard's answer fixes the rank the others are told
+                reply = shard.req.wait(ids[0][1], self.timeout)
+                first = dict(reply.fields)
+                assigned = first.get("rank", rank)
+                if not isinstance(assigned, int) or not 0 <= assigned < world_size:
+                    raise PSError(f"worker {fields.get('worker_id')}: the server at {shard.req.endpoint} "
+                                  f"assigned no valid rank (got {assigned!r})")
+                rank = self.rank = assigned
+                ids[0] = (0, reply, specs)
         for s, rid, specs in ids:
-            reply = self.shards[s].req.wait(rid, self.timeout)
+            reply = rid if s == 0 else self.shards[s].req.wait(rid, self.timeout)
             path = reply.fields.get("shm_grad")
             if path:
                 flat = [(k, d, tuple(sh)) for k, d, sh in specs]
@@ -114,11 +134,15 @@ class Channel:
                     self.shards[s].grad_seg = seg
                     self.shards[s].grad_views = seg.views(flat, offsets)
                     self.stager.register_host(seg.data)
+        if first.get("buckets") is False and len(self.buckets) > 1:
+            log.info("the server takes whole steps only (sync %s): one push per step", first.get("sync"))
+            self.buckets = [list(tensors)]
         if self.wire is not None and any(sh.grad_seg is not None for sh in self.shards):
             log.info("gradients go through shared memory: --wire-dtype applies to frames only")
+        return first
 
-    def init(self, tensors: Tensors) -> tuple[dict[str, torch.Tensor], int]:
-        """INIT every shard with its pieces; θ (whole tensors) and the servers' version."""
+    def init(self, tensors: Tensors) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
+        """INIT every shard with its pieces; θ (whole tensors), the servers' version, the peer table."""
         ids = []
         for s, shard in enumerate(self.shards):
             cpu = self.stager.to_host({p.key: p.of(tensors[p.base]) for p in shard.pieces}, f"init{s}")
@@ -128,6 +152,7 @@ class Channel:
             ids.append((s, shard.req.send(Op.INIT, f, cpu), cpu))
         out = self._alloc_full()
         version = None
+        peers: list[dict[str, Any]] = []
         for s, rid, _cpu in ids:
             reply = self.shards[s].req.wait(rid, self.timeout)
             self._map_theta(s, reply)
@@ -141,7 +166,9 @@ class Channel:
             self._scatter(pieces, out)
             v = int(reply.fields["version"])
             version = v if version is None else min(version, v)
-        return out, version or 0
+            if s == 0:
+                peers = list(reply.fields.get("peers") or [])
+        return out, version or 0, peers
 
     def _map_theta(self, s: int, reply: Message) -> None:
         f = reply.fields

@@ -26,7 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"ps-worker: error: {e}\n")
         return 2
-    setup_logging(cfg.log_level, f"worker {cfg.rank}")
+    role = "worker ?" if cfg.rank is None else f"worker {cfg.rank}"
+    if cfg.mode == "pipeline" and cfg.stages and cfg.rank is not None:
+        role += f" stage {cfg.rank % cfg.stages}"
+    setup_logging(cfg.log_level, role)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if cfg.mode == "pipeline":

@@ -26,6 +26,8 @@ bytes of both paths are handled by :class:`worker.channel.Channel`.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -47,32 +49,40 @@ class PSClient:
     Args:
         server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``, or a comma-separated
             list of shard endpoints.
-        rank: this worker's rank in ``[0, world_size)``.
+        rank: this worker's rank in ``[0, world_size)``, or None to have the server assign
+            one at registration (then :attr:`rank` is set by :meth:`init`).
         world_size: the number of workers K (must match the server's ``--workers``).
         timeout: seconds any one call may block.
         role: ``data`` or ``stage`` (pipeline), for the server's log.
+        worker_id: the id the server keys an assigned rank by (default :func:`default_worker_id`).
         chunk_mb: split tensors into pieces of at most this many MiB (0: never).
         shm: ``auto`` uses shared memory with a same-host server; ``off`` always frames.
         wire_dtype: ``float16``/``bfloat16`` send floating gradients narrowed (frames only).
         io_threads: ZeroMQ I/O threads of the client's own context.
     """
 
-    def __init__(self, server: str, rank: int, world_size: int, timeout: float = 60.0,
-                 role: str = "data", ctx: zmq.Context | None = None, chunk_mb: float = 1.0,
-                 shm: str = "auto", wire_dtype: str = "auto", io_threads: int = 1) -> None:
+    def __init__(self, server: str, rank: int | None, world_size: int, timeout: float = 60.0,
+                 role: str = "data", ctx: zmq.Context | None = None, worker_id: str | None = None,
+                 chunk_mb: float = 1.0, shm: str = "auto", wire_dtype: str = "auto", io_threads: int = 1) -> None:
         self.server = server
         self.rank = rank
+        self.worker_id = worker_id or default_worker_id()
         self.world_size = world_size
         self.timeout = timeout
         self.role = role
         self._own_ctx = ctx is None
         self.ctx = ctx or make_context(io_threads)
         endpoints = [e.strip() for e in server.split(",") if e.strip()]
-        self._ch: Channel | None = Channel(self.ctx, endpoints, rank, timeout, chunk_mb, shm, wire_dtype)
+        self._ch: Channel | None = Channel(self.ctx, endpoints, rank, timeout, chunk_mb, shm, wire_dtype,
+                                           who=self.worker_id if rank is None else None)
         self.keys: tuple[str, ...] = ()
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.peers: list[dict[str, Any]] = []
+        """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
+        self.server_info: dict[str, Any] = {}
+        """The REGISTER reply (of the first shard): world size, sync model, optimizer and lr."""
 
     # ------------------------------------------------------------------ API
     def init(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
@@ -82,14 +92,31 @@ class PSClient:
         ``buckets`` (lists of names, together covering every tensor once) are pushed
         separately by :meth:`push_bucket`; without them a step is pushed whole. Blocks until
         every worker has called ``init``. Returns θ (CPU tensors) and sets :attr:`step` to
-        the server's version, which is non-zero when the server resumed.
+        the server's version, which is non-zero when the server resumed. Without a rank, the
+        server assigns one (the same one on every later registration of this worker id); it
+        is in :attr:`rank` once this returns.
         """
-        ch = self._channel(Op.INIT)
+        ch = self._channel(Op.REGISTER)
         self.keys = tuple(named_tensors)
-        ch.register(named_tensors, buckets, {"rank": self.rank, "world_size": self.world_size,
-                                             "role": self.role, **register_fields})
-        theta, self.step = ch.init(named_tensors)
+        self.register(named_tensors, buckets, **register_fields)
+        theta, self.step, self.peers = ch.init(named_tensors)
         return theta
+
+    def register(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
+                 **register_fields: Any) -> int:
+        """Announce this worker and its parameters to every shard (no tensors sent); return its rank.
+
+        Without a rank yet, the first shard assigns one and the others are told it; after
+        that, re-registering sends the rank it got, so a reconnect keeps it.
+        """
+        ch = self._channel(Op.REGISTER)
+        fields: dict[str, Any] = {"world_size": self.world_size, "role": self.role,
+                                  "worker_id": self.worker_id, **register_fields}
+        self.server_info = ch.register(named_tensors, buckets, fields, self.rank, self.world_size)
+        if self.rank is None:
+            log.info("the server assigned rank %d to worker id %r", ch.rank, self.worker_id)
+        self.rank = ch.rank
+        return ch.rank
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
@@ -145,6 +172,12 @@ class PSClient:
             theta = {**ch.theta_from_shm(), **theta}
         return theta
 
+    @property
+    def buckets(self) -> list[list[str]]:
+        """The buckets in use after :meth:`init` (one of everything when the server takes
+        whole steps only, as under async/ssp)."""
+        return self._channel(Op.PING).buckets
+
     def bind(self, params: Mapping[str, torch.Tensor]) -> int:
         """Turn CPU parameters into views of the server's θ where shared memory allows.
 
@@ -162,7 +195,8 @@ class PSClient:
 
     def ping(self) -> dict[str, Any]:
         """The server's status (version, workers registered and done, last loss) (first shard)."""
-        return dict(self._channel(Op.PING).call_all(Op.PING, {"rank": self.rank})[0].fields)
+        fields = {} if self.rank is None else {"rank": self.rank}
+        return dict(self._channel(Op.PING).call_all(Op.PING, fields)[0].fields)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -194,4 +228,13 @@ class PSClient:
     def _channel(self, op: Op) -> Channel:
         if self._ch is None:
             raise PSError(f"worker {self.rank}: {op.value} on a closed client")
+        if self.rank is None and op not in (Op.REGISTER, Op.PING):
+            raise PSError(f"worker {self.worker_id}: {op.value} before init() (no rank assigned yet)")
         return self._ch
+
+
+def default_worker_id() -> str:
+    """``HOSTNAME-PID``: unique per process, and stable across restarts of a container
+    (Docker and Kubernetes keep the hostname, and the entry process gets the same pid).
+    Elsewhere set ``--worker-id`` for a rank that survives a restart."""
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -30,7 +30,8 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
-                                "checkpoint_every", "log_level", "shm", "io_threads"}]
+                                "checkpoint_every", "log_level", "metrics_port", "status_every", "shm",
+                                "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
 
@@ -98,15 +99,41 @@ def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int) -> list
     return argv
 
 
+def pipeline_plan(cfg: LaunchConfig) -> LaunchConfig:
+    """Pipeline mode: choose the layer ranges once (measuring if asked) for every stage to share."""
+    from worker.pipeline.runtime import resolve_partition
+
+    part = resolve_partition(cfg, cfg.replicas)
+    log.info("%s", part.describe())
+    return dataclasses.replace(cfg, partition=part.text)
+
+
+def worker_name(cfg: LaunchConfig, rank: int) -> str:
+    """The prefix of a worker's output: ``worker k``, or ``worker k stage s`` in pipeline mode."""
+    if cfg.mode == "pipeline" and cfg.stages:
+        return f"worker {rank} stage {rank % cfg.stages}"
+    return f"worker {rank}"
+
+
 def run(cfg: LaunchConfig) -> int:
     """Start the server and the workers, supervise them, and return the exit status."""
     ckpt = cfg.checkpoint_dir or os.path.join("runs", time.strftime("launch-%Y%m%d-%H%M%S"))
+    if cfg.mode == "pipeline":
+        try:
+            cfg = pipeline_plan(cfg)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
     world = cfg.workers
+    assert world is not None
+    shows_progress = cfg.stages - 1 if cfg.mode == "pipeline" and cfg.stages else 0  # the last stage has the loss
     children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="zmqps-launch-") as tmp:
         ready = Path(tmp) / "endpoint"
         server_argv = [sys.executable, "-m", "ps", "--bind", "tcp://127.0.0.1:0", "--workers", str(world),
-                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS)]
+                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS),
+                       "--metrics-log", cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl")]
+        os.makedirs(ckpt, exist_ok=True)
         try:
             server = Child("server", server_argv)
             children.append(server)
@@ -114,9 +141,12 @@ def run(cfg: LaunchConfig) -> int:
             log.info("server at %s; starting %d worker(s); checkpoints in %s", endpoint, world, ckpt)
             tty = sys.stderr.isatty()
             for rank in range(world):
-                children.append(Child(f"worker {rank}", worker_argv(cfg, endpoint, rank, world),
-                                      passthrough=(rank == 0 and tty)))
-            return _supervise(children)
+                children.append(Child(worker_name(cfg, rank), worker_argv(cfg, endpoint, rank, world),
+                                      passthrough=(rank == shows_progress and tty)))
+            code = _supervise(children)
+            if code == 0 and cfg.example:
+                _report_example(cfg.example, ckpt)
+            return code
         except KeyboardInterrupt:
             log.warning("interrupted: stopping every process")
             return 130
@@ -154,11 +184,27 @@ def _supervise(children: list[Child]) -> int:
     return code
 
 
+def _report_example(name: str, ckpt: str) -> None:
+    """Log what the example's ``evaluate`` says of the final θ (e.g. held-out accuracy)."""
+    from safetensors.torch import load_file
+
+    from worker.examples import load_example
+
+    theta = load_file(os.path.join(ckpt, "final.safetensors"))
+    for metric, value in load_example(name).evaluate(theta).items():
+        log.info("example %s: %s %.4f", name, metric, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ps-launch``."""
+    description = "run a zmqps server and K workers as local processes"
     try:
-        cfg = parse_config(LaunchConfig, argv, prog="ps-launch",
-                           description="run a zmqps server and K workers as local processes")
+        cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description)
+        if cfg.example:  # its presets sit between the config file and the defaults
+            from worker.examples import load_example
+
+            cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description,
+                               defaults=load_example(cfg.example).PRESETS)
     except ConfigError as e:
         sys.stderr.write(f"ps-launch: error: {e}\n")
         return 2

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Shows epoch, step, loss and samples/s.
+    """Shows epoch, step, loss, samples/s and the time left (ETA).
 
     ``--progress auto`` draws a bar on rank 0 when stderr is a terminal; ``on`` forces it
     (rank 0 only); otherwise rank 0 logs one line per epoch.
@@ -61,6 +61,8 @@ class Progress:
             now = time.monotonic()
             rate = self._n_epoch / max(now - self._t_epoch, 1e-9)
             if self.rank == 0 and self._bar is None:
-                log.info("epoch %d/%d: step %d, loss %s, %.0f samples/s", epoch + 1, self.epochs, step + 1,
-                         "-" if loss is None else f"{loss:.6g}", rate)
+                done = step + 1 - self.start
+                eta = (self.total - step - 1) * (now - self._t0) / max(done, 1)
+                log.info("epoch %d/%d: step %d, loss %s, %.0f samples/s, ETA %.0fs", epoch + 1, self.epochs,
+                         step + 1, "-" if loss is None else f"{loss:.6g}", rate, eta)
             self._t_epoch, self._n_epoch = now, 0

@@ -9,6 +9,7 @@ mean over all workers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from torch import nn
 
 from common.config import WorkerConfig
 from common.errors import ConfigError
+from common.logs import set_role
 from common.partition import buckets
 from worker.buckets import BucketHooks
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch
 from worker.factories import build_data, build_model
+from worker.jitter import Stall
 from worker.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -69,40 +72,51 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Run this worker's part of a data-parallel job; returns when the job is done.
 
+    Without ``cfg.rank`` the server assigns the rank at registration; the shard follows from it.
+
     Args:
         cfg: the worker's configuration.
         on_step: called with the step number after each step (benchmarks time steps with it).
     """
-    assert cfg.rank is not None and cfg.world_size is not None
+    assert cfg.world_size is not None
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.seed).to(device)
     data = build_data(cfg.data, cfg.seed)
-    plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
     loss_fn = LOSSES[cfg.loss]
-    total = plan.steps_per_epoch * cfg.epochs
-    lo, hi = plan.bounds(cfg.rank)
-    log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
-             type(model).__name__, device, lo, hi, plan.n, plan.local_batch(cfg.rank),
-             plan.steps_per_epoch, cfg.epochs, total)
     t0 = time.monotonic()
     samples = 0
-    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, chunk_mb=cfg.chunk_mb,
-                  shm=cfg.shm, wire_dtype=cfg.wire_dtype, io_threads=cfg.io_threads) as client:
+    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id,
+                  chunk_mb=cfg.chunk_mb, shm=cfg.shm, wire_dtype=cfg.wire_dtype,
+                  io_threads=cfg.io_threads) as client:
         params = dict(model.named_parameters())
         sizes = {k: p.numel() * p.element_size() for k, p in params.items()}
         blist = buckets(list(params), sizes, int(cfg.bucket_mb * (1 << 20)))
         theta = client.init({k: p.detach().cpu() for k, p in params.items()}, buckets=blist)
+        if cfg.rank is None:
+            assert client.rank is not None
+            set_role(f"worker {client.rank}")
+            cfg = dataclasses.replace(cfg, rank=client.rank)
+        assert cfg.rank is not None
+        stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
         load_into(model, theta)
         bound = client.bind(params)
         if bound:
             log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
-        hooks = BucketHooks(params, blist, client.push_bucket) if cfg.bucket_mb > 0 else None
+        hooks = BucketHooks(params, client.buckets, client.push_bucket) if len(client.buckets) > 1 else None
+        plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
+        total = plan.steps_per_epoch * cfg.epochs
+        lo, hi = plan.bounds(cfg.rank)
+        log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
+                 type(model).__name__, device, lo, hi, plan.n, plan.local_batch(cfg.rank),
+                 plan.steps_per_epoch, cfg.epochs, total)
         start = client.step
         if start:
             log.info("resuming at step %d of %d", start, total)
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
         with progress:
             for step in range(start, total):
+                if stall is not None:
+                    stall.before(step)
                 rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
                 model.zero_grad(set_to_none=True)
                 if hooks is not None:
