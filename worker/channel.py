@@ -75,6 +75,7 @@ class Channel:
         self._queued: list[int] = []  # buckets staged from another thread, not yet sent
         self._sent: set[int] = set()
         self._pulls: list[tuple[int, int]] = []  # (shard, request id) of θ pulls in flight
+        self._pulled: set[int] = set()  # shards whose θ (shared memory) a PUSH_PULL already asked for
         self.pull_each = True  # pull θ bucket by bucket (set False to push without pulling)
         self._step: dict[str, Any] = {}
         self.bound: dict[str, torch.Tensor] = {}  # parameters that are views of the θ segment
@@ -239,6 +240,7 @@ class Channel:
     def begin(self, step: int, samples: float | None, loss: float | None, pull: bool = True) -> None:
         """Start pushing ``step``; with ``pull``, θ after it is pulled as buckets complete."""
         self.pull_each = pull
+        self._pulled.clear()
         self._step = {"rank": self.rank, "step": step}
         if samples is not None:
             self._step["samples"] = float(samples)
@@ -276,22 +278,36 @@ class Channel:
                 s = self.owner[q.key]
                 shm = self.shards[s].grad_seg is not None
                 per_shard.setdefault(s, {})[q.key] = None if shm else q.of(grads[name])
+        # The step's last bucket asks for θ in the same message (PUSH_PULL: one round trip)
+        # when θ is wanted and would otherwise need a PULL of its own.
+        final = self.pull_each and len(self._sent) == len(self.buckets) - 1
         for s, part in per_shard.items():
             shard = self.shards[s]
+            shm_theta = shard.theta_seg is not None
+            op = Op.PUSH_PULL if final else Op.PUSH
+            fields: dict[str, Any] = dict(self._step)
+            if final:
+                if shm_theta:
+                    fields["shm"] = True  # θ of all this shard's keys, in shared memory
+                    self._pulled.add(s)
+                else:
+                    fields["keys"] = list(part)
             if shard.grad_seg is not None:
-                rid = shard.req.send(Op.PUSH, {**self._step, "grads": list(part)})
+                rid = shard.req.send(op, {**fields, "grads": list(part)})
             else:
                 if self.wire is not None:
                     part = {k: t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire else t
                             for k, t in part.items()}
-                rid = shard.req.send(Op.PUSH, self._step, part)
+                rid = shard.req.send(op, fields, part)
                 self._hold.append(part)
+            if final:
+                self._pulls.append((s, rid))
+                continue
             self._pending.append((s, rid))
-            if self.pull_each and shard.theta_seg is None:
+            if self.pull_each and not shm_theta:
                 # θ of this bucket comes back as soon as the bucket's step is applied, while
                 # later buckets are still being pushed (or computed).
-                keys = list(part)
-                f = {"rank": self.rank, "step": self._step["step"] + 1, "keys": keys}
+                f = {"rank": self.rank, "step": self._step["step"] + 1, "keys": list(part)}
                 self._pulls.append((s, shard.req.send(Op.PULL, f)))
         self._sent.add(i)
 
@@ -306,8 +322,11 @@ class Channel:
             raise PSError(f"worker {self.rank}: buckets {missing} of step {self._step.get('step')} were not pushed")
         step = self._step["step"]
         pulls, self._pulls = self._pulls, []
+        pulled, self._pulled = self._pulled, set()
         if want_theta:
             for s, shard in enumerate(self.shards):
+                if s in pulled:
+                    continue
                 if shard.theta_seg is not None:
                     pulls.append((s, shard.req.send(Op.PULL, {"rank": self.rank, "step": step + 1, "shm": True})))
                 elif not self.pull_each:
