@@ -12,6 +12,8 @@ BENCHMARKS = {
     "memory": "server peak RSS against |θ|",
     "hotpath": "one hot-path change at a time, A/B against its baseline",
     "frames": "raw ZeroMQ throughput by frame size (why --chunk-mb 1)",
+    "consistency": "bsp vs ssp vs async under jitter (also: python -m benchmarks.consistency)",
+    "pipeline": "pipeline schedules against torch's (also: python -m benchmarks.pipeline)",
     "gpu_floor": "pinned host<->device copy rates and the GPU goal's floor (CUDA only)",
 }
 
