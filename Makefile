@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (each sets up .venv itself):
 #   make run    - the default job: ps-launch starts a server and 2 workers as separate processes
 #   make test   - the test suite
-#   make bench NAME=pipeline|consistency - a side-by-side benchmark (see docs/benchmarks.md)
+#   make bench NAME=ddp|transport|hotpath|memory|scaling|frames|pipeline|consistency - a side-by-side benchmark
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.$(or $(NAME),pipeline) $(ARGS)
+	$(BIN)/python -m benchmarks $(or $(NAME),ddp) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

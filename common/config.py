@@ -106,6 +106,16 @@ OPTIONS: dict[str, Option] = {
                       "(it retries and reconnects meanwhile) before it fails", group="worker"),
     "progress": Option("--progress", str, "progress bar: auto (rank 0 on a terminal), on, off",
                        ("auto", "on", "off"), group="worker"),
+    # performance (server and worker)
+    "shm": Option("--shm", str, "same-host shared-memory fast path for tensors (bsp only; off: always frames)",
+                  ("auto", "off"), group="performance"),
+    "io_threads": Option("--io-threads", int, "ZeroMQ I/O threads", group="performance"),
+    "chunk_mb": Option("--chunk-mb", float, "split tensors into pieces (server keys, frames) of at most this "
+                       "many MiB (0: never)", group="performance"),
+    "bucket_mb": Option("--bucket-mb", float, "push gradients in buckets of about this many MiB as backward "
+                        "produces them (0: one push after backward)", group="performance"),
+    "wire_dtype": Option("--wire-dtype", str, "dtype of floating-point gradients on the wire (auto: as computed)",
+                         ("auto", "float16", "bfloat16"), group="performance"),
     # pipeline
     "stages": Option("--stages", int, "pipeline: number of stages P (default: the number of --partition "
                      "ranges, else 2 for ps-launch and the world size for ps-worker)", group="pipeline"),
@@ -176,6 +186,8 @@ class ServerConfig:
     checkpoint_every: int = 0
     ready_file: str | None = None
     max_message_mb: int = 4096
+    shm: str = "auto"
+    io_threads: int = 1
     metrics_port: int | None = None
     metrics_log: str | None = None
     status_every: float = 10.0
@@ -188,6 +200,7 @@ class ServerConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        _positive("io_threads", self.io_threads)
         _check_metrics(self.metrics_port, self.status_every)
         _positive("lease", self.lease)
         _positive("rejoin_deadline", self.rejoin_deadline)
@@ -226,11 +239,19 @@ class JobFields:
     microbatches: int = 4
     schedule: str = "1f1b"
     stall: str | None = None
+    shm: str = "auto"
+    io_threads: int = 1
+    chunk_mb: float = 1.0
+    bucket_mb: float = 16.0
+    wire_dtype: str = "auto"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         if self.stall is not None:
             parse_stall(self.stall)
+        _positive("io_threads", self.io_threads)
+        _nonneg("chunk_mb", self.chunk_mb)
+        _nonneg("bucket_mb", self.bucket_mb)
         _positive("epochs", self.epochs)
         _positive("microbatches", self.microbatches)
         if self.stages is not None:

@@ -38,12 +38,14 @@ INT, NUM, STR, BOOL, STRLIST, SPECS, ANY = "int", "num", "str", "bool", "strlist
 SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: (
         {"world_size": INT, "params": SPECS},
-        {"rank": INT, "role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR},
+        {"rank": INT, "role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR, "shm": BOOL,
+         "buckets": ANY},
     ),
-    Op.INIT: ({"rank": INT}, {}),
-    Op.PULL: ({"rank": INT}, {"step": INT, "keys": STRLIST}),
-    Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM}),
-    Op.PUSH_PULL: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "keys": STRLIST}),
+    Op.INIT: ({"rank": INT}, {"shm": BOOL}),
+    Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
+    Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "grads": STRLIST}),
+    Op.PUSH_PULL: ({"rank": INT, "step": INT},
+                   {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
     Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
@@ -52,6 +54,12 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REPLY: ({}, {"*": ANY}),
     Op.ERROR: ({"code": INT, "message": STR}, {}),
 }
+
+# [Note: fast-path fields] REGISTER ``shm``: the worker asks for shared-memory segments (the
+# reply names them; see common/shm.py). REGISTER ``buckets``: lists of the worker's keys it
+# will push together (each becomes a server key group). PUSH ``grads``: the keys whose
+# gradients are in the worker's segment (then no frames follow). PULL/PUSH_PULL ``shm``:
+# reply with θ in the server's θ segment instead of frames.
 
 RESERVED = frozenset({"v", "op", "id", "tensors"})
 """Header keys every message may carry besides its op's fields."""

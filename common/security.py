@@ -328,6 +328,11 @@ class Guard(threading.Thread):
             if failed:
                 self._note(f"a connection to {label}", peer, failed.pop())
                 failed.clear()
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            # Also a message of an established session (tampered): its connection may be dropped
+            # only much later, after other connections' failures, so pairing this with the next
+            # DISCONNECTED could name the wrong peer or lose it; noted now, without the address.
+            self._note(f"a connection to {label}", UNKNOWN_PEER, _PROTOCOL_REASONS[value])
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             failed.append(_PROTOCOL_REASONS.get(value, f"ZMTP protocol error {value:#x}"))
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:

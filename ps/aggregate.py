@@ -42,6 +42,7 @@ class KeyGroup:
     _loss_sum: float = 0.0
     _loss_weight: float = 0.0
     _seen: set[int] = field(default_factory=set)
+    dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)  # accumulator dtypes (θ's)
 
     def has_pushed(self, rank: int) -> bool:
         """Whether ``rank`` has pushed the current step."""
@@ -81,11 +82,12 @@ class KeyGroup:
             g = c.grads[k]
             acc = self._acc.get(k)
             if acc is None:
-                acc = self._acc[k] = torch.empty_like(g)
-            if first:
-                acc.copy_(g)
+                acc = self._acc[k] = torch.empty(g.shape, dtype=self.dtypes.get(k, g.dtype))
+            if first:  # one pass; the same bits as copy_ then mul_
                 if c.weight != 1.0:
-                    acc.mul_(c.weight)
+                    torch.mul(g, c.weight, out=acc)
+                else:
+                    acc.copy_(g)
             else:
                 acc.add_(g, alpha=c.weight)
         self._weight += c.weight
@@ -99,8 +101,9 @@ class KeyGroup:
         The returned tensors are the group's accumulators: use them before the next step.
         """
         if self._weight > 0:
-            for acc in self._acc.values():
-                acc.div_(self._weight)
+            if self._weight != 1.0:  # x / 1 == x exactly: skip the pass
+                for acc in self._acc.values():
+                    acc.div_(self._weight)
         else:  # every batch was empty: no information, apply a zero gradient
             for acc in self._acc.values():
                 acc.zero_()

@@ -21,6 +21,7 @@ class WorkerInfo:
     plan: str = ""  # pipeline: the stage's layer ranges and schedule, compared by its peers
     done: bool = False
     clock: int = 0  # the next step this worker will push
+    buckets: tuple[tuple[str, ...], ...] = ()  # keys pushed together (empty: all at once)
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -28,17 +29,20 @@ def form_groups(workers: dict[int, WorkerInfo], versions: dict[str, int]) -> lis
     """Group keys by the exact set of ranks that contribute them (sorted, for rank order).
 
     Data-parallel: one group of every key, contributed by every rank. Pipeline: one group per
-    stage, contributed by that stage's replicas.
+    stage, contributed by that stage's replicas. Buckets split groups further: keys share a
+    group only if every contributor pushes them in the same bucket.
     """
-    contributors: dict[str, list[int]] = {}
+    contributors: dict[str, list[tuple[int, int]]] = {}
     for rank in sorted(workers):
+        bucket_of = {k: i for i, b in enumerate(workers[rank].buckets) for k in b}
         for key in workers[rank].keys:
-            contributors.setdefault(key, []).append(rank)
-    by_set: dict[tuple[int, ...], list[str]] = {}
-    for key, ranks in contributors.items():
-        by_set.setdefault(tuple(ranks), []).append(key)
+            contributors.setdefault(key, []).append((rank, bucket_of.get(key, -1)))
+    by_set: dict[tuple[tuple[int, int], ...], list[str]] = {}
+    for key, sig in contributors.items():
+        by_set.setdefault(tuple(sig), []).append(key)
     groups = []
-    for ranks, keys in by_set.items():
+    for sig, keys in by_set.items():
+        ranks = tuple(r for r, _b in sig)
         steps = {versions.get(k, 0) for k in keys}
         groups.append(KeyGroup(keys=tuple(keys), contributors=ranks, step=min(steps)))
     return groups

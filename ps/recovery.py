@@ -10,8 +10,10 @@ A mixin of :class:`ps.server.Server` (it uses the server's workers, groups, wait
   connection are refused (UNAUTHORIZED), and another connection may take the rank over only
   once the holder's lease has lapsed (RANK_HELD until then): a restarted worker waits at most
   one lease; two live processes never train as one rank;
-* a new request from a connection supersedes the request it left parked (a client has one
-  request in flight, and resends it after a reconnect), so a retried PUSH_PULL is answered once;
+* a request that repeats one its connection left parked (same op, step and keys: a client
+  resends what is in flight after a reconnect) supersedes it, so a retried PUSH_PULL is answered
+  once; a connection may keep only so many requests parked (``_park``), so a flood of PULLs
+  cannot grow the server;
 * a checkpoint holds θ, the optimizer state and the versions at one consistent step; a restarted
   server resumes from it and workers that were ahead rewind to it (they keep nothing: their
   data position and random state follow from the step), recomputing the same updates;
@@ -62,9 +64,9 @@ class Recovery:
 
     # ------------------------------------------------------------------ every message
     def _screen(self, ident: bytes, msg: Message) -> None:
-        """Before a handler runs: supersede this connection's parked request, fence, renew the lease."""
+        """Before a handler runs: cap this connection's parked requests, fence, renew the lease."""
         if msg.op is not Op.PING:
-            self._drop_waiters(ident)
+            self._check_parked(ident)
         rank = msg.fields.get("rank")
         if msg.op in _UNFENCED or not isinstance(rank, int) or isinstance(rank, bool):
             return
@@ -75,6 +77,27 @@ class Recovery:
             raise ProtocolError(ErrorCode.UNAUTHORIZED,
                                 f"rank {rank} is registered by another connection (a newer process took it over)")
         self._renew(rank)
+
+    def _parked_cap(self) -> int:
+        """How many requests one connection may leave parked: a client keeps a PULL per bucket
+        and shard in flight, so twice the key groups, plus a margin."""
+        return 2 * len(self.groups or ()) + 16
+
+    def _check_parked(self, ident: bytes) -> None:
+        """Refuse a request while its connection has the most requests parked it may have."""
+        n = sum(w.ident == ident for w in self.waiters) + sum(w.ident == ident for w in self.done_waiters)
+        if n >= self._parked_cap():
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"this connection already has {n} requests waiting "
+                                                     f"for an answer (at most {self._parked_cap()})")
+
+    def _park(self, waiter: Any) -> None:
+        """Park ``waiter`` (a ``ps.server.Waiter``), superseding the same request parked before."""
+        waiters = self.done_waiters if waiter.op is Op.DONE else self.waiters
+        same = [w for w in waiters if w.ident == waiter.ident and w.op is waiter.op and w.step == waiter.step
+                and w.keys == waiter.keys]
+        for w in same:
+            waiters.remove(w)
+        waiters.append(waiter)
 
     def _drop_waiters(self, ident: bytes) -> None:
         if any(w.ident == ident for w in self.waiters):

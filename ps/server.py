@@ -21,12 +21,14 @@ from common import faults
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
+from common.partition import merge_pieces
 from common.protocol import Op
 from common.security import Curve
 from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
+from ps.fastpath import FastPath
 from ps.consistency import make_consistency
 from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
@@ -51,6 +53,7 @@ class Waiter:
     rank: int
     keys: tuple[str, ...]
     step: int
+    shm: bool = False  # reply with θ in shared memory (ps.fastpath) instead of frames
     t0: float = field(default_factory=time.monotonic)  # arrival, for the latency metric
 
 
@@ -60,7 +63,7 @@ class Server(Recovery):
     def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self._own_ctx = ctx is None
-        self.ctx = ctx or make_context()
+        self.ctx = ctx or make_context(cfg.io_threads)
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
         self.store = ParameterStore(cfg)
         self.workers: dict[int, WorkerInfo] = {}
@@ -73,6 +76,8 @@ class Server(Recovery):
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self.fast = FastPath(cfg)
+        self._deferred: dict[str, torch.Tensor] = {}  # completed gradients not yet applied (shared θ)
         self.ranks = RankTable()
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
                                                    for r, w in list(self.workers.items())])
@@ -166,6 +171,7 @@ class Server(Recovery):
             self.ctx.term()  # term, not destroy: the CURVE guard thread closes its own sockets on ETERM
         self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
                            self.last_loss)
+        self.fast.close()
 
     def _log_status(self) -> None:
         version = self.store.version(self.store.params) if self.store.initialized else 0
@@ -202,7 +208,10 @@ class Server(Recovery):
         return self.sock.send_multipart([ident, *frames], copy=False, track=track)
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
-               keys: tuple[str, ...] = ()) -> None:
+               keys: tuple[str, ...] = (), shm: bool = False) -> None:
+        if shm and keys and self.store.shared:  # θ is in the segment the worker maps: no frames
+            self._send_frames(ident, encode(Op.REPLY, {**(fields or {}), "shm": True}, None, req_id))
+            return
         tensors = self.store.view(keys) if keys else None
         tracker = self._send_frames(ident, encode(Op.REPLY, fields, tensors, req_id), track=bool(keys))
         self.store.track(keys, tracker)
@@ -216,7 +225,8 @@ class Server(Recovery):
         w.last_seen = time.monotonic()
         return w
 
-    def _check_tensors(self, tensors: Mapping[str, torch.Tensor], expected: tuple[str, ...], what: str) -> None:
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor], expected: tuple[str, ...], what: str,
+                       grads: bool = False) -> None:
         if set(tensors) != set(expected):
             extra = sorted(set(tensors) - set(expected))[:5]
             missing = sorted(set(expected) - set(tensors))[:5]
@@ -226,7 +236,8 @@ class Server(Recovery):
         if self.store.initialized:
             for k, t in tensors.items():
                 p = self.store.params[k]
-                if t.dtype != p.dtype or tuple(t.shape) != tuple(p.shape):
+                narrow = grads and t.dtype in (torch.float16, torch.bfloat16) and p.dtype.is_floating_point
+                if (t.dtype != p.dtype and not narrow) or tuple(t.shape) != tuple(p.shape):
                     raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
                                         f"{what}: {k!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
                                         f"θ has {dtype_name(p.dtype)}{list(p.shape)}")
@@ -243,6 +254,46 @@ class Server(Recovery):
     def _groups_of(self, w: WorkerInfo) -> list[KeyGroup]:
         assert self.groups is not None
         return [g for g in self.groups if w.rank in g.contributors]
+
+    def _buckets(self, raw: Any, keys: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        """Validate REGISTER's ``buckets``: lists partitioning the worker's keys.
+
+        Only bsp takes pushes bucket by bucket; under async/ssp a push is a whole step, and
+        the reply's ``buckets: false`` tells the worker so.
+        """
+        if raw is None:
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(b, list) and b and all(isinstance(k, str) for k in b)
+                                                for b in raw):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "buckets must be a list of non-empty lists of key names")
+        flat = [k for b in raw for k in b]
+        if len(flat) != len(set(flat)) or set(flat) != set(keys):
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, "buckets must list every registered key exactly once")
+        return tuple(tuple(b) for b in raw) if self.cfg.sync == "bsp" else ()
+
+    def _pushed(self, w: WorkerInfo, msg: Message) -> Mapping[str, torch.Tensor]:
+        """The pushed gradients: frames, or views of the worker's segment (``grads``)."""
+        names = msg.fields.get("grads")
+        if names is None:
+            return msg.tensors
+        if msg.tensors:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a push carries frames or names shared-memory grads, not both")
+        if len(set(names)) != len(names):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "grads lists a key twice")
+        return self.fast.grads(w.rank, names)
+
+    def _push_groups(self, w: WorkerInfo, tensors: Mapping[str, torch.Tensor]) -> list[KeyGroup]:
+        """The key groups a push covers; it must carry whole groups (buckets) of ``w``'s keys."""
+        pushed = set(tensors)
+        groups = [g for g in self._groups_of(w) if pushed.intersection(g.keys)]
+        covered = {k for g in groups for k in g.keys}
+        if not groups or covered != pushed:
+            extra = sorted(pushed - set(w.keys))[:5]
+            partial = sorted(covered - pushed)[:5]
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
+                                f"a push must carry whole buckets of the registered keys; "
+                                f"unexpected {extra}, missing {partial}")
+        return groups
 
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
@@ -266,6 +317,7 @@ class Server(Recovery):
             if k in known and known[k] != spec:
                 raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"{k!r} registered as {spec}, θ has {known[k]}")
         keys = tuple(specs)
+        buckets = self._buckets(f.get("buckets"), keys)
         old = self.workers.get(rank)
         if old is not None and old.keys != keys:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
@@ -278,17 +330,18 @@ class Server(Recovery):
         self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
                                         endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
                                         plan=f.get("plan", ""),
-                                        clock=old.clock if old else 0)
+                                        clock=old.clock if old else 0, buckets=buckets)
         self.registered_specs.update(specs)
         self._renew(rank)
         self.ranks.bind(worker_id, rank)
         log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
                  f" as worker id {worker_id!r}" if worker_id else "")
+        fast = self.fast.register(rank, specs) if f.get("shm") else {}
         self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
                                     "initialized": self.store.initialized, "rank": rank,
                                     "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
                                     "incarnation": self.incarnation, "lease_s": self.cfg.lease,
-                                    "hold_s": self.cfg.rejoin_deadline})
+                                    "hold_s": self.cfg.rejoin_deadline, "buckets": bool(buckets), **fast})
         self._try_start()
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
@@ -297,7 +350,8 @@ class Server(Recovery):
             self._check_tensors(msg.tensors, w.keys, "init")
         if not self.store.initialized:
             self.offers[w.rank] = msg.tensors
-        self.waiters.append(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=self._join_step(w.rank)))
+        self._park(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=self._join_step(w.rank),
+                                   shm=bool(msg.fields.get("shm"))))
         self._try_start()
         self._wake()
 
@@ -322,6 +376,10 @@ class Server(Recovery):
                 self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         if self.groups is None:
             self.groups = form_groups(self.workers, self.store.versions)
+            for g in self.groups:  # accumulate in θ's dtype (gradients may travel narrower)
+                g.dtypes = {k: self.store.params[k].dtype for k in g.keys}
+            if self.fast.wanted and not self.store.shared:
+                self.store.move_to(self.fast.alloc_theta)
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
             if unused:
                 log.warning("θ keys no worker registered (never updated): %s", sorted(unused)[:5])
@@ -342,7 +400,8 @@ class Server(Recovery):
                 fields = {"version": version, "loss": self.last_loss}
                 if w.op is Op.INIT:
                     fields["peers"] = self._peer_table()
-                self._reply(w.ident, w.req_id, fields, w.keys)
+                    fields.update(self.fast.theta_fields(w.keys))
+                self._reply(w.ident, w.req_id, fields, w.keys, shm=w.shm)
                 self.metrics.request(w.op.value, time.monotonic() - w.t0)
             else:
                 still.append(w)
@@ -358,7 +417,8 @@ class Server(Recovery):
         if self.groups is None:
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, "pull before every worker has called init")
         keys = self._requested_keys(msg, w)
-        self.waiters.append(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0)))
+        self._park(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0),
+                                   shm=bool(msg.fields.get("shm"))))
         self._wake()
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
@@ -367,16 +427,17 @@ class Server(Recovery):
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, "push before every worker has called init")
         f = msg.fields
         step = f["step"]
+        if not self._groups_of(w):
+            raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
         keys = self._requested_keys(msg, w) if msg.op is Op.PUSH_PULL else w.keys
-        self._check_tensors(msg.tensors, w.keys, msg.op.value)
+        tensors = self._pushed(w, msg)
+        groups = self._push_groups(w, tensors)
+        self._check_tensors(tensors, tuple(k for g in groups for k in g.keys), msg.op.value, grads=True)
         weight = float(f.get("samples", 1.0))
         if weight < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
-        groups = self._groups_of(w)
-        if not groups:
-            raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
         if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
-            self._push_on_arrival(ident, msg, w, keys, groups, weight)
+            self._push_on_arrival(ident, msg, w, keys, groups, weight, tensors)
             return
         replay = False
         for g in groups:  # validate against every group before touching any
@@ -391,22 +452,24 @@ class Server(Recovery):
         else:
             self.sync.record(w, step, weight, f.get("loss"))
             for g in groups:
-                grads = {k: msg.tensors[k] for k in g.keys}
+                grads = {k: tensors[k] for k in g.keys}
                 if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
                     self._complete(g)
-            w.clock = max(w.clock, step + 1)
+            if all(g.step > step or g.has_pushed(w.rank) for g in self._groups_of(w)):
+                w.clock = max(w.clock, step + 1)  # every bucket of this step is in
         if msg.op is Op.PUSH:
             self._reply(ident, msg.id, {"applied": not replay, "version": self.store.version(w.keys)})
             self.metrics.request(msg.op.value, 0.0)  # answered on arrival
         else:
-            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1))
+            self._park(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1,
+                                       shm=bool(f.get("shm"))))
         self._wake()
 
     def _push_on_arrival(self, ident: bytes, msg: Message, w: WorkerInfo, keys: tuple[str, ...],
-                         groups: list[KeyGroup], weight: float) -> None:
+                         groups: list[KeyGroup], weight: float, tensors: Mapping[str, torch.Tensor]) -> None:
         """A push under async / ssp: applied now by the consistency model, then answered."""
         t0, step = time.monotonic(), msg.fields["step"]
-        applied = self.sync.push(w, step, groups, msg.tensors, weight, msg.fields.get("loss"))
+        applied = self.sync.push(w, step, groups, tensors, weight, msg.fields.get("loss"))
         if applied:
             self.last_loss = self.sync.loss if self.sync.loss is not None else self.last_loss
             slowest = self.sync.slowest(w.rank)
@@ -421,15 +484,25 @@ class Server(Recovery):
             self._reply(ident, msg.id, {"applied": applied, "version": self.store.version(w.keys)})
             self.metrics.request(msg.op.value, time.monotonic() - t0)
         else:
-            self.waiters.append(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1, t0=t0))
+            self._park(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, keys, step=step + 1, t0=t0))
         self._wake()
 
     def _complete(self, g: KeyGroup) -> None:
         grads, loss = g.finish()
-        self.store.apply(grads)
-        faults.hit("after-apply", g.step - 1)
         if loss is not None:
             self.last_loss = loss
+        if self.store.shared:
+            # [Note: shared θ] workers compute with θ's own memory: apply only when every group
+            # has completed the step, i.e. no worker is still using θ. Every group, not only
+            # those of g's contributors: after a shrink the contributors differ between groups
+            # for a step. No group gets ahead: a worker needs θ of all its keys to push again.
+            self._deferred.update(grads)
+            assert self.groups is not None
+            if any(o.step < g.step for o in self.groups):
+                return
+            grads, self._deferred = self._deferred, {}
+        self.store.apply(grads)
+        faults.hit("after-apply", g.step - 1)
         version = self.store.version(self.store.params)
         self.metrics.update(version, loss)
         self.metrics.step(g.step)
@@ -457,7 +530,7 @@ class Server(Recovery):
             log.info("rank %d finished (%d/%d done)", w.rank, sum(x.done for x in self.workers.values()) + 1,
                      self.cfg.workers)
         w.done = True
-        self.done_waiters.append(Waiter(ident, msg.id, Op.DONE, w.rank, (), step=0))
+        self._park(Waiter(ident, msg.id, Op.DONE, w.rank, (), step=0))
         self._finish_if_done()
 
     def _on_ping(self, ident: bytes, msg: Message) -> None:
@@ -478,7 +551,7 @@ class Server(Recovery):
         version = self.store.version(self.store.params)
         if version > self.saved_step:
             self._save(version)
-        path = checkpoint.save_final(self.cfg.checkpoint_dir, self.store.params)
+        path = checkpoint.save_final(self.cfg.checkpoint_dir, merge_pieces(self.store.params))
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
         log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones)",
                  self.cfg.workers, version, loss, os.path.abspath(path), self.store.cow_clones)

@@ -10,7 +10,7 @@ is almost always done by then, so the clone is rare; the server never blocks on 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import zmq
@@ -34,6 +34,7 @@ class ParameterStore:
         self.optimizer: torch.optim.Optimizer | None = None
         self._inflight: dict[str, list[zmq.MessageTracker]] = {}
         self.cow_clones = 0
+        self.shared = False  # θ lives in a shared-memory segment (see ps.fastpath)
 
     @property
     def initialized(self) -> bool:
@@ -54,17 +55,34 @@ class ParameterStore:
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
 
+    def move_to(self, alloc: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]) -> None:
+        """Re-home θ into storage from ``alloc`` (filled with θ), e.g. a shared-memory segment.
+
+        The parameters (and so the optimizer's state for them) stay the same objects. θ then
+        never moves again, and frame replies send copies instead of θ's memory.
+        """
+        storage = alloc({k: p.detach() for k, p in self.params.items()})
+        for k, p in self.params.items():
+            p.data = storage[k]
+        self.shared = True
+        self._inflight.clear()
+
     def version(self, keys: Iterable[str]) -> int:
         """The oldest version among ``keys``."""
         return min((self.versions[k] for k in keys), default=0)
 
     def view(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """θ for ``keys``, as the live tensors (for zero-copy sends; see :meth:`track`)."""
+        """θ for ``keys``, as the live tensors (for zero-copy sends; see :meth:`track`).
+
+        Shared θ is copied instead: it must stay where the workers map it.
+        """
+        if self.shared:
+            return {k: self.params[k].detach().clone() for k in keys}
         return {k: self.params[k].detach() for k in keys}
 
     def track(self, keys: Iterable[str], tracker: zmq.MessageTracker | None) -> None:
         """Remember that a send of ``keys`` may still read θ's memory."""
-        if tracker is None:
+        if tracker is None or self.shared:
             return
         for k in keys:
             lst = self._inflight.setdefault(k, [])

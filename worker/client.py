@@ -15,44 +15,44 @@ Example::
 Every call rides out lost connections and server restarts (:mod:`worker.retry`): it fails with
 :class:`common.errors.PSTimeoutError`, naming the server, the operation and the step, once the
 server has shown no sign of life for ``timeout`` seconds; an ERROR reply raises
-:class:`common.errors.RemoteError`. A heartbeat thread (:mod:`worker.heartbeat`) keeps this
-worker's lease on the server while it computes.
+:class:`common.errors.RemoteError`. A heartbeat thread per server (:mod:`worker.heartbeat`)
+keeps this worker's lease while it computes.
 
 [Note: rewinding] If the server restarted from a checkpoint older than this worker's step (it
 lost the steps after it), or dropped this rank, the client registers again and the call
 returns θ at the server's version, setting :attr:`PSClient.step` to it: the caller recomputes
 from there. Loop on ``client.step``, not on a counter of your own, as the example does.
 
-Tensors on CUDA are staged through pinned host buffers allocated once per key and reused
-(safe: every call waits for its reply, so the server has the bytes before a buffer is
-written again).
+``server`` may list several shards, comma-separated (``tcp://a:5555,tcp://b:5555``): the
+tensors are split into pieces and spread over them deterministically (``common.partition``;
+every worker must list the shards in the same order). On the same host as the server, θ
+and the gradients go through shared memory (``common.shm``) unless ``shm="off"``. The
+bytes of both paths, and the staging of CUDA tensors through pinned buffers, are handled by
+:class:`worker.channel.Channel`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import time
-import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import zmq
 
 from common import faults
-from common.dtypes import dtype_name
 from common.errors import ErrorCode, PSError, RemoteError
 from common.protocol import Op
 from common.transport import USE_DEFAULT, Requester, make_context
-from common.wire import Message
+from worker.channel import Channel
 from worker.heartbeat import Heartbeat
-from worker.retry import Caller, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 Tensors = Mapping[str, torch.Tensor]
+T = TypeVar("T")
 
 
 class _Rejoined(Exception):
@@ -64,10 +64,11 @@ class _Rejoined(Exception):
 
 
 class PSClient:
-    """A worker's connection to the parameter server.
+    """A worker's connection to the parameter server (one or several shards).
 
     Args:
-        server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``.
+        server: the server's endpoint, e.g. ``tcp://10.0.0.1:5555``, or a comma-separated
+            list of shard endpoints.
         rank: this worker's rank in ``[0, world_size)``, or None to have the server assign
             one at registration (then :attr:`rank` is set by :meth:`init`).
         world_size: the number of workers K (must match the server's ``--workers``).
@@ -77,11 +78,16 @@ class PSClient:
         heartbeat: seconds between heartbeats (0: none; then a call fails after ``timeout``
             seconds without a reply, and the server's lease only sees requests).
         curve: CURVE settings (:class:`common.security.Curve`); by default the process's.
+        chunk_mb: split tensors into pieces of at most this many MiB (0: never).
+        shm: ``auto`` uses shared memory with a same-host server; ``off`` always frames.
+        wire_dtype: ``float16``/``bfloat16`` send floating gradients narrowed (frames only).
+        io_threads: ZeroMQ I/O threads of the client's own context.
     """
 
     def __init__(self, server: str, rank: int | None, world_size: int, timeout: float = 60.0,
                  role: str = "data", ctx: zmq.Context | None = None, worker_id: str | None = None,
-                 heartbeat: float = 1.0, curve: Any = USE_DEFAULT) -> None:
+                 heartbeat: float = 1.0, curve: Any = USE_DEFAULT, chunk_mb: float = 1.0, shm: str = "auto",
+                 wire_dtype: str = "auto", io_threads: int = 1) -> None:
         self.server = server
         self.rank = rank
         self.worker_id = worker_id or default_worker_id()
@@ -89,15 +95,15 @@ class PSClient:
         self.timeout = timeout
         self.role = role
         self._own_ctx = ctx is None
-        self.ctx = ctx or make_context()
-        self._identity = f"w{'?' if rank is None else rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
-        self._curve = curve
-        self._heartbeat_s = heartbeat
-        self._beat: Heartbeat | None = None
-        who = f"worker {self.worker_id if rank is None else rank}"
-        self._req = Requester(self.ctx, server, who=who, identity=self._identity, curve=curve)
-        self._caller = Caller(self._req, self.ctx, who, RetryPolicy(deadline_s=timeout))
+        self.ctx = ctx or make_context(io_threads)
+        endpoints = [e.strip() for e in server.split(",") if e.strip()]
+        self._ch: Channel | None = Channel(self.ctx, endpoints, rank, timeout, chunk_mb, shm, wire_dtype,
+                                           who=self.worker_id if rank is None else None, heartbeat=heartbeat,
+                                           curve=curve)
         self._register: dict[str, Any] = {}
+        self._specs: dict[str, torch.Tensor] = {}  # meta tensors: names, dtypes and shapes registered
+        self._buckets: list[list[str]] | None = None
+        self._params: dict[str, torch.Tensor] | None = None  # what end_step last loaded θ into
         self._joined = False
         self.rejoins = 0
         """How many times this client registered again (after a server restart or a shrink)."""
@@ -108,79 +114,65 @@ class PSClient:
         self.peers: list[dict[str, Any]] = []
         """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self.server_info: dict[str, Any] = {}
-        """The REGISTER reply: world size, sync model, optimizer and lr the server applies."""
-        self._pinned: dict[str, torch.Tensor] = {}
+        """The REGISTER reply (of the first shard): world size, sync model, optimizer and lr."""
 
     # ------------------------------------------------------------------ API
-    def init(self, named_tensors: Tensors, **register_fields: Any) -> dict[str, torch.Tensor]:
+    def init(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
+             **register_fields: Any) -> dict[str, torch.Tensor]:
         """Register these parameters and agree on initial θ (the lowest rank's values win).
 
-        Blocks until every worker has called ``init``. Returns θ (CPU tensors) and sets
-        :attr:`step` to the server's version, which is non-zero when the server resumed.
-        Without a rank, the server assigns one (the same one on every later registration
-        of this worker id); it is in :attr:`rank` once this returns.
+        ``buckets`` (lists of names, together covering every tensor once) are pushed
+        separately by :meth:`push_bucket`; without them a step is pushed whole. Blocks until
+        every worker has called ``init``. Returns θ (CPU tensors) and sets :attr:`step` to
+        the server's version, which is non-zero when the server resumed. Without a rank, the
+        server assigns one (the same one on every later registration of this worker id); it
+        is in :attr:`rank` once this returns.
         """
+        self._channel(Op.REGISTER)
         self.keys = tuple(named_tensors)
-        self._register = {"params": [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()],
-                          **register_fields}
+        self._remember(named_tensors, buckets, register_fields)
         return self._join(named_tensors)
 
-    def register(self, named_tensors: Tensors, **register_fields: Any) -> int:
-        """Announce this worker and its parameters (no tensors sent); return its rank.
+    def register(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
+                 **register_fields: Any) -> int:
+        """Announce this worker and its parameters to every shard (no tensors sent); return its rank.
 
-        Without a rank yet, asks the server for one; after that, re-registering sends the
-        rank it got, so a reconnect keeps it.
+        Without a rank yet, the first shard assigns one and the others are told it; after
+        that, re-registering sends the rank it got, so a reconnect keeps it.
         """
-        self._register = {"params": [[k, dtype_name(t.dtype), list(t.shape)] for k, t in named_tensors.items()],
-                          **register_fields}
+        self._channel(Op.REGISTER)
+        self._remember(named_tensors, buckets, register_fields)
         return self._register_again()
-
-    def _register_again(self) -> int:
-        """REGISTER with the fields of the last :meth:`register`; start the heartbeat."""
-        fields: dict[str, Any] = {"world_size": self.world_size, "role": self.role, "worker_id": self.worker_id,
-                                  **self._register}
-        if self.rank is not None:
-            fields["rank"] = self.rank
-        reply = self._caller.call(Op.REGISTER, fields, step=self.step)
-        self.server_info = dict(reply.fields)
-        assigned = reply.fields.get("rank", self.rank)
-        if not isinstance(assigned, int) or not 0 <= assigned < self.world_size:
-            raise PSError(f"worker {self.worker_id}: the server at {self.server} assigned no valid rank "
-                          f"(got {assigned!r})")
-        if self.rank is None:
-            log.info("the server assigned rank %d to worker id %r", assigned, self.worker_id)
-        self.rank = assigned
-        incarnation, hold = reply.fields.get("incarnation"), reply.fields.get("hold_s")
-        self._caller.incarnation = incarnation if isinstance(incarnation, str) else None
-        if isinstance(hold, (int, float)) and not isinstance(hold, bool):
-            self._caller.policy = dataclasses.replace(self._caller.policy, hold_s=float(hold))
-        self._start_heartbeat()
-        return assigned
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
+        ch = self._channel(Op.PULL)
         fields: dict[str, Any] = {"rank": self.rank, "step": self.step if step is None else step}
-        if keys is not None:
-            fields["keys"] = list(keys)
         try:
-            reply = self._call(Op.PULL, fields)
+            replies = self._guard(Op.PULL, lambda: ch.call_all(Op.PULL, fields, self.step))
         except _Rejoined as r:
-            return r.theta
-        self.last_loss = reply.fields.get("loss")
-        return reply.tensors
+            theta = r.theta
+        else:
+            pieces: dict[str, torch.Tensor] = {}
+            for r in replies:
+                self.last_loss = r.fields.get("loss", self.last_loss)
+                pieces.update(r.tensors)
+            theta = ch._whole(pieces)
+        return {k: theta[k] for k in keys} if keys is not None else theta
 
     def push(self, grads: Tensors, step: int | None = None, samples: float | None = None,
              loss: float | None = None) -> bool:
         """Send this worker's gradients of ``step``; True if applied, False if a replay (or a rewind:
         then :attr:`step` is the server's older version, see the module doc)."""
+        ch = self._channel(Op.PUSH)
         step = self.step if step is None else step
         try:
-            reply = self._call(Op.PUSH, self._push_fields(step, samples, loss), self._stage(grads), step,
-                               after_send=lambda: self._fault("after-push", step))
+            self._guard(Op.PUSH, lambda: self._push_all(ch, grads, step, samples, loss, pull=False))
+            self._guard(Op.PUSH, lambda: ch.finish(want_theta=False))
         except _Rejoined:
             return False
         self.step = step + 1
-        return bool(reply.fields.get("applied", True))
+        return ch.applied
 
     def push_pull(self, grads: Tensors, step: int | None = None, samples: float | None = None,
                   loss: float | None = None) -> dict[str, torch.Tensor]:
@@ -188,15 +180,13 @@ class PSClient:
 
         After a rewind (see the module doc) this is θ at :attr:`step`, older than ``step + 1``.
         """
+        ch = self._channel(Op.PUSH_PULL)
         step = self.step if step is None else step
         try:
-            reply = self._call(Op.PUSH_PULL, self._push_fields(step, samples, loss), self._stage(grads), step,
-                               after_send=lambda: self._fault("after-push", step))
+            self._guard(Op.PUSH_PULL, lambda: self._push_all(ch, grads, step, samples, loss))
         except _Rejoined as r:
             return r.theta
-        self.step = step + 1
-        self.last_loss = reply.fields.get("loss")
-        return reply.tensors
+        return self.end_step()
 
     def done(self) -> bool:
         """Tell the server this worker has finished; wait until every worker has and θ is saved.
@@ -206,25 +196,83 @@ class PSClient:
             meanwhile (it restarted): :attr:`step` is that step; train on from there (after
             :meth:`pull`) and call ``done`` again.
         """
+        ch = self._channel(Op.DONE)
         try:
-            self._call(Op.DONE, {"rank": self.rank, "step": self.step})
+            self._guard(Op.DONE, lambda: ch.call_all(Op.DONE, {"rank": self.rank, "step": self.step}, self.step))
         except _Rejoined:
             return False
         return True
 
+    def pull_into(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Load θ ready for computing :attr:`step` into ``params`` (bound ones show it already)."""
+        self._load_whole(self.pull(), params)
+
     def ping(self) -> dict[str, Any]:
-        """The server's status (version, workers registered and done, last loss)."""
-        return dict(self._call(Op.PING, {} if self.rank is None else {"rank": self.rank}).fields)
+        """The server's status (version, workers registered and done, last loss) (first shard)."""
+        fields = {} if self.rank is None else {"rank": self.rank}
+        return dict(self._channel(Op.PING).call_all(Op.PING, fields, self.step)[0].fields)
+
+    # ---------------------------------------------------------- bucketed steps (the runtime)
+    def begin_step(self, step: int | None = None, samples: float | None = None, loss: float | None = None) -> None:
+        """Start step ``step``: buckets pushed until :meth:`end_step` carry these fields."""
+        step = self.step if step is None else step
+        self._channel(Op.PUSH).begin(step, samples, loss)
+
+    def push_bucket(self, index: int, grads: Tensors) -> None:
+        """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""
+        self._channel(Op.PUSH).push_bucket(index, grads)
+
+    def end_step(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Wait for the step's pushes and θ after it; with ``params``, load θ into them.
+
+        Returns θ as tensors, or nothing when ``params`` were given (they now hold θ). After a
+        rewind (see the module doc), θ is at the server's older version, :attr:`step`.
+        """
+        ch = self._channel(Op.PUSH_PULL)
+        step = int(ch._step["step"])
+        if params is not None:
+            self._params = dict(params)
+        try:
+            self._guard(Op.PUSH_PULL, ch.flush)
+            self._fault("after-push", step)
+            pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True))
+        except _Rejoined as r:
+            if params is not None:
+                self._load_whole(r.theta, params)
+                return {}
+            return r.theta
+        self.step = step + 1
+        self.last_loss = ch.last_loss
+        if params is not None:
+            ch.load(pieces, params)
+            return {}
+        theta = ch._whole(pieces)
+        if len(theta) < len(self.keys):
+            theta = {**ch.theta_from_shm(), **theta}
+        return theta
+
+    @property
+    def buckets(self) -> list[list[str]]:
+        """The buckets in use after :meth:`init` (one of everything when the server takes
+        whole steps only, as under async/ssp)."""
+        return self._channel(Op.PING).buckets
+
+    def bind(self, params: Mapping[str, torch.Tensor]) -> int:
+        """Turn CPU parameters into views of the server's θ where shared memory allows.
+
+        Returns how many were bound. Bound parameters must not be written by the caller.
+        """
+        return self._channel(Op.INIT).bind(params)
+
+    def load(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy the shared θ into ``params`` in place (nothing to do for bound ones)."""
+        self._channel(Op.PULL).load(None, params)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        if self._beat is not None:
-            self._beat.stop()
-            self._beat = None
-        if self._req is not None:
-            self._caller.close()
-            self._req.close()
-            self._req = None  # type: ignore[assignment]
+        if self._ch is not None:
+            self._ch.close()
+            self._ch = None
             if self._own_ctx:
                 self.ctx.term()
 
@@ -234,89 +282,101 @@ class PSClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ internals
-    def _push_fields(self, step: int, samples: float | None, loss: float | None) -> dict[str, Any]:
-        fields: dict[str, Any] = {"rank": self.rank, "step": step}
-        if samples is not None:
-            fields["samples"] = float(samples)
-        if loss is not None:
-            fields["loss"] = float(loss)
-        return fields
+    @property
+    def _req(self) -> Requester:
+        """The first shard's :class:`common.transport.Requester` (for tests and tools)."""
+        return self._channel(Op.PING).shards[0].req
 
-    def _call(self, op: Op, fields: Mapping[str, Any], tensors: Tensors | None = None, step: int | None = None,
-              after_send: Callable[[], None] | None = None) -> Message:
-        """One call; raises :class:`_Rejoined` when the server no longer knew this rank."""
-        if self._req is None:
-            raise PSError(f"worker {self.rank}: {op.value} on a closed client")
-        if self.rank is None and op not in (Op.REGISTER, Op.PING):
-            raise PSError(f"worker {self.worker_id}: {op.value} before init() (no rank assigned yet)")
-        step = self.step if step is None else step
-        try:
-            return self._caller.call(op, fields, tensors, step, after_send)
-        except RemoteError as e:
-            if e.code != ErrorCode.NOT_REGISTERED or not self._joined:
-                raise
-        log.warning("worker %d: the server no longer knows this rank (it restarted, or dropped it) during "
-                    "%s of step %d: registering again", self.rank, op.value, step)
-        self.rejoins += 1
-        theta = self._join(None)
-        log.warning("worker %d: rejoined; the server is at step %d", self.rank, self.step)
-        raise _Rejoined(theta)
+    @property
+    def _beat(self) -> Heartbeat | None:
+        """The first shard's heartbeat (for tests)."""
+        return self._channel(Op.PING).shards[0].beat
+
+    # ------------------------------------------------------------------ internals
+    def _remember(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None,
+                  register_fields: Mapping[str, Any]) -> None:
+        """What every (re-)registration sends."""
+        self._specs = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in named_tensors.items()}
+        self._buckets = [list(b) for b in buckets] if buckets else None
+        self._register = dict(register_fields)
+
+    def _register_again(self) -> int:
+        """REGISTER with every shard, with the fields of the last :meth:`register`."""
+        ch = self._channel(Op.REGISTER)
+        fields: dict[str, Any] = {"world_size": self.world_size, "role": self.role, "worker_id": self.worker_id,
+                                  **self._register}
+        self.server_info = ch.register(self._specs, self._buckets, fields, self.rank, self.world_size, self.step)
+        if self.rank is None:
+            log.info("the server assigned rank %d to worker id %r", ch.rank, self.worker_id)
+        assert ch.rank is not None
+        self.rank = ch.rank
+        return ch.rank
 
     def _join(self, offer: Tensors | None) -> dict[str, torch.Tensor]:
-        """REGISTER then INIT (again, if the server restarted between the two); start the heartbeat."""
+        """REGISTER then INIT with every shard (again, if a server restarted between the two)."""
+        ch = self._channel(Op.INIT)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 self._register_again()
-                initialized = bool(self.server_info.get("initialized"))
-                if not initialized and offer is None:
-                    raise PSError(f"worker {self.rank}: the server at {self.server} restarted without θ (no "
-                                  f"checkpoint in its --checkpoint-dir) while this worker was at step "
-                                  f"{self.step}: the job cannot continue exactly")
-                tensors = self._stage(offer) if offer is not None and not initialized else None
-                reply = self._caller.call(Op.INIT, {"rank": self.rank}, tensors, step=self.step)
+                theta, version, peers = ch.init(offer, self.step)
                 break
-            except RemoteError as e:  # the server restarted between REGISTER and INIT
+            except RemoteError as e:  # a server restarted between REGISTER and INIT
                 if e.code != ErrorCode.NOT_REGISTERED or time.monotonic() > deadline:
                     raise
-        self.step = int(reply.fields["version"])
-        self.peers = list(reply.fields.get("peers") or [])
+        self.step = version
+        self.peers = peers
         self._joined = True
-        return reply.tensors
+        return theta
+
+    def _guard(self, op: Op, fn: Callable[[], T]) -> T:
+        """Run ``fn``; when a server no longer knows this rank, rejoin and raise :class:`_Rejoined`."""
+        try:
+            return fn()
+        except RemoteError as e:
+            if e.code != ErrorCode.NOT_REGISTERED or not self._joined:
+                raise
+        ch = self._channel(op)
+        log.warning("worker %d: the server no longer knows this rank (it restarted, or dropped it) during "
+                    "%s of step %d: registering again", self.rank, op.value, self.step)
+        self.rejoins += 1
+        ch.reset()
+        bound = ch.unbind()
+        theta = self._join(None)
+        if bound:
+            ch.bind(bound)
+        log.warning("worker %d: rejoined; the server is at step %d", self.rank, self.step)
+        raise _Rejoined(theta)
+
+    def _push_all(self, ch: Channel, grads: Tensors, step: int, samples: float | None, loss: float | None,
+                  pull: bool = True) -> None:
+        ch.begin(step, samples, loss, pull)
+        for i in range(len(ch.buckets)):
+            ch.push_bucket(i, grads)
+        if not pull:
+            ch.flush()
+            self._fault("after-push", step)
+
+    def _load_whole(self, theta: Tensors, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy whole θ tensors into ``params`` (the bound ones already show θ)."""
+        ch = self._channel(Op.PULL)
+        with torch.no_grad():
+            for name, p in params.items():
+                if name not in ch.bound and name in theta:
+                    p.copy_(theta[name])
 
     def _fault(self, point: str, step: int) -> None:
-        """Fire an armed test fault (``common.faults``); at ``after-push``, once the server has the push."""
+        """Fire an armed test fault (``common.faults``); at ``after-push``, once the servers have the push."""
         if faults.armed(point, step):
-            self._caller.sync()
+            self._channel(Op.PING).sync()
             faults.hit(point, step)
 
-    def _start_heartbeat(self) -> None:
-        """Once registered (the server renews a lease only for a registered connection's heartbeat)."""
-        if self._beat is None and self._heartbeat_s > 0:
-            assert self.rank is not None
-            self._beat = Heartbeat(self.ctx, self.server, self._identity, self.rank, self._heartbeat_s, self._curve)
-            self._beat.start()
-            self._caller.beat = self._beat
-
-    def _stage(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """CPU views of ``tensors``; CUDA ones are copied into reused pinned buffers."""
-        out: dict[str, torch.Tensor] = {}
-        devices: set[torch.device] = set()
-        for k, t in tensors.items():
-            t = t.detach()
-            if t.device.type == "cpu":
-                out[k] = t
-                continue
-            buf = self._pinned.get(k)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = self._pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buf.copy_(t, non_blocking=True)
-            out[k] = buf
-            devices.add(t.device)
-        for dev in devices:  # the copies were queued on each device's current stream
-            torch.cuda.current_stream(dev).synchronize()
-        return out
+    def _channel(self, op: Op) -> Channel:
+        if self._ch is None:
+            raise PSError(f"worker {self.rank}: {op.value} on a closed client")
+        if self.rank is None and op not in (Op.REGISTER, Op.INIT, Op.PING):
+            raise PSError(f"worker {self.worker_id}: {op.value} before init() (no rank assigned yet)")
+        return self._ch
 
 
 def default_worker_id() -> str:

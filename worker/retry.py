@@ -1,7 +1,7 @@
 """Calls that ride out lost connections and server restarts, and fail clearly when they cannot.
 
 Every request of the protocol is idempotent (a push is identified by (rank, step), and the
-server supersedes a connection's parked request with its next one), so a :class:`Caller` may
+server supersedes a parked request that its connection sends again), so a :class:`Caller` may
 send a request again whenever what was in flight could have been lost:
 
 * the connection was re-established (a new handshake on the socket's monitor): the request, or
@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 import zmq
 
-from common.errors import AuthenticationError, ErrorCode, PSTimeoutError, RemoteError
+from common.errors import AuthenticationError, ErrorCode, PSError, PSTimeoutError, RemoteError
 from common.protocol import Op
 from common.transport import Requester
 from common.watch import HandshakeWatch
@@ -66,8 +65,41 @@ class RetryPolicy:
         return min(self.backoff_max_s, self.backoff_s * 2 ** min(attempt, 30))
 
 
+@dataclass(eq=False)
+class Call:
+    """One request in flight: sent (perhaps more than once) until it is answered."""
+
+    op: Op
+    fields: Mapping[str, Any]
+    tensors: Mapping[str, torch.Tensor] | None
+    step: int
+    start: float
+    resend_at: float
+    ids: set[int] = field(default_factory=set)
+    reply: Message | None = None
+    error: PSError | None = None
+    retry_at: float | None = None
+    attempt: int = 0
+
+    @property
+    def what(self) -> str:
+        """How errors and log lines name the call."""
+        return f"{self.op.value} of step {self.step}"
+
+    @property
+    def answered(self) -> bool:
+        """A reply or a final error has arrived."""
+        return self.reply is not None or self.error is not None
+
+
 class Caller:
     """Sends requests over one :class:`Requester` until each is answered (see the module doc).
+
+    Several calls may be in flight at once (:meth:`start`, then :meth:`finish` each): a reply
+    is matched to its call by id whichever call is being waited for, and when the connection
+    is re-established or the server restarts every unanswered call is sent again, in the order
+    they were first sent (ZeroMQ keeps order on a connection, so a PULL stays behind the PUSH
+    it depends on).
 
     Args:
         req: the request socket.
@@ -85,8 +117,12 @@ class Caller:
         self.incarnation: str | None = None
         """The server process this client registered with (from its REGISTER reply)."""
         self.resends = 0
-        self._early: deque[Message] = deque()
+        self._calls: list[Call] = []  # unanswered, in the order first sent
+        self._generation = self.watch.generation
+        self._seen_incarnation: str | None = None
+        self._last_life = time.monotonic()
 
+    # ------------------------------------------------------------------ API
     def call(self, op: Op, fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
              step: int = 0, after_send: Callable[[], None] | None = None) -> Message:
         """Send ``op`` and return its reply, resending as needed.
@@ -96,85 +132,132 @@ class Caller:
             AuthenticationError: the server refused the handshake.
             PSTimeoutError: past the deadlines above.
         """
-        p = self.policy
-        what = f"{op.value} of step {step}"
-        start = time.monotonic()
-        ids = {self.req.send(op, fields, tensors)}
+        c = self.start(op, fields, tensors, step)
         if after_send is not None:
             after_send()
-        self.watch.update()
-        generation = self.watch.generation
-        incarnation = self._incarnation()
-        last_life = start
-        attempt = 0
-        retry_at: float | None = None
-        resend_at = start + p.backoff(0) if self.beat is None else float("inf")
-        while True:
-            msg = self._early.popleft() if self._early else self.req.receive(p.poll_s)
-            now = time.monotonic()
-            if msg is not None:
-                last_life = now
-                if msg.id in ids or (msg.op is Op.ERROR and msg.id == 0):  # see transport's [Note: id 0]
-                    if msg.op is not Op.ERROR:
-                        return msg
-                    code, text = msg.fields["code"], msg.fields["message"]
-                    if code not in RETRYABLE:
-                        raise RemoteError(self.req.endpoint, op.value, code, f"{text} ({self.who} at step {step})")
-                    retry_at = now + p.backoff(attempt)
-                    attempt += 1
-                    log.info("%s: %s refused for now (%s); retrying in %.1fs", self.who, what, text,
-                             retry_at - now)
+        return self.finish(c)
+
+    def start(self, op: Op, fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
+              step: int = 0) -> Call:
+        """Send ``op`` now and return its :class:`Call`; :meth:`finish` waits for the reply.
+
+        The tensors are sent zero-copy: leave them unchanged until the call is finished.
+        """
+        now = time.monotonic()
+        if not self._calls:  # nothing in flight: whatever happened before concerns no call
             self.watch.update()
-            if self.watch.failure is not None:
-                raise AuthenticationError(f"{what} to {self.req.endpoint}: {self.who}: {self.watch.failure}")
-            reason = None
-            if self.watch.generation != generation:
-                reason, last_life = "the connection was re-established", now
-            elif self.beat is not None and self.beat.incarnation not in (None, incarnation):
-                reason = "the server restarted"
-            elif retry_at is not None and now >= retry_at:
-                reason = "retry"
-            elif now >= resend_at:
-                reason = "no reply yet"
-                resend_at = now + p.backoff(attempt)
-                attempt += 1
-            if reason is not None:
-                ids.add(self.req.send(op, fields, tensors))
-                generation = self.watch.generation
-                incarnation = self._incarnation()
-                retry_at = None
-                self.resends += 1
-                (log.debug if reason == "retry" else log.info)("%s: sending %s again (%s)", self.who, what, reason)
-            if self.beat is not None:
-                last_life = max(last_life, self.beat.last_reply)
-                stalled = now - max(self.beat.last_progress, start)
-                if stalled > p.hold_s + p.deadline_s:
-                    raise PSTimeoutError(self.req.endpoint, op.value, p.hold_s + p.deadline_s,
-                                         f"{self.who} at step {step}: the server answers but made no progress")
-            if now - last_life > p.deadline_s:
-                raise PSTimeoutError(self.req.endpoint, op.value, p.deadline_s,
-                                     f"{self.who} at step {step}: no sign of life from the server")
+            self._generation = self.watch.generation
+            self._seen_incarnation = self._incarnation()
+            self._last_life = now
+        c = Call(op, fields, tensors, step, now,
+                 now + self.policy.backoff(0) if self.beat is None else float("inf"))
+        c.ids.add(self.req.send(op, fields, tensors))
+        self._calls.append(c)
+        return c
+
+    def finish(self, c: Call) -> Message:
+        """Wait for ``c``'s reply (resending what is in flight as needed); see :meth:`call`."""
+        while not c.answered:
+            self._turn(c)
+        if c.error is not None:
+            raise c.error
+        assert c.reply is not None
+        return c.reply
+
+    def abandon(self) -> None:
+        """Forget every call in flight (their late replies are dropped as stale)."""
+        self._calls.clear()
 
     def sync(self, timeout_s: float = 30.0) -> None:
         """Wait until the server has handled everything sent so far (a PING behind it is answered).
 
-        Other messages that arrive meanwhile are kept for the call in progress.
+        Replies to other calls that arrive meanwhile are kept for them.
         """
-        ping = self.req.send(Op.PING, {})
+        c = self.start(Op.PING, {})
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = self.req.receive(self.policy.poll_s)
-            if msg is None:
-                continue
-            if msg.id == ping:
-                return
-            self._early.append(msg)
-        raise PSTimeoutError(self.req.endpoint, Op.PING.value, timeout_s, f"{self.who}: no answer to a sync")
-
-    def _incarnation(self) -> str | None:
-        """The server process a request goes to, as far as this client knows."""
-        return (self.beat.incarnation if self.beat is not None else None) or self.incarnation
+        while not c.answered:
+            if time.monotonic() > deadline:
+                self._calls.remove(c)
+                raise PSTimeoutError(self.req.endpoint, Op.PING.value, timeout_s, f"{self.who}: no answer to a sync")
+            self._turn(c)
+        if c.error is not None:
+            raise c.error
 
     def close(self) -> None:
         """Stop watching the socket (before it is closed)."""
         self.watch.close()
+
+    # ------------------------------------------------------------------ internals
+    def _turn(self, c: Call) -> None:
+        """One look at the socket, the monitor and the heartbeat while waiting for ``c``."""
+        p = self.policy
+        msg = self.req.receive(p.poll_s)
+        now = time.monotonic()
+        if msg is not None:
+            self._last_life = now
+            target = next((x for x in self._calls if msg.id in x.ids), None)
+            if target is None and msg.op is Op.ERROR and msg.id == 0:  # see transport's [Note: id 0]
+                target = c
+            if target is None:
+                log.debug("%s: dropping a stale reply %s to request %d", self.who, msg.op.value, msg.id)
+            else:
+                self._answer(target, msg, now)
+            if c.answered:
+                return
+        self.watch.update()
+        if self.watch.failure is not None:
+            raise AuthenticationError(f"{c.what} to {self.req.endpoint}: {self.who}: {self.watch.failure}")
+        reason = None
+        if self.watch.generation > max(self._generation, 1):
+            reason, self._last_life = "the connection was re-established", now
+        elif self.watch.generation != self._generation:  # the first connection: it carries what was queued
+            self._generation = self.watch.generation
+        elif self.beat is not None and self.beat.incarnation not in (None, self._seen_incarnation):
+            reason = "the server restarted"
+        if reason is not None:
+            self._generation = self.watch.generation
+            self._seen_incarnation = self._incarnation()
+            for x in self._calls:
+                self._resend(x, reason)
+        else:
+            for x in list(self._calls):
+                if x.retry_at is not None and now >= x.retry_at:
+                    self._resend(x, "retry")
+                elif now >= x.resend_at:
+                    x.resend_at = now + p.backoff(x.attempt)
+                    x.attempt += 1
+                    self._resend(x, "no reply yet")
+        last_life = max(self._last_life, c.start)
+        if self.beat is not None:
+            last_life = max(last_life, self.beat.last_reply)
+            stalled = now - max(self.beat.last_progress, c.start)
+            if stalled > p.hold_s + p.deadline_s:
+                raise PSTimeoutError(self.req.endpoint, c.op.value, p.hold_s + p.deadline_s,
+                                     f"{self.who} at step {c.step}: the server answers but made no progress")
+        if now - last_life > p.deadline_s:
+            raise PSTimeoutError(self.req.endpoint, c.op.value, p.deadline_s,
+                                 f"{self.who} at step {c.step}: no sign of life from the server")
+
+    def _answer(self, c: Call, msg: Message, now: float) -> None:
+        if msg.op is not Op.ERROR:
+            c.reply = msg
+            self._calls.remove(c)
+            return
+        code, text = msg.fields["code"], msg.fields["message"]
+        if code not in RETRYABLE:
+            c.error = RemoteError(self.req.endpoint, c.op.value, code, f"{text} ({self.who} at step {c.step})")
+            self._calls.remove(c)
+            return
+        c.retry_at = now + self.policy.backoff(c.attempt)
+        c.attempt += 1
+        log.info("%s: %s refused for now (%s); retrying in %.1fs", self.who, c.what, text, c.retry_at - now)
+
+    def _resend(self, c: Call, reason: str) -> None:
+        c.ids.add(self.req.send(c.op, c.fields, c.tensors))
+        c.retry_at = None
+        self.resends += 1
+        (log.debug if reason == "retry" else log.info)("%s: sending %s again (%s)", self.who, c.what, reason)
+
+    def _incarnation(self) -> str | None:
+        """The server process a request goes to, as far as this client knows."""
+        return (self.beat.incarnation if self.beat is not None else None) or self.incarnation

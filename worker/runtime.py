@@ -1,7 +1,10 @@
 """The data-parallel runtime: pull θ → forward/backward on this worker's batch → push.
 
-Each step is one ``push_pull`` round trip: the gradients of step t go out and θ after step t
-comes back. A step's loss shown on rank 0 is the server's weighted mean over all workers.
+Gradients of step t go out bucket by bucket from backward hooks (``worker.buckets``; one
+push after backward with ``--bucket-mb 0``), and θ after step t comes back into the
+parameters: through shared memory (CPU parameters are then views of the server's θ and
+nothing is copied) or as frames. A step's loss shown on rank 0 is the server's weighted
+mean over all workers.
 
 A worker keeps nothing a restart could lose: θ comes from the server, and step t's batch and
 random state (dropout) follow from t alone (:func:`worker.data.step_seed`), so a restarted
@@ -15,6 +18,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,8 @@ from common import faults
 from common.config import WorkerConfig
 from common.errors import ConfigError
 from common.logs import set_role
+from common.partition import buckets
+from worker.buckets import BucketHooks
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
 from worker.factories import build_data, build_model
@@ -69,10 +75,14 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
 
 
-def train(cfg: WorkerConfig) -> TrainResult:
+def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Run this worker's part of a data-parallel job; returns when the job is done.
 
     Without ``cfg.rank`` the server assigns the rank at registration; the shard follows from it.
+
+    Args:
+        cfg: the worker's configuration.
+        on_step: called with the step number after each step (benchmarks time steps with it).
     """
     assert cfg.world_size is not None
     device = resolve_device(cfg.device)
@@ -82,8 +92,12 @@ def train(cfg: WorkerConfig) -> TrainResult:
     t0 = time.monotonic()
     samples = 0
     with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id,
-                  heartbeat=cfg.heartbeat) as client:
-        theta = client.init({k: p.detach().cpu() for k, p in model.named_parameters()})
+                  heartbeat=cfg.heartbeat, chunk_mb=cfg.chunk_mb, shm=cfg.shm, wire_dtype=cfg.wire_dtype,
+                  io_threads=cfg.io_threads) as client:
+        params = dict(model.named_parameters())
+        sizes = {k: p.numel() * p.element_size() for k, p in params.items()}
+        blist = buckets(list(params), sizes, int(cfg.bucket_mb * (1 << 20)))
+        theta = client.init({k: p.detach().cpu() for k, p in params.items()}, buckets=blist)
         if cfg.rank is None:
             assert client.rank is not None
             set_role(f"worker {client.rank}")
@@ -91,6 +105,10 @@ def train(cfg: WorkerConfig) -> TrainResult:
         assert cfg.rank is not None
         stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
         load_into(model, theta)
+        bound = client.bind(params)
+        if bound:
+            log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
+        hooks = BucketHooks(params, client.buckets, client.push_bucket) if len(client.buckets) > 1 else None
         plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
         total = plan.steps_per_epoch * cfg.epochs
         lo, hi = plan.bounds(cfg.rank)
@@ -109,25 +127,34 @@ def train(cfg: WorkerConfig) -> TrainResult:
                         stall.before(step)
                     rows = plan.rows(step, not cfg.no_shuffle, cfg.seed)
                     model.zero_grad(set_to_none=True)
+                    if hooks is not None:
+                        hooks.reset()
                     torch.manual_seed(step_seed(cfg.seed, cfg.rank, step))
-                    loss_value = None
                     if len(rows):
                         x, y = fetch(data, rows)
                         loss = loss_fn(model(x.to(device)), y.to(device))
-                        loss.backward()
-                        loss_value = loss.item()
-                    faults.hit("before-push", step)
-                    theta = client.push_pull(gradients(model), step, samples=len(rows), loss=loss_value)
-                    load_into(model, theta)
+                        faults.hit("before-push", step)
+                        client.begin_step(step, samples=len(rows), loss=loss.item())
+                        loss.backward()  # with hooks, buckets are pushed from here on
+                    else:
+                        faults.hit("before-push", step)
+                        client.begin_step(step, samples=0, loss=None)
+                    if hooks is not None:
+                        hooks.finish()
+                    else:
+                        client.push_bucket(0, gradients(model))
+                    client.end_step(params)
                     samples += len(rows)
                     if client.step == step + 1:
                         progress.update(step, client.last_loss, len(rows) * cfg.world_size)
+                        if on_step is not None:
+                            on_step(step)
                     else:
                         log.warning("recomputing from step %d, where the server resumed", client.step)
                 if client.done():
                     break
                 log.warning("recomputing from step %d, where the server resumed", client.step)
-                load_into(model, client.pull())
+                client.pull_into(params)
         final_loss = client.last_loss
     seconds = time.monotonic() - t0
     log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",

@@ -1,0 +1,141 @@
+"""Same-host fast path: tensors in shared-memory segments instead of ZeroMQ frames.
+
+A segment is a file under ``/dev/shm`` (the temp dir where there is none) mapped by both
+processes: a 64-byte header holding a random 16-byte token, then tensors at offsets given
+by :func:`layout`. The server creates every segment and names it, with its token, in a
+reply; a worker that can open the file and read the same token is on the same host and
+uses it, one that cannot (another host, another container) keeps using frames. Only the
+header of a request then travels over ZeroMQ; the bytes never cross a socket.
+
+[Note: who writes when] A worker writes only its own gradient segment, only between
+receiving θ for step t and pushing step t; the server reads it only between that push and
+the step's completion (BSP: the worker then waits for θ). The server writes the θ segment
+(θ itself lives there) only when a step completes, after every contributor pushed all of
+it, while the workers wait for θ. So no reader ever sees a half-written tensor; this is why
+the fast path is used in ``bsp`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import secrets
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from common.dtypes import ITEMSIZE, torch_dtype
+
+log = logging.getLogger(__name__)
+
+# θ is mapped read-only by workers: a stray write faults instead of corrupting the server's θ.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+HEADER = 64
+TOKEN = 16
+ALIGN = 64
+
+Spec = tuple[str, tuple[int, ...]]  # (dtype name, shape)
+
+
+def shm_dir() -> str:
+    """Where segments live: ``/dev/shm`` when writable, else the temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def layout(specs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[dict[str, int], int]:
+    """Offsets of ``[(key, dtype, shape), ...]`` and the data size.
+
+    Consecutive pieces of one tensor (``NAME#i``, ``NAME#i+1``) are packed back to back, so a
+    whole tensor is one contiguous range; anything else starts on a 64-byte boundary.
+    """
+    offsets: dict[str, int] = {}
+    off = 0
+    prev_base = None
+    for key, dtype, shape in specs:
+        base = key.split("#", 1)[0]
+        if base != prev_base:
+            off = -(-off // ALIGN) * ALIGN
+        offsets[key] = off
+        off += math.prod(shape) * ITEMSIZE[dtype]
+        prev_base = base
+    return offsets, off
+
+
+@dataclass
+class Segment:
+    """One mapped segment: its path, token, and the data bytes as a uint8 tensor."""
+
+    path: str
+    token: str
+    data: torch.Tensor
+    _mm: mmap.mmap
+    owner: bool
+
+    @classmethod
+    def create(cls, tag: str, nbytes: int) -> "Segment":
+        """A new segment of ``nbytes`` data bytes (zero-filled) with a fresh token."""
+        path = os.path.join(shm_dir(), f"zmqps-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, HEADER + max(nbytes, 1))
+            mm = mmap.mmap(fd, HEADER + max(nbytes, 1))
+        finally:
+            os.close(fd)
+        token = secrets.token_bytes(TOKEN)
+        mm[:TOKEN] = token
+        data = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=HEADER) if nbytes else torch.empty(0, dtype=torch.uint8)
+        return cls(path, token.hex(), data, mm, True)
+
+    @classmethod
+    def open(cls, path: str, token: str, nbytes: int, writable: bool) -> "Segment | None":
+        """Map an existing segment; None when it is not there or not the one meant."""
+        try:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except OSError as e:
+            log.info("shared memory %s not usable here (%s): using frames", path, e)
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size != HEADER + max(nbytes, 1):
+                log.warning("shared memory %s has %d bytes, expected %d: using frames", path, size,
+                            HEADER + max(nbytes, 1))
+                return None
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, prot=prot)
+        finally:
+            os.close(fd)
+        if mm[:TOKEN].hex() != token:
+            log.warning("shared memory %s belongs to another server: using frames", path)
+            mm.close()
+            return None
+        data = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=HEADER) if nbytes else torch.empty(0, dtype=torch.uint8)
+        return cls(path, token, data, mm, False)
+
+    def views(self, specs: Sequence[tuple[str, str, Sequence[int]]], offsets: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Typed tensor views of ``specs`` at ``offsets``."""
+        out = {}
+        for key, dtype, shape in specs:
+            n = math.prod(shape) * ITEMSIZE[dtype]
+            off = offsets[key]
+            out[key] = self.data[off:off + n].view(torch_dtype(dtype)).view(tuple(shape))
+        return out
+
+    def close(self) -> None:
+        """Unmap (views must be gone) and, for the creator, remove the file."""
+        if self.owner:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.data = torch.empty(0, dtype=torch.uint8)
+        try:
+            self._mm.close()
+        except BufferError:  # tensors still view it: the mapping goes when they do
+            pass
