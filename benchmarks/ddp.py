@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 
 from benchmarks.harness import Pairing, machine, save
@@ -56,6 +57,9 @@ def main(argv: list[str]) -> int:
            "results": p.results,
            "step_ratio": p.ratio("zmqps", "ddp", "step_ms"), "run_ratio": p.ratio("zmqps", "ddp", "run_s"),
            "median": {n: {m: p.median(n, m) for m in ("step_ms", "run_s")} for n in contenders}}
+    cpu = [r["server_cpu_ms_per_step"] for r in p.results["zmqps"] if "server_cpu_ms_per_step" in r]
+    if cpu:
+        out["zmqps_server_cpu_ms_per_step"] = statistics.median(cpu)
     if "compute" in contenders:
         out["zmqps_over_compute"] = p.ratio("zmqps", "compute", "step_ms")
         out["ddp_over_compute"] = p.ratio("ddp", "compute", "step_ms")

@@ -45,6 +45,7 @@ class Group:
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.peak_rss: dict[str, int] = {}
         self.rss_series: list[tuple[float, int]] = []  # (perf_counter, resident bytes) of the first child
+        self.cpu_series: list[tuple[float, float]] = []  # (perf_counter, CPU seconds used) of the first child
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
         log = self.logdir / f"{len(self.procs):02d}-{name}.log"
@@ -72,6 +73,9 @@ class Group:
                     rss = _vmrss(self.procs[0][1].pid)
                     if rss:
                         self.rss_series.append((time.perf_counter(), rss))
+                    cpu = _cpu_seconds(self.procs[0][1].pid)
+                    if cpu is not None:
+                        self.cpu_series.append((time.perf_counter(), cpu))
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{name} still running after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
                     time.sleep(0.02)
@@ -88,6 +92,16 @@ class Group:
                 except ProcessLookupError:
                     pass
                 p.wait(10)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a running process has used (None where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _vmrss(pid: int) -> int:

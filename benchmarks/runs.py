@@ -96,6 +96,14 @@ def run_zmqps(job: Job) -> dict[str, float]:
         g.wait(job.timeout)
         run_s = time.perf_counter() - t0
         out = {"step_ms": 1000 * _collect(outs, job.warmup), "run_s": run_s}
+        # the server's CPU per step: its CPU seconds per second of wall time while the steps after
+        # the warm-up ran (from /proc samples), times the mean step time
+        times = json.loads(outs[0].read_text())["times"]
+        lo, hi = times[min(job.warmup, len(times) - 1)], times[-1]
+        inside = [(t, c) for t, c in g.cpu_series if lo <= t <= hi]
+        if len(inside) >= 2 and len(times) - 1 > job.warmup:
+            busy = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+            out["server_cpu_ms_per_step"] = 1000 * busy * (hi - lo) / (len(times) - 1 - job.warmup)
         if job.measure_rss:
             out["server_peak_rss"] = float(g.peak_rss.get("server0", 0))
             out["server_idle_rss"] = float(idle_rss)

@@ -43,9 +43,9 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     ),
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
     Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
-    Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "grads": STRLIST}),
+    Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "grads": STRLIST, "total": NUM}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT},
-                   {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL}),
+                   {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL, "total": NUM}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
     Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
@@ -58,8 +58,11 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # [Note: fast-path fields] REGISTER ``shm``: the worker asks for shared-memory segments (the
 # reply names them; see common/shm.py). REGISTER ``buckets``: lists of the worker's keys it
 # will push together (each becomes a server key group). PUSH ``grads``: the keys whose
-# gradients are in the worker's segment (then no frames follow). PULL/PUSH_PULL ``shm``:
-# reply with θ in the server's θ segment instead of frames.
+# gradients are in the worker's segment (then no frames follow). PUSH ``total``: with
+# ``grads`` only, the worker scaled them by samples / total already (total: the step's samples
+# over every worker, as the worker's data plan says), so the server's reduction is a plain sum
+# (ps/aggregate.py, [Note: pre-scaled]). PULL/PUSH_PULL ``shm``: reply with θ in the server's θ
+# segment instead of frames.
 
 RESERVED = frozenset({"v", "op", "id", "tensors"})
 """Header keys every message may carry besides its op's fields."""

@@ -9,6 +9,16 @@ the ranks before it are in - so the sum is bitwise the same whatever the arrival
     g = Σ_k w_k g_k / Σ_k w_k        (w_k = samples in worker k's batch; all 1 by default)
 
 With equal weights this is the documented g = 1/K Σ g_k.
+
+[Note: pre-scaled] A worker that knows the step's total samples T (its data plan does) may
+push w_k / T · g_k instead of g_k (``total`` = T; it scales while it copies the gradient into
+shared memory, in the same pass). The group then sums in units of the first contribution's
+T (in rank order, so the choice does not depend on arrival order): Σ_k w_k g_k / T, where a
+pre-scaled contribution with the same T enters as is, and the first two contributions are
+added in one pass (``torch.add(a, b, out=acc)``) - two passes over the gradients fewer than
+scaling, summing and dividing here. If the weights do not add up to T after all (a shrink,
+or a caller's wrong total), one more pass rescales by T / Σ w_k; the result is the same
+average to rounding either way.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ class Contribution:
     grads: Mapping[str, torch.Tensor]
     weight: float
     loss: float | None
+    total: float | None = None  # the grads are already scaled by weight / total ([Note: pre-scaled])
 
 
 @dataclass
@@ -42,6 +53,8 @@ class KeyGroup:
     _loss_sum: float = 0.0
     _loss_weight: float = 0.0
     _seen: set[int] = field(default_factory=set)
+    _base: float | None = None  # the step's sum is Σ w_k g_k / _base (None: Σ w_k g_k)
+    _first: Contribution | None = None  # a pre-scaled first contribution, not yet summed
     dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)  # accumulator dtypes (θ's)
 
     def has_pushed(self, rank: int) -> bool:
@@ -77,40 +90,78 @@ class KeyGroup:
         return self._next == len(self.contributors)
 
     def _reduce(self, c: Contribution) -> None:
-        first = self._next == 0
-        for k in self.keys:
-            g = c.grads[k]
-            acc = self._acc.get(k)
-            if acc is None:
-                acc = self._acc[k] = torch.empty(g.shape, dtype=self.dtypes.get(k, g.dtype))
-            if first:  # one pass; the same bits as copy_ then mul_
-                if c.weight != 1.0:
-                    torch.mul(g, c.weight, out=acc)
-                else:
-                    acc.copy_(g)
+        if self._next == 0:
+            self._base = c.total
+            if c.total is not None or c.weight == 1.0:
+                self._first = c  # summed with the next contribution in one pass (the same bits)
             else:
-                acc.add_(g, alpha=c.weight)
+                for k in self.keys:
+                    g = c.grads[k]
+                    acc = self._accumulator(k, g)
+                    if c.weight != 1.0:  # one pass; the same bits as copy_ then mul_
+                        torch.mul(g, c.weight, out=acc)
+                    else:
+                        acc.copy_(g)
+        else:
+            f = self._factor(c)
+            first, self._first = self._first, None
+            for k in self.keys:
+                g = c.grads[k]
+                acc = self._accumulator(k, g)
+                if first is not None:
+                    torch.add(first.grads[k], g, alpha=f, out=acc)
+                else:
+                    acc.add_(g, alpha=f)
         self._weight += c.weight
         if c.loss is not None:
             self._loss_sum += c.loss * c.weight
             self._loss_weight += c.weight
 
+    def _accumulator(self, k: str, g: torch.Tensor) -> torch.Tensor:
+        acc = self._acc.get(k)
+        if acc is None:
+            acc = self._acc[k] = torch.empty(g.shape, dtype=self.dtypes.get(k, g.dtype))
+        return acc
+
+    def _factor(self, c: Contribution) -> float:
+        """What ``c``'s gradients are multiplied by to enter this step's sum."""
+        if self._base is None:  # Σ w_k g_k
+            return c.weight if c.total is None else c.total
+        return c.weight / self._base if c.total is None else c.total / self._base  # 1.0 when the totals agree
+
     def finish(self) -> tuple[dict[str, torch.Tensor], float | None]:
         """The averaged gradient and the weighted mean loss of the completed step.
 
-        The returned tensors are the group's accumulators: use them before the next step.
+        The returned tensors are the group's accumulators, or a lone contribution's own
+        tensors: use them, without writing to them, before the next step.
         """
-        if self._weight > 0:
-            if self._weight != 1.0:  # x / 1 == x exactly: skip the pass
+        first, self._first = self._first, None
+        out = self._acc
+        if self._weight <= 0:  # every batch was empty: no information, apply a zero gradient
+            for k in self.keys:
+                if first is not None:
+                    self._accumulator(k, first.grads[k])
+                self._acc[k].zero_()
+        elif first is not None:  # a lone contribution (one contributor, or the others left)
+            f = 1.0 if self._base is None else self._base / self._weight  # raw: its weight is 1
+            if f == 1.0 and all(first.grads[k].dtype == self.dtypes.get(k, first.grads[k].dtype)
+                                for k in self.keys):
+                out = {k: first.grads[k] for k in self.keys}  # no pass at all: the optimizer only reads it
+            else:
+                for k in self.keys:
+                    torch.mul(first.grads[k], f, out=self._accumulator(k, first.grads[k]))
+        elif self._base is not None:
+            if self._weight != self._base:  # the weights did not add up to the declared total
                 for acc in self._acc.values():
-                    acc.div_(self._weight)
-        else:  # every batch was empty: no information, apply a zero gradient
+                    acc.mul_(self._base / self._weight)
+        elif self._weight != 1.0:  # x / 1 == x exactly: skip the pass
             for acc in self._acc.values():
-                acc.zero_()
+                acc.div_(self._weight)
         loss = self._loss_sum / self._loss_weight if self._loss_weight > 0 else None
         self.step += 1
         self._next = 0
         self._weight = self._loss_sum = self._loss_weight = 0.0
+        self._base = None
         self._seen.clear()
         self._pending.clear()
-        return self._acc, loss
+        return out, loss

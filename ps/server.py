@@ -8,8 +8,10 @@ the client's own deadline bounds the wait. The loop never blocks except in ``pol
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -434,8 +436,17 @@ class Server(Recovery):
         groups = self._push_groups(w, tensors)
         self._check_tensors(tensors, tuple(k for g in groups for k in g.keys), msg.op.value, grads=True)
         weight = float(f.get("samples", 1.0))
-        if weight < 0:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must not be negative, got {weight}")
+        if not weight >= 0 or math.isinf(weight):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must be finite and not negative, got {weight}")
+        total = f.get("total")
+        if total is not None:
+            total = float(total)
+            if not total > 0 or math.isinf(total) or "samples" not in f:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"total must be finite and positive, and come with "
+                                                           f"samples; got total {total}")
+            if self.sync.on_arrival:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"pre-scaled gradients (total) need --sync bsp, "
+                                                           f"not {self.cfg.sync}")
         if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
             self._push_on_arrival(ident, msg, w, keys, groups, weight, tensors)
             return
@@ -453,7 +464,7 @@ class Server(Recovery):
             self.sync.record(w, step, weight, f.get("loss"))
             for g in groups:
                 grads = {k: tensors[k] for k in g.keys}
-                if g.add(w.rank, Contribution(grads, weight, f.get("loss"))):
+                if g.add(w.rank, Contribution(grads, weight, f.get("loss"), total)):
                     self._complete(g)
             if all(g.step > step or g.has_pushed(w.rank) for g in self._groups_of(w)):
                 w.clock = max(w.clock, step + 1)  # every bucket of this step is in
@@ -491,16 +502,6 @@ class Server(Recovery):
         grads, loss = g.finish()
         if loss is not None:
             self.last_loss = loss
-        if self.store.shared:
-            # [Note: shared θ] workers compute with θ's own memory: apply only when every group
-            # has completed the step, i.e. no worker is still using θ. Every group, not only
-            # those of g's contributors: after a shrink the contributors differ between groups
-            # for a step. No group gets ahead: a worker needs θ of all its keys to push again.
-            self._deferred.update(grads)
-            assert self.groups is not None
-            if any(o.step < g.step for o in self.groups):
-                return
-            grads, self._deferred = self._deferred, {}
         self.store.apply(grads)
         faults.hit("after-apply", g.step - 1)
         version = self.store.version(self.store.params)
@@ -549,9 +550,13 @@ class Server(Recovery):
             log.warning("no θ to write: training never started")
             return
         version = self.store.version(self.store.params)
-        if version > self.saved_step:
-            self._save(version)
-        path = checkpoint.save_final(self.cfg.checkpoint_dir, merge_pieces(self.store.params))
+        # The last checkpoint and final.safetensors are written at once (each mostly waits on
+        # fsync); nothing changes θ meanwhile: the loop waits here.
+        with ThreadPoolExecutor(1, thread_name_prefix="zmqps-ckpt") as pool:
+            saving = pool.submit(self._save, version) if version > self.saved_step else None
+            path = checkpoint.save_final(self.cfg.checkpoint_dir, merge_pieces(self.store.params))
+            if saving is not None:
+                saving.result()
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
         log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones)",
                  self.cfg.workers, version, loss, os.path.abspath(path), self.store.cow_clones)

@@ -44,3 +44,47 @@ def test_group_resets_between_steps() -> None:
         assert g.add(0, Contribution({"w": torch.full((2,), 3.0)}, 1.0, None))
         acc, loss = g.finish()
         assert torch.equal(acc["w"], torch.full((2,), 2.0)) and loss is None and g.step == step + 1
+
+
+def _prescaled(order, grads, weights, totals, contributors=(0, 1, 2, 3)):
+    """Pushes of ranks ``order``: rank r pre-scaled by weights[r] / totals[r] (None: raw)."""
+    g = KeyGroup(keys=("w",), contributors=contributors)
+    for r in order:
+        t = totals[r]
+        sent = grads[r] if t is None else grads[r] * (weights[r] / t)
+        g.add(r, Contribution({"w": sent}, weights[r], None, t))
+    acc, _ = g.finish()
+    return acc["w"].clone()
+
+
+def test_prescaled_pushes_give_the_average_in_any_arrival_order() -> None:
+    """[Note: pre-scaled]: the same average as raw pushes (to rounding), bitwise the same in every order."""
+    torch.manual_seed(1)
+    grads = [torch.randn(500, dtype=torch.float64) for _ in range(4)]
+    weights = [32.0, 32.0, 31.0, 5.0]
+    want = sum(w * g for w, g in zip(weights, grads)) / sum(weights)
+    cases = {
+        "all pre-scaled": [100.0] * 4,
+        "mixed with raw pushes": [100.0, None, 100.0, None],
+        "raw first, pre-scaled later": [None, 100.0, 100.0, 100.0],
+        "totals that do not add up": [120.0, 120.0, 120.0, 120.0],  # e.g. after a shrink
+        "different totals": [100.0, 90.0, None, 100.0],
+    }
+    for name, totals in cases.items():
+        ref = _prescaled((0, 1, 2, 3), grads, weights, totals)
+        assert (ref - want).abs().max().item() <= 1e-15, name
+        for order in itertools.permutations(range(4)):
+            assert torch.equal(_prescaled(order, grads, weights, totals), ref), (name, order)
+
+
+def test_two_prescaled_pushes_are_one_sum_and_a_lone_one_is_copied() -> None:
+    a, b = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    got = _prescaled((1, 0), [a, b], [32.0, 32.0], [64.0, 64.0], contributors=(0, 1))
+    assert torch.equal(got, a * 0.5 + b * 0.5)  # no rescaling pass when the weights add up to the total
+    g = KeyGroup(keys=("w",), contributors=(0,))
+    g.add(0, Contribution({"w": a * 0.25}, 16.0, None, 64.0))  # this rank's share only: rescaled to the mean
+    acc, _ = g.finish()
+    assert torch.allclose(acc["w"], a, rtol=0, atol=1e-15)
+    g.add(0, Contribution({"w": a}, 2.0, None))  # the next step starts raw again
+    acc, _ = g.finish()
+    assert torch.equal(acc["w"], a)

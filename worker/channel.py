@@ -97,6 +97,7 @@ class Channel:
         self._pulled: set[int] = set()  # shards whose θ (shared memory) a PUSH_PULL already asked for
         self.pull_each = True  # pull θ bucket by bucket (set False to push without pulling)
         self._step: dict[str, Any] = {}
+        self._total: float | None = None  # the step's samples over every worker (pre-scaling)
         self.bound: dict[str, torch.Tensor] = {}  # parameters that are views of the θ segment
         self.applied = True  # every push of the last finished step was applied (not a replay)
 
@@ -328,8 +329,14 @@ class Channel:
             self.stager.sync_h2d()
 
     # ------------------------------------------------------------------ a step
-    def begin(self, step: int, samples: float | None, loss: float | None, pull: bool = True) -> None:
-        """Start pushing ``step``; with ``pull``, θ after it is pulled as buckets complete."""
+    def begin(self, step: int, samples: float | None, loss: float | None, pull: bool = True,
+              total: float | None = None) -> None:
+        """Start pushing ``step``; with ``pull``, θ after it is pulled as buckets complete.
+
+        ``total``: the step's samples over every worker, when the caller knows it; gradients
+        going through shared memory are then scaled by ``samples / total`` as they are copied
+        (the same pass), which spares the server two passes over them (ps/aggregate.py).
+        """
         self.pull_each = pull
         self._pulled.clear()
         self._step = {"rank": self.rank, "step": step}
@@ -337,6 +344,7 @@ class Channel:
             self._step["samples"] = float(samples)
         if loss is not None:
             self._step["loss"] = float(loss)
+        self._total = float(total) if total and samples is not None and total > 0 else None
         self._sent.clear()
 
     def push_bucket(self, i: int, grads: Tensors) -> None:
@@ -347,7 +355,8 @@ class Channel:
             for q in self.pieces[name]:
                 shard = self.shards[self.owner[q.key]]
                 if shard.grad_seg is not None:
-                    self.stager.copy_to(shard.grad_views[q.key], q.of(g))
+                    scale = None if self._total is None else self._step["samples"] / self._total
+                    self.stager.copy_to(shard.grad_views[q.key], q.of(g), scale)
                 else:
                     framed[name] = g
         self.stager.record(i, framed)
@@ -384,6 +393,8 @@ class Channel:
                 else:
                     fields["keys"] = list(part)
             if shard.grad_seg is not None:
+                if self._total is not None:
+                    fields["total"] = self._total
                 call = shard.caller.start(op, {**fields, "grads": list(part)}, step=fields["step"])
             else:
                 if self.wire is not None:

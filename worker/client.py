@@ -213,10 +213,15 @@ class PSClient:
         return dict(self._channel(Op.PING).call_all(Op.PING, fields, self.step)[0].fields)
 
     # ---------------------------------------------------------- bucketed steps (the runtime)
-    def begin_step(self, step: int | None = None, samples: float | None = None, loss: float | None = None) -> None:
-        """Start step ``step``: buckets pushed until :meth:`end_step` carry these fields."""
+    def begin_step(self, step: int | None = None, samples: float | None = None, loss: float | None = None,
+                   total: float | None = None) -> None:
+        """Start step ``step``: buckets pushed until :meth:`end_step` carry these fields.
+
+        ``total``: the samples of this step over every worker, if known (it saves the server
+        work; see :meth:`worker.channel.Channel.begin`).
+        """
         step = self.step if step is None else step
-        self._channel(Op.PUSH).begin(step, samples, loss)
+        self._channel(Op.PUSH).begin(step, samples, loss, total=total)
 
     def push_bucket(self, index: int, grads: Tensors) -> None:
         """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""

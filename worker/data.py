@@ -54,6 +54,17 @@ class ShardPlan:
         return max(math.ceil((hi - lo) / self.local_batch(k)) for k in range(self.world)
                    for lo, hi in [self.bounds(k)])
 
+    def count(self, step: int, k: int) -> int:
+        """How many rows rank ``k`` computes at global ``step``."""
+        t = step % self.steps_per_epoch
+        lo, hi = self.bounds(k)
+        b = self.local_batch(k)
+        return max(0, min((t + 1) * b, hi - lo) - min(t * b, hi - lo))
+
+    def total(self, step: int) -> int:
+        """Rows of global ``step`` over every rank (the weights' denominator)."""
+        return sum(self.count(step, k) for k in range(self.world))
+
     def rows(self, step: int, shuffle: bool, seed: int) -> torch.Tensor:
         """Dataset row indices of this worker's batch at global ``step`` (may be empty)."""
         epoch, t = divmod(step, self.steps_per_epoch)

@@ -134,7 +134,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                         x, y = fetch(data, rows)
                         loss = loss_fn(model(x.to(device)), y.to(device))
                         faults.hit("before-push", step)
-                        client.begin_step(step, samples=len(rows), loss=loss.item())
+                        client.begin_step(step, samples=len(rows), loss=loss.item(), total=plan.total(step))
                         loss.backward()  # with hooks, buckets are pushed from here on
                     else:
                         faults.hit("before-push", step)

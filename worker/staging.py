@@ -56,16 +56,22 @@ class Stager:
             self._pin_hosts()
         return self._stream
 
-    def copy_to(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """``dst`` (host) ← ``src``; asynchronous on the side stream when ``src`` is on CUDA."""
+    def copy_to(self, dst: torch.Tensor, src: torch.Tensor, scale: float | None = None) -> None:
+        """``dst`` (host) ← ``src`` (times ``scale``, in the same pass on the CPU); asynchronous
+        on the side stream when ``src`` is on CUDA."""
         if src.device.type == "cpu":
-            dst.copy_(src.detach())
+            if scale is None:
+                dst.copy_(src.detach())
+            else:
+                torch.mul(src.detach(), scale, out=dst)
             return
         stream = self._side()
         stream.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(stream):
-            dst.copy_(src.detach(), non_blocking=True)
+            g = src.detach() if scale is None else src.detach() * scale
+            dst.copy_(g, non_blocking=True)
             src.record_stream(stream)
+            g.record_stream(stream)
 
     def record(self, bucket: int, grads: Mapping[str, torch.Tensor]) -> None:
         """Stage bucket ``bucket``'s gradients for sending as frames (D2H into pinned buffers)."""
