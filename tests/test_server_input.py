@@ -110,6 +110,9 @@ def test_after_the_garbage_theta_and_version_are_unchanged(live_server) -> None:
     ("future step", ErrorCode.BAD_STEP),
     ("unregistered rank", ErrorCode.NOT_REGISTERED),
     ("negative samples", ErrorCode.BAD_MESSAGE),
+    ("infinite samples", ErrorCode.BAD_MESSAGE),
+    ("non-positive total", ErrorCode.BAD_MESSAGE),
+    ("total without samples", ErrorCode.BAD_MESSAGE),
 ])
 def test_semantic_errors_are_typed_and_change_nothing(live_server, case, code) -> None:
     server, endpoint, client = live_server
@@ -129,6 +132,12 @@ def test_semantic_errors_are_typed_and_change_nothing(live_server, case, code) -
         fields["rank"] = 7
     elif case == "negative samples":
         fields["samples"] = -1.0
+    elif case == "infinite samples":
+        fields["samples"] = float("inf")
+    elif case == "non-positive total":
+        fields.update(samples=1.0, total=0.0)
+    elif case == "total without samples":
+        fields["total"] = 2.0
     with pytest.raises(RemoteError) as e:
         client._req.request(Op.PUSH, fields, grads, timeout_s=10)
     assert e.value.code is code, e.value
