@@ -3,8 +3,8 @@
     python -m benchmarks transport [--model benchmarks.jobs:mlp19m] [--reps 5] [--iters 10]
                                    [--chunk-mb 1] [--bucket-mb 16] [--io-threads 1]
 
-zmqps: one worker (a :class:`worker.client.PSClient` in this process, ``--shm off`` so the
-bytes cross the socket) pushes the model's gradients and pulls θ back from a real
+zmqps: one worker (a :class:`worker.client.PSClient` in this process, ``--shm off`` by default
+so the bytes cross the socket; ``--shm auto`` measures the same-host path) pushes the model's gradients and pulls θ back from a real
 ``ps-server`` (which also reduces and applies SGD). Raw: the same process sends the same
 bytes, cut into the same frames, to a ZeroMQ ROUTER that echoes them (``benchmarks.rawecho``).
 zmqps pushes bucket by bucket and pulls each bucket's θ as soon as the server applied it,
@@ -45,11 +45,12 @@ def zmqps_rate(grads: dict, a: argparse.Namespace, iters: int) -> dict[str, floa
                                "--log-level", "warning", "--io-threads", str(a.io_threads), "--lr", "0"],
                     child_env(a.threads))
             ep = wait_file(d / "ready", g)
-            with PSClient(ep, 0, 1, timeout=120, chunk_mb=a.chunk_mb, shm="off", io_threads=a.io_threads) as c:
+            with PSClient(ep, 0, 1, timeout=120, chunk_mb=a.chunk_mb, shm=a.shm, io_threads=a.io_threads) as c:
                 params = {k: t.clone() for k, t in grads.items()}
                 sizes = {k: t.numel() * t.element_size() for k, t in grads.items()}
                 blist = buckets(list(grads), sizes, int(a.bucket_mb * (1 << 20)))
                 c.init(params, buckets=blist)
+                c.bind(params)  # as the runtime does (a no-op without shared memory)
                 ts = []
                 for _ in range(iters + 1):
                     t0 = time.perf_counter()
@@ -108,6 +109,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--io-threads", type=int, default=1)
     ap.add_argument("--bucket-mb", type=float, default=16.0, help="zmqps pushes (and pulls) bucket by bucket")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shm", default="off", choices=["off", "auto"],
+                    help="off: the bytes cross the socket (the goal's comparison); auto: same-host shared memory")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)  # the client runs here: same threads as a worker
     grads = _grads(a.model)

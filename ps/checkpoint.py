@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,34 @@ _NAME = re.compile(r"^ckpt-(\d{9,})\.safetensors$")
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary next to ``path``, fsync it, rename it into place, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.{os.getpid()}.tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file, atomically; streamed from the tensors' memory (no copy of θ in between)."""
+    _atomic(path, lambda tmp: st_save_file(_contiguous(tensors), str(tmp), metadata=metadata))
 
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,7 +67,7 @@ def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_final(directory: str | Path, params: Mapping[str, torch.Tensor]) -> Path:
     """Write ``final.safetensors`` (θ by state_dict name); return its path."""
     path = Path(directory) / "final.safetensors"
-    write_atomic(path, st_save(_contiguous(params), metadata={"format": "zmqps-final-1"}))
+    _write_tensors(path, params, {"format": "zmqps-final-1"})
     return path
 
 
@@ -67,7 +84,7 @@ def save_checkpoint(directory: str | Path, step: int, params: Mapping[str, torch
                 slots.setdefault(str(idx), {})[slot] = value
     record = {"step": step, "param_groups": optimizer_state["param_groups"], "scalar_state": slots, **meta}
     path = Path(directory) / f"ckpt-{step:09d}.safetensors"
-    write_atomic(path, st_save(_contiguous(tensors), metadata={"format": FORMAT, "zmqps": json.dumps(record)}))
+    _write_tensors(path, tensors, {"format": FORMAT, "zmqps": json.dumps(record)})
     for old in sorted(p for p in Path(directory).iterdir() if _NAME.match(p.name))[:-KEEP]:
         old.unlink(missing_ok=True)
     return path

@@ -39,6 +39,7 @@ from ps.ranks import RankTable
 from ps.recovery import Recovery
 from ps.optim import build_optimizer
 from ps.store import ParameterStore
+from ps.trim import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +386,7 @@ class Server(Recovery):
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
             if unused:
                 log.warning("θ keys no worker registered (never updated): %s", sorted(unused)[:5])
+            release_free_memory()  # the offers of θ, and θ's private copy if it moved: freed once
 
     def _ready(self, w: Waiter) -> bool:
         if self.groups is None or not self.store.initialized:

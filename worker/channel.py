@@ -84,6 +84,7 @@ class Channel:
             req = Requester(ctx, ep, who=name, identity=self.identity, curve=curve)
             self.shards.append(Shard(req, Caller(req, ctx, name, RetryPolicy(deadline_s=timeout)), address=ep))
         self.pieces: dict[str, list[Piece]] = {}  # base name -> its pieces
+        self._piece: dict[str, tuple[str, Piece]] = {}  # piece key -> (base name, piece)
         self.owner: dict[str, int] = {}  # piece key -> shard
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self.buckets: list[list[str]] = []
@@ -122,6 +123,7 @@ class Channel:
         self.specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         for p in pieces:
             self.pieces.setdefault(p.base, []).append(p)
+        self._piece = {p.key: (p.base, p) for p in pieces}
         sizes = {p.key: piece_nbytes(p, tensors[p.base]) for p in pieces}
         self.owner = assign_shards(sizes, len(self.shards)) if len(self.shards) > 1 else {p.key: 0 for p in pieces}
         for p in pieces:
@@ -413,10 +415,13 @@ class Channel:
                 self._pulls.append((s, shard.caller.start(Op.PULL, f, step=f["step"] - 1)))
         self._sent.add(i)
 
-    def finish(self, want_theta: bool = True) -> dict[str, torch.Tensor]:
+    def finish(self, want_theta: bool = True, params: Mapping[str, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
         """Wait for every push of the step; then θ's pieces after it (none from shared memory).
 
         Sends one PULL per shard for the state after the step; an unsent bucket is an error.
+        With ``params``, θ goes into them instead (each bucket's as soon as it arrives, the
+        rest from the θ segments; bound parameters show it already) and nothing is returned.
         """
         self.flush()
         missing = [i for i in range(len(self.buckets)) if i not in self._sent]
@@ -443,10 +448,22 @@ class Channel:
             self._hold.clear()
         self.last_loss = None
         theta: dict[str, torch.Tensor] = {}
-        for s, call in pulls:
-            reply = self.shards[s].caller.finish(call)
-            self.last_loss = reply.fields.get("loss", self.last_loss)
-            theta.update(reply.tensors)
+        with torch.no_grad():
+            for s, call in pulls:
+                reply = self.shards[s].caller.finish(call)
+                self.last_loss = reply.fields.get("loss", self.last_loss)
+                if params is None:
+                    theta.update(reply.tensors)
+                    continue
+                for key, t in reply.tensors.items():  # while later buckets are still on the wire
+                    name, q = self._piece[key]
+                    if name not in self.bound:
+                        q.of(params[name]).copy_(t, non_blocking=True)
+        if params is not None:
+            if any(shard.theta_seg is not None for shard in self.shards):
+                self.load({}, params)  # the pieces θ's segments hold
+            else:
+                self.stager.sync_h2d()
         return theta
 
     # ------------------------------------------------------------------ pieces <-> tensors

@@ -240,7 +240,7 @@ class PSClient:
         try:
             self._guard(Op.PUSH_PULL, ch.flush)
             self._fault("after-push", step)
-            pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True))
+            pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True, params=params))
         except _Rejoined as r:
             if params is not None:
                 self._load_whole(r.theta, params)
@@ -249,7 +249,6 @@ class PSClient:
         self.step = step + 1
         self.last_loss = ch.last_loss
         if params is not None:
-            ch.load(pieces, params)
             return {}
         theta = ch._whole(pieces)
         if len(theta) < len(self.keys):
