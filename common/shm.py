@@ -68,6 +68,19 @@ def layout(specs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[dict[str, i
     return offsets, off
 
 
+def _tensor(mm: mmap.mmap, nbytes: int) -> torch.Tensor:
+    """The data bytes of a mapping as a uint8 tensor (a view, no copy).
+
+    A read-only mapping (a worker's view of θ) is meant to be read-only: torch's warning that
+    it cannot enforce that is expected here (a stray write faults instead), so it is silenced.
+    """
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=HEADER)
+
+
 @dataclass
 class Segment:
     """One mapped segment: its path, token, and the data bytes as a uint8 tensor."""
@@ -90,7 +103,7 @@ class Segment:
             os.close(fd)
         token = secrets.token_bytes(TOKEN)
         mm[:TOKEN] = token
-        data = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=HEADER) if nbytes else torch.empty(0, dtype=torch.uint8)
+        data = _tensor(mm, nbytes)
         return cls(path, token.hex(), data, mm, True)
 
     @classmethod
@@ -115,7 +128,7 @@ class Segment:
             log.warning("shared memory %s belongs to another server: using frames", path)
             mm.close()
             return None
-        data = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=HEADER) if nbytes else torch.empty(0, dtype=torch.uint8)
+        data = _tensor(mm, nbytes)
         return cls(path, token, data, mm, False)
 
     def views(self, specs: Sequence[tuple[str, str, Sequence[int]]], offsets: Mapping[str, int]) -> dict[str, torch.Tensor]:
