@@ -21,7 +21,9 @@ import logging
 import math
 import mmap
 import os
+import re
 import secrets
+import socket
 import tempfile
 import uuid
 import warnings
@@ -34,9 +36,6 @@ from common.dtypes import ITEMSIZE, torch_dtype
 
 log = logging.getLogger(__name__)
 
-# θ is mapped read-only by workers: a stray write faults instead of corrupting the server's θ.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-
 HEADER = 64
 TOKEN = 16
 ALIGN = 64
@@ -47,6 +46,52 @@ Spec = tuple[str, tuple[int, ...]]  # (dtype name, shape)
 def shm_dir() -> str:
     """Where segments live: ``/dev/shm`` when writable, else the temp dir."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _host() -> str:
+    """This host's name as it goes into segment names (a container has its own)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+_NAME = re.compile(r"^zmqps-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(directory: str | None = None) -> list[str]:
+    """Remove segments left by servers of this host that died without closing them (SIGKILL).
+
+    A segment names its creator (host and pid). Only files of this host (so not another
+    container's sharing the directory), owned by this user, whose creator is no longer
+    running are removed. Returns their paths.
+    """
+    d = directory or shm_dir()
+    removed = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    for name in names:
+        m = _NAME.match(name)
+        if m is None or m["host"] != _host() or _alive(int(m["pid"])):
+            continue
+        path = os.path.join(d, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def layout(specs: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[dict[str, int], int]:
@@ -94,7 +139,7 @@ class Segment:
     @classmethod
     def create(cls, tag: str, nbytes: int) -> "Segment":
         """A new segment of ``nbytes`` data bytes (zero-filled) with a fresh token."""
-        path = os.path.join(shm_dir(), f"zmqps-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}")
+        path = os.path.join(shm_dir(), f"zmqps-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, HEADER + max(nbytes, 1))

@@ -17,7 +17,7 @@ import torch
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
-from common.shm import Segment, layout
+from common.shm import Segment, layout, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class FastPath:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.enabled = cfg.shm != "off" and cfg.sync == "bsp"
+        if self.enabled:
+            stale = remove_stale()
+            if stale:
+                log.warning("removed %d shared-memory segment(s) left by a server that was killed: %s",
+                            len(stale), ", ".join(stale[:3]))
         self.theta: Segment | None = None
         self.theta_offsets: dict[str, int] = {}
         self._grads: dict[int, tuple[Segment, dict[str, torch.Tensor]]] = {}

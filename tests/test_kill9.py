@@ -9,12 +9,14 @@ restart takes milliseconds, not the seconds of an import.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 
 import pytest
 from safetensors.torch import load_file
 
+from common.shm import _host, shm_dir
 from tests.faultjob import SERVER, WORLD, assert_final, error_lines, expected, fork_server, fork_worker, wait_log, wait_stopped
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,6 +64,9 @@ def test_server_killed_between_apply_and_checkpoint(forkserver, procs, tmp_path)
     assert "resumed from" in again.log.read_text() and "ckpt-000000008" in again.log.read_text()
     for w in workers:
         assert "rejoined; the server is at step 8" in w.log.read_text(), w.output()
+    # the killed server's shared memory (θ and one gradient segment per worker) did not outlive it
+    assert f"removed {WORLD + 1} shared-memory segment(s) left by a server that was killed" in again.log.read_text()
+    assert not [n for n in os.listdir(shm_dir()) if n.startswith(f"zmqps-{_host()}-{server.pid}-")]
 
 
 def test_lost_worker_past_the_deadline_fails_the_job_clearly(forkserver, procs, tmp_path):

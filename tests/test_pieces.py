@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,22 @@ def test_segment_token_and_layout():
         assert Segment.open(seg.path + "-missing", seg.token, nbytes, writable=False) is None  # other host
     finally:
         seg.close()
+
+
+def test_segments_of_dead_servers_of_this_host_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from common.shm import _host, remove_stale
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)  # exited: no process has this pid (a reuse within the test is unlikely)
+    stale = tmp_path / f"zmqps-{_host()}-{dead_pid}-0123abcd-theta"
+    live = tmp_path / f"zmqps-{_host()}-{os.getpid()}-0123abcd-g0"  # this process: alive
+    other_host = tmp_path / f"zmqps-elsewhere-{dead_pid}-0123abcd-g1"  # another container's
+    unrelated = tmp_path / "zmqps-notes.txt"
+    for p in (stale, live, other_host, unrelated):
+        p.write_bytes(b"x")
+    assert remove_stale(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other_host.exists() and unrelated.exists()
