@@ -71,7 +71,6 @@ class Channel:
             raise PSError("no server endpoint given")
         self.ctx = ctx
         self.rank = rank
-        self.timeout = timeout
         self.chunk_bytes = int(chunk_mb * (1 << 20))
         self.want_shm = shm != "off"
         self.wire = WIRE.get(wire_dtype)
@@ -91,7 +90,6 @@ class Channel:
         self.stager = Stager()
         self._owner_thread = threading.get_ident()
         self._pending: list[tuple[int, Call]] = []  # (shard, call) of pushes awaiting replies
-        self._hold: list[Any] = []  # tensors that outstanding sends still read
         self._queued: list[int] = []  # buckets staged from another thread, not yet sent
         self._sent: set[int] = set()
         self._pulls: list[tuple[int, Call]] = []  # (shard, call) of θ pulls in flight
@@ -248,7 +246,6 @@ class Channel:
         self._pending.clear()
         self._pulls.clear()
         self._pulled.clear()
-        self._hold.clear()
         self._queued.clear()
         self._sent.clear()
 
@@ -314,20 +311,16 @@ class Channel:
             n += 1
         return n
 
-    def load(self, pieces: Tensors | None, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy θ into ``params`` (not the bound ones) from received pieces or the θ segments."""
+    def load(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Copy θ from the θ segments into ``params`` (not the bound ones; pieces on frames shards untouched)."""
         with torch.no_grad():
             for name, p in params.items():
                 if name in self.bound:
                     continue
                 for q in self.pieces[name]:
-                    src = pieces.get(q.key) if pieces is not None else None
-                    if src is None:
-                        shard = self.shards[self.owner[q.key]]
-                        if shard.theta_seg is None:
-                            continue
-                        src = shard.theta_views[q.key]
-                    q.of(p).copy_(src, non_blocking=True)
+                    shard = self.shards[self.owner[q.key]]
+                    if shard.theta_seg is not None:
+                        q.of(p).copy_(shard.theta_views[q.key], non_blocking=True)
             self.stager.sync_h2d()
 
     # ------------------------------------------------------------------ a step
@@ -402,8 +395,7 @@ class Channel:
                 if self.wire is not None:
                     part = {k: t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire else t
                             for k, t in part.items()}
-                call = shard.caller.start(op, fields, part, fields["step"])
-                self._hold.append(part)
+                call = shard.caller.start(op, fields, part, fields["step"])  # the call keeps part until answered
             if final:
                 self._pulls.append((s, call))
                 continue
@@ -445,7 +437,6 @@ class Channel:
                 self.applied = self.applied and bool(reply.fields.get("applied", True))
         finally:
             self._pending.clear()
-            self._hold.clear()
         self.last_loss = None
         theta: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -461,7 +452,7 @@ class Channel:
                         q.of(params[name]).copy_(t, non_blocking=True)
         if params is not None:
             if any(shard.theta_seg is not None for shard in self.shards):
-                self.load({}, params)  # the pieces θ's segments hold
+                self.load(params)  # the pieces θ's segments hold
             else:
                 self.stager.sync_h2d()
         return theta

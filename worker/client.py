@@ -270,7 +270,7 @@ class PSClient:
 
     def load(self, params: Mapping[str, torch.Tensor]) -> None:
         """Copy the shared θ into ``params`` in place (nothing to do for bound ones)."""
-        self._channel(Op.PULL).load(None, params)
+        self._channel(Op.PULL).load(params)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

@@ -68,10 +68,11 @@ class Stager:
         stream = self._side()
         stream.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(stream):
-            g = src.detach() if scale is None else src.detach() * scale
-            dst.copy_(g, non_blocking=True)
+            g = src if scale is None else src.detach() * scale
+            dst.copy_(g.detach(), non_blocking=True)
             src.record_stream(stream)
-            g.record_stream(stream)
+            if g is not src:
+                g.record_stream(stream)  # the scaled temporary, freed only once the copy is done
 
     def record(self, bucket: int, grads: Mapping[str, torch.Tensor]) -> None:
         """Stage bucket ``bucket``'s gradients for sending as frames (D2H into pinned buffers)."""
