@@ -1,17 +1,17 @@
 """Server peak RSS against |θ| on the benchmark job.
 
-    python -m benchmarks memory [--reps 2] [--steps 15] [--optimizer sgd|momentum|adam]
+    python -m benchmarks memory [--reps 2] [--steps 15] [--optimizer sgd|momentum|adam] [--workers 2]
 
 Reports the server's peak resident set (``ru_maxrss``), its median resident set sampled
 while the steps ran (steady state: from the end of the warm-up to the last step), its resident set when idle
 before any worker came (Python, torch, ZeroMQ), and (peak − idle) / |θ|, (steady − idle) / |θ|.
-The peak is set by transients outside the step loop: INIT (every worker's offer of θ is
-received before rank 0's wins) and the final checkpoint plus final.safetensors (each
-serialized in memory before its atomic write). The design bound, for
+The peak is set by transients outside the step loop: INIT (the server keeps one offered
+tensor per key, the lowest rank's, plus the offer being received: ≤ 2 θ whatever K is,
+``ps/offers.py``) and θ's move into shared memory. The design bound, for
 ``--shm auto`` with K workers on the same host: θ + optimizer slots (0 for sgd, 1 for
 momentum, 2 for adam) + one accumulator + K gradient segments (shared pages the server
-reads count in its RSS) + the frames of INIT (K × θ, freed after start). With frames
-(``--shm off``): θ + slots + accumulator + the frames in flight (≤ K × θ at a step's peak).
+reads count in its RSS). With frames (``--shm off``): θ + slots + accumulator + the frames
+in flight (≤ K × θ at a step's peak).
 Both sides are run, alternately.
 """
 
@@ -32,11 +32,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--optimizer", default="sgd")
+    ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
     theta = 4 * n_params(mlp19m())
 
     def job(shm: str) -> Job:
-        return Job(steps=a.steps, measure_rss=True, worker_args=["--shm", shm],
+        return Job(steps=a.steps, measure_rss=True, workers=a.workers, worker_args=["--shm", shm],
                    server_args=["--shm", shm, "--optimizer", a.optimizer])
 
     p = Pairing({"shm": lambda: run_zmqps(job("auto")), "frames": lambda: run_zmqps(job("off"))}, a.reps)

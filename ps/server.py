@@ -35,6 +35,7 @@ from ps.consistency import make_consistency
 from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
 from ps.metrics import ServerMetrics
+from ps.offers import Offers
 from ps.ranks import RankTable
 from ps.recovery import Recovery
 from ps.optim import build_optimizer
@@ -71,7 +72,7 @@ class Server(Recovery):
         self.store = ParameterStore(cfg)
         self.workers: dict[int, WorkerInfo] = {}
         self.groups: list[KeyGroup] | None = None
-        self.offers: dict[int, dict[str, torch.Tensor]] = {}
+        self.offers = Offers()  # θ's first values, the lowest rank's per key
         self.registered_specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.waiters: list[Waiter] = []
         self.last_loss: float | None = None
@@ -352,7 +353,7 @@ class Server(Recovery):
         if msg.tensors or not self.store.initialized:  # a worker rejoining a running job offers nothing
             self._check_tensors(msg.tensors, w.keys, "init")
         if not self.store.initialized:
-            self.offers[w.rank] = msg.tensors
+            self.offers.add(w.rank, msg.tensors)
         self._park(Waiter(ident, msg.id, Op.INIT, w.rank, w.keys, step=self._join_step(w.rank),
                                    shm=bool(msg.fields.get("shm"))))
         self._try_start()
@@ -367,11 +368,11 @@ class Server(Recovery):
             for rank in sorted(self.workers, reverse=True):
                 for k in self.workers[rank].keys:
                     owner[k] = rank
-            if any(r not in self.offers for r in set(owner.values())):
+            if not self.offers.complete(owner):
                 return
-            self.store.initialize({k: self.offers[r][k] for k, r in owner.items()})
-            self.offers.clear()
-            log.info("θ initialized from rank(s) %s: %d tensors, %d elements", sorted(set(owner.values())),
+            ranks = self.offers.ranks()
+            self.store.initialize(self.offers.take(list(owner)))
+            log.info("θ initialized from rank(s) %s: %d tensors, %d elements", ranks,
                      len(owner), sum(p.numel() for p in self.store.params.values()))
             self._save(0)  # θ_0 survives a crash: a restarted server never needs the workers' offers again
             self.limits = schema_limits(self.store.specs(), self.limits)

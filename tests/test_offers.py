@@ -1,0 +1,50 @@
+"""ps/offers.py: the server keeps one offered tensor per key at INIT, the lowest rank's."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ps.offers import Offers
+
+
+def _offer(rank: int, keys=("a", "b")) -> dict[str, torch.Tensor]:
+    return {k: torch.full((3,), float(rank)) for k in keys}
+
+
+def test_lowest_rank_wins_in_every_arrival_order_and_one_tensor_per_key_is_held():
+    owner = {"a": 0, "b": 0}
+    for order in itertools.permutations(range(4)):
+        o = Offers()
+        for n, r in enumerate(order):
+            o.add(r, _offer(r))
+            assert len(o) == 2  # never K copies of θ
+            assert o.complete(owner) == (0 in order[: n + 1])
+        theta = o.take(["a", "b"])
+        assert all(torch.equal(t, torch.zeros(3)) for t in theta.values())
+        assert len(o) == 0
+
+
+def test_keys_come_from_their_own_lowest_rank():
+    # pipeline-like: ranks 0 and 2 hold "a", ranks 1 and 3 hold "b"
+    o = Offers()
+    assert o.add(3, _offer(3, ["b"])) == 1
+    assert o.add(2, _offer(2, ["a"])) == 1
+    assert not o.complete({"a": 0, "b": 1})
+    assert o.add(1, _offer(1, ["b"])) == 1
+    assert o.add(3, _offer(3, ["b"])) == 0  # a higher rank's late offer is dropped
+    assert o.add(0, _offer(0, ["a"])) == 1
+    assert o.complete({"a": 0, "b": 1}) and o.ranks() == [0, 1]
+    theta = o.take(["a", "b"])
+    assert theta["a"][0] == 0 and theta["b"][0] == 1
+
+
+def test_repeated_offer_replaces_and_a_departed_lower_rank_still_counts():
+    o = Offers()
+    o.add(1, _offer(1))
+    o.add(1, {k: t + 10 for k, t in _offer(1).items()})  # a retried INIT
+    assert o.take(["a"])["a"][0] == 11
+    o.add(0, _offer(0))
+    o.add(1, _offer(1))
+    assert o.complete({"a": 1, "b": 1})  # rank 0 offered, then left: its offer is used, no wait
