@@ -4,11 +4,17 @@
                              [--model benchmarks.jobs:mlp19m] [--device cpu] [--zmqps-args "..."]
 
 Goal (issue 7): zmqps/DDP ≤ 0.8 for both step and run time (must be ≤ 1.0).
+
+zmqps's processes keep freed heap memory ([Note: kept heap] in common/malloc.py), which a
+plain torch process does not. To show how much of the difference that is, the peers also run
+a second time with glibc set the same way through the environment (``ddp_kept``; the
+compute-only floor ``compute`` always runs so), and the ratio against that is reported too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -16,6 +22,10 @@ import sys
 
 from benchmarks.harness import Pairing, machine, save
 from benchmarks.runs import Job, run_peer, run_zmqps
+from common.malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+# glibc's environment knobs with the values common.malloc.keep_freed_memory sets with mallopt
+KEPT_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -33,6 +43,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--zmqps-args", default="", help="extra ps-worker options for the zmqps side")
     ap.add_argument("--server-args", default="", help="extra ps-server options for the zmqps side")
     ap.add_argument("--no-compute", action="store_true", help="skip the compute-only floor")
+    ap.add_argument("--no-kept-peer", action="store_true", help="skip DDP with zmqps's allocator settings")
     return ap.parse_args(argv)
 
 
@@ -48,15 +59,21 @@ def job_of(a: argparse.Namespace) -> Job:
 def main(argv: list[str]) -> int:
     a = parse(argv)
     job = job_of(a)
+    kept = dataclasses.replace(job, env={**job.env, **KEPT_HEAP_ENV})
     contenders = {"zmqps": lambda: run_zmqps(job), "ddp": lambda: run_peer(job, "ddp")}
+    if not a.no_kept_peer:
+        contenders["ddp_kept"] = lambda: run_peer(kept, "ddp")
     if not a.no_compute:
-        contenders["compute"] = lambda: run_peer(job, "compute")
+        contenders["compute"] = lambda: run_peer(kept, "compute")
     p = Pairing(contenders, a.reps)
     p.run()
     out = {"benchmark": "ddp", "machine": machine(), "job": vars(a), "threads": job.threads,
            "results": p.results,
            "step_ratio": p.ratio("zmqps", "ddp", "step_ms"), "run_ratio": p.ratio("zmqps", "ddp", "run_s"),
            "median": {n: {m: p.median(n, m) for m in ("step_ms", "run_s")} for n in contenders}}
+    if "ddp_kept" in contenders:
+        out["step_ratio_kept"] = p.ratio("zmqps", "ddp_kept", "step_ms")
+        out["run_ratio_kept"] = p.ratio("zmqps", "ddp_kept", "run_s")
     cpu = [r["server_cpu_ms_per_step"] for r in p.results["zmqps"] if "server_cpu_ms_per_step" in r]
     if cpu:
         out["zmqps_server_cpu_ms_per_step"] = statistics.median(cpu)

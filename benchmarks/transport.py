@@ -24,6 +24,7 @@ import torch
 import zmq
 
 from benchmarks.harness import Group, Pairing, child_env, machine, save, tmpdir, wait_file
+from common.malloc import keep_freed_memory
 from common.partition import buckets, pieces_of
 from worker.client import PSClient
 from worker.factories import build_model
@@ -113,6 +114,7 @@ def main(argv: list[str]) -> int:
                     help="off: the bytes cross the socket (the goal's comparison); auto: same-host shared memory")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)  # the client runs here: same threads as a worker
+    keep_freed_memory()  # as ps-worker does; the raw side runs in this process too, and its echo likewise
     grads = _grads(a.model)
     p = Pairing({"zmqps": lambda: zmqps_rate(grads, a, a.iters), "raw": lambda: raw_rate(grads, a, a.iters)},
                 a.reps)

@@ -10,8 +10,9 @@ import sys
 import time
 
 from common.config import WorkerConfig, parse_config
+from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
-from worker.runtime import train
+from common.malloc import keep_freed_memory
 
 
 def main(argv: list[str]) -> None:
@@ -20,6 +21,9 @@ def main(argv: list[str]) -> None:
     rest = argv[:i] + argv[i + 2:]
     cfg = parse_config(WorkerConfig, rest, prog="bench-worker")
     setup_logging(cfg.log_level, f"worker {cfg.rank}")
+    keep_freed_memory()  # [Note: kept heap]
+    with frozen_startup():  # as ps-worker does
+        from worker.runtime import train
     times = [time.perf_counter()]
     train(cfg, on_step=lambda step: times.append(time.perf_counter()))
     with open(out, "w") as f:

@@ -12,7 +12,9 @@ import zmq
 from common import faults
 from common.config import ServerConfig, parse_config
 from common.errors import ConfigError
+from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
+from common.malloc import keep_freed_memory
 
 log = logging.getLogger("ps")
 
@@ -30,13 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ps-server: error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, "server")
+    keep_freed_memory()  # [Note: kept heap]
     signal.signal(signal.SIGTERM, _terminate)
-    from ps.server import Server  # after logging: importing torch is slow
-
     try:
         faults.arm(cfg.fault)
-        server = Server(cfg)
-        server.bind()
+        with frozen_startup():  # [Note: frozen start-up]
+            from ps.server import Server  # after logging: importing torch is slow
+
+            server = Server(cfg)
+            server.bind()
         return server.serve()
     except ConfigError as e:
         log.error("%s", e)

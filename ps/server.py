@@ -23,6 +23,7 @@ from common import faults
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
+from common.malloc import release_free_memory
 from common.partition import merge_pieces
 from common.protocol import Op
 from common.security import Curve
@@ -40,7 +41,6 @@ from ps.ranks import RankTable
 from ps.recovery import Recovery
 from ps.optim import build_optimizer
 from ps.store import ParameterStore
-from ps.trim import release_free_memory
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,9 @@ from typing import Sequence
 from common import faults, security
 from common.config import WorkerConfig, parse_config
 from common.errors import ConfigError, PSError
+from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
+from common.malloc import keep_freed_memory
 
 log = logging.getLogger("worker")
 
@@ -31,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.mode == "pipeline" and cfg.stages and cfg.rank is not None:
         role += f" stage {cfg.rank % cfg.stages}"
     setup_logging(cfg.log_level, role)
+    keep_freed_memory()  # [Note: kept heap]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         faults.arm(cfg.fault)
@@ -38,14 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert cfg.curve_server_key is not None
             security.configure(security.Curve.for_worker(cfg.curve_secret_key, cfg.curve_server_key,
                                                          cfg.curve_authorized_keys))
-        if cfg.mode == "pipeline":
-            from worker.pipeline.runtime import train_stage
-
-            train_stage(cfg)
-        else:
-            from worker.runtime import train
-
-            train(cfg)
+        with frozen_startup():  # [Note: frozen start-up]
+            if cfg.mode == "pipeline":
+                from worker.pipeline.runtime import train_stage as run
+            else:
+                from worker.runtime import train as run
+        run(cfg)
         return 0
     except ConfigError as e:
         log.error("%s", e)
