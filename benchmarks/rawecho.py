@@ -10,11 +10,8 @@ import sys
 
 import zmq
 
-from common.malloc import keep_freed_memory
-
 
 def main(ready: str, io_threads: int = 1) -> None:
-    keep_freed_memory()  # the same allocator settings as ps-server ([Note: kept heap])
     ctx = zmq.Context(io_threads=io_threads)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -14,7 +14,6 @@ from common.config import ServerConfig, parse_config
 from common.errors import ConfigError
 from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
-from common.malloc import keep_freed_memory
 
 log = logging.getLogger("ps")
 
@@ -32,7 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ps-server: error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, "server")
-    keep_freed_memory()  # [Note: kept heap]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         faults.arm(cfg.fault)

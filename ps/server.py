@@ -73,6 +73,7 @@ class Server(Recovery):
         self.workers: dict[int, WorkerInfo] = {}
         self.groups: list[KeyGroup] | None = None
         self.offers = Offers()  # θ's first values, the lowest rank's per key
+        self._trim_due = False  # freed memory to return to the OS after the current message
         self.registered_specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.waiters: list[Waiter] = []
         self.last_loss: float | None = None
@@ -146,6 +147,10 @@ class Server(Recovery):
                         except zmq.Again:
                             break
                         self._handle(frames)
+                        if self._trim_due:  # after the message: the last offer's frames are freed too
+                            del frames
+                            self._trim_due = False
+                            release_free_memory()
                         if self._finished:
                             break
                 now = time.monotonic()
@@ -387,7 +392,9 @@ class Server(Recovery):
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
             if unused:
                 log.warning("θ keys no worker registered (never updated): %s", sorted(unused)[:5])
-            release_free_memory()  # the offers of θ, and θ's private copy if it moved: freed once
+            # the offers of θ and θ's private copy (if it moved) are freed once: give them back to
+            # the OS once the message being handled (the last offer) is released too
+            self._trim_due = True
 
     def _ready(self, w: Waiter) -> bool:
         if self.groups is None or not self.store.initialized:

@@ -431,25 +431,30 @@ class Channel:
                 elif not self.pull_each:
                     pulls.append((s, shard.caller.start(Op.PULL, {"rank": self.rank, "step": step + 1}, step=step)))
         self.applied = True
-        try:
-            for s, call in self._pending:
-                reply = self.shards[s].caller.finish(call)
-                self.applied = self.applied and bool(reply.fields.get("applied", True))
-        finally:
-            self._pending.clear()
         self.last_loss = None
         theta: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for s, call in pulls:
-                reply = self.shards[s].caller.finish(call)
-                self.last_loss = reply.fields.get("loss", self.last_loss)
-                if params is None:
-                    theta.update(reply.tensors)
-                    continue
-                for key, t in reply.tensors.items():  # while later buckets are still on the wire
-                    name, q = self._piece[key]
-                    if name not in self.bound:
-                        q.of(params[name]).copy_(t, non_blocking=True)
+        # Replies are taken in the order the calls were sent (a push's acknowledgement, then its
+        # bucket's θ), so θ of bucket i goes into the parameters while later buckets are still
+        # on the wire, not after the last acknowledgement.
+        calls = sorted([(False, s, c) for s, c in self._pending] + [(True, s, c) for s, c in pulls],
+                       key=lambda x: x[2].start)
+        try:
+            with torch.no_grad():
+                for is_pull, s, call in calls:
+                    reply = self.shards[s].caller.finish(call)
+                    if not is_pull:
+                        self.applied = self.applied and bool(reply.fields.get("applied", True))
+                        continue
+                    self.last_loss = reply.fields.get("loss", self.last_loss)
+                    if params is None:
+                        theta.update(reply.tensors)
+                        continue
+                    for key, t in reply.tensors.items():
+                        name, q = self._piece[key]
+                        if name not in self.bound:
+                            q.of(params[name]).copy_(t, non_blocking=True)
+        finally:
+            self._pending.clear()
         if params is not None:
             if any(shard.theta_seg is not None for shard in self.shards):
                 self.load(params)  # the pieces θ's segments hold
