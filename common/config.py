@@ -144,6 +144,10 @@ OPTIONS: dict[str, Option] = {
     "on_worker_loss": Option("--on-worker-loss", str, "bsp: when a worker's lease lapses, hold the step until "
                              "its rank returns (wait; the job fails after --rejoin-deadline) or continue with "
                              "the live workers (shrink)", ("wait", "shrink"), group="faults"),
+    "nonfinite": Option("--nonfinite", str, "a pushed gradient with NaN or an infinity: apply it as torch.optim "
+                        "would (apply), leave that push out of the step's average (skip; bsp only), or refuse it "
+                        "with an error that names the rank and step (fail)", ("apply", "skip", "fail"),
+                        group="faults"),
     "rejoin_deadline": Option("--rejoin-deadline", float, "seconds a lost (or never registered) worker has to "
                               "come back before the job fails", group="faults"),
     "lease": Option("--lease", float, "seconds without a message or heartbeat after which a worker is lost",
@@ -192,6 +196,7 @@ class ServerConfig:
     metrics_log: str | None = None
     status_every: float = 10.0
     on_worker_loss: str = "wait"
+    nonfinite: str = "apply"
     rejoin_deadline: float = 300.0
     lease: float = 5.0
     curve_secret_key: str | None = None
@@ -217,6 +222,9 @@ class ServerConfig:
         _positive("max_message_mb", self.max_message_mb)
         if self.momentum is not None:
             _nonneg("momentum", self.momentum)
+        if self.nonfinite == "skip" and self.sync != "bsp":
+            raise ConfigError(f"--nonfinite skip leaves a push out of a step's average: it needs --sync bsp, "
+                              f"not {self.sync} (use --nonfinite fail)")
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,7 @@ class LaunchConfig(JobFields):
     status_every: float = 10.0
     example: str | None = None
     on_worker_loss: str = "wait"
+    nonfinite: str = "apply"
     rejoin_deadline: float = 300.0
     lease: float = 5.0
 

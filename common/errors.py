@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     UNAUTHORIZED = 13  # the peer is not allowed to do this
     RANK_HELD = 14  # another live connection holds this rank; retry once its lease has expired
     WORKER_LOST = 15  # a worker was lost past --rejoin-deadline: the job has failed
+    NONFINITE = 16  # a pushed gradient holds NaN or an infinity (--nonfinite fail): nothing applied
 
 
 class PSError(Exception):

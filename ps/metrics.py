@@ -73,6 +73,8 @@ class ServerMetrics:
         self.p_updates = Counter("zmqps_updates", "optimizer updates applied", registry=r)
         self.p_pushes = Counter("zmqps_pushes", "pushes applied, per worker", ["rank"], registry=r)
         self.p_samples = Counter("zmqps_samples", "samples in applied pushes", registry=r)
+        self.p_nonfinite = Counter("zmqps_nonfinite_pushes", "pushes left out for NaN or infinity "
+                                   "(--nonfinite skip), per worker", ["rank"], registry=r)
         self.p_loss = Gauge("zmqps_loss", "the server's latest mean loss", registry=r)
         self.p_latency = Histogram("zmqps_request_seconds", "time from a request's arrival to its reply",
                                    ["op"], buckets=LATENCY_BUCKETS, registry=r)
@@ -138,6 +140,11 @@ class ServerMetrics:
         self.p_lead.observe(lead)
         self._write({"ev": "push", "rank": rank, "step": step, "staleness": staleness, "lead": lead,
                      "samples": samples, "loss": loss})
+
+    def nonfinite(self, rank: int, step: int) -> None:
+        """``rank``'s push of ``step`` held NaN or infinity and was left out (``--nonfinite skip``)."""
+        self.p_nonfinite.labels(str(rank)).inc()
+        self._write({"ev": "nonfinite", "rank": rank, "step": step})
 
     def update(self, version: int, loss: float | None) -> None:
         """An optimizer update made θ's version ``version``."""

@@ -32,6 +32,7 @@ from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
 from ps.fastpath import FastPath
+from ps.finite import nonfinite_keys
 from ps.consistency import make_consistency
 from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
@@ -457,6 +458,18 @@ class Server(Recovery):
             if self.sync.on_arrival:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"pre-scaled gradients (total) need --sync bsp, "
                                                            f"not {self.cfg.sync}")
+        loss = f.get("loss")
+        if self.cfg.nonfinite != "apply":
+            bad = nonfinite_keys(tensors)
+            if bad:
+                what = (f"rank {w.rank} pushed a gradient with NaN or infinity for step {step} "
+                        f"({len(bad)} of {len(tensors)} tensors, e.g. {bad[:3]})")
+                if self.cfg.nonfinite == "fail":
+                    raise ProtocolError(ErrorCode.NONFINITE, f"{what}; nothing applied (--nonfinite fail)")
+                log.warning("%s: left out of the step's average (--nonfinite skip)", what)
+                self.metrics.nonfinite(w.rank, step)
+                tensors = {k: torch.zeros_like(t) for k, t in tensors.items()}  # adds nothing, whatever its factor
+                weight, loss = 0.0, None  # the step averages over the other workers' samples
         if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
             self._push_on_arrival(ident, msg, w, keys, groups, weight, tensors)
             return
@@ -471,10 +484,10 @@ class Server(Recovery):
         if replay:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         else:
-            self.sync.record(w, step, weight, f.get("loss"))
+            self.sync.record(w, step, weight, loss)
             for g in groups:
                 grads = {k: tensors[k] for k in g.keys}
-                if g.add(w.rank, Contribution(grads, weight, f.get("loss"), total)):
+                if g.add(w.rank, Contribution(grads, weight, loss, total)):
                     self._complete(g)
             if all(g.step > step or g.has_pushed(w.rank) for g in self._groups_of(w)):
                 w.clock = max(w.clock, step + 1)  # every bucket of this step is in

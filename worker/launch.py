@@ -31,7 +31,7 @@ STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
                                 "checkpoint_every", "log_level", "metrics_port", "status_every",
-                                "on_worker_loss", "rejoin_deadline", "lease", "shm", "io_threads"}]
+                                "on_worker_loss", "nonfinite", "rejoin_deadline", "lease", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
 
