@@ -12,7 +12,7 @@ faults and 200 ms per forward+backward by default; with the heap kept, 15-70 fau
 from the heap and freed memory stays there for the next step. The price is fragmentation on
 models with very large tensors (88M MLP: peak RSS 530 → 576-579 MB, step 413 → 270-315 ms).
 Memory freed once and not needed again is returned explicitly with
-:func:`release_free_memory` (the server does so after INIT, when K offers of θ are freed).
+:func:`release_free_memory` (the server does so after INIT, when the offers of θ are freed).
 
 ``ps-worker`` applies this; library code does not, so a user's own process keeps its allocator
 as it is unless it calls :func:`keep_freed_memory` itself. ``ps-server`` does not either: there

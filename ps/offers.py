@@ -52,9 +52,5 @@ class Offers:
         """The ranks whose tensors are held, ascending."""
         return sorted({r for r, _ in self._held.values()})
 
-    def clear(self) -> None:
-        """Forget every offer."""
-        self._held.clear()
-
     def __len__(self) -> int:
         return len(self._held)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common.errors import PSTimeoutError, RemoteError
+from tests.clients import run_ranks
 from tests.jobs import data64, linear64
 from tests.procs import Procs
 from tests.reference import replay
@@ -53,11 +54,7 @@ def _custom_loop(endpoint: str, rank: int, world: int, out: dict, steps: int = 2
 def test_custom_loop_with_two_clients_matches_the_math(procs: Procs) -> None:
     server, endpoint = procs.server(2)
     out: dict = {}
-    threads = [threading.Thread(target=_custom_loop, args=(endpoint, r, 2, out)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_ranks(lambda r: _custom_loop(endpoint, r, 2, out), 2, timeout=120)
     assert server.wait(60) == 0, server.output()
     want = replay(linear64, data64, 2, batch=100, epochs=2, shuffle=False)
     final = load_file(str(procs.tmp / "ckpt" / "final.safetensors"))

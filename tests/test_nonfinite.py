@@ -6,14 +6,13 @@ gradients that should count (tolerance 1e-12).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from common.config import ServerConfig, parse_config
 from common.errors import ConfigError, ErrorCode, RemoteError
 from ps.finite import nonfinite_keys
+from tests.clients import run_ranks
 from tests.procs import Procs
 from worker.client import PSClient
 
@@ -51,26 +50,17 @@ def test_fail_refuses_the_push_naming_rank_and_step_and_changes_nothing(procs: P
 
 def test_skip_averages_over_the_other_workers_samples(procs: Procs) -> None:
     server, ep = procs.server(3, "--nonfinite", "skip", "--lr", str(LR))
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    errors: list[BaseException] = []
     pushed = {0: (_grads(1.0, NAN), 10.0), 1: (_grads(2.0), 1.0), 2: (_grads(5.0), 3.0)}
 
-    def client(rank: int) -> None:
-        try:
-            with PSClient(ep, rank, 3, timeout=30) as ps:
-                ps.init({k: v.clone() for k, v in THETA.items()})
-                g, n = pushed[rank]
-                out[rank] = ps.push_pull(g, 0, samples=n)
-                ps.done()
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+    def client(rank: int) -> dict[str, torch.Tensor]:
+        with PSClient(ep, rank, 3, timeout=30) as ps:
+            ps.init({k: v.clone() for k, v in THETA.items()})
+            g, n = pushed[rank]
+            theta = ps.push_pull(g, 0, samples=n)
+            ps.done()
+        return theta
 
-    threads = [threading.Thread(target=client, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    assert not errors, errors
+    out = run_ranks(client, 3, timeout=90)
     assert server.wait(30) == 0, server.output()
     mean = {k: (1.0 * pushed[1][0][k] + 3.0 * pushed[2][0][k]) / 4.0 for k in THETA}  # rank 0 left out
     want = {k: v - LR * mean[k] for k, v in THETA.items()}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
 from ps.offers import Offers
+from tests.clients import run_ranks
+from worker.client import PSClient
 
 
 def _offer(rank: int, keys=("a", "b")) -> dict[str, torch.Tensor]:
@@ -52,31 +55,17 @@ def test_repeated_offer_replaces_and_a_departed_lower_rank_still_counts():
 
 def test_real_server_takes_theta_from_rank_0_whatever_order_the_offers_arrive(procs):
     """Three clients offer different θ, highest rank first; every one gets rank 0's back."""
-    import threading
-    import time
-
-    from worker.client import PSClient
-
     server, endpoint = procs.server(3)
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    errors: list[BaseException] = []
 
-    def client(rank: int) -> None:
-        try:
-            time.sleep(0.3 * (2 - rank))  # rank 2 offers first, rank 0 last
-            params = {"w": torch.full((4, 3), float(rank + 1)), "b": torch.full((3,), -float(rank + 1))}
-            with PSClient(endpoint, rank, 3, timeout=60) as ps:
-                out[rank] = {k: v.clone() for k, v in ps.init(params).items()}
-                ps.done()
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+    def client(rank: int) -> dict[str, torch.Tensor]:
+        time.sleep(0.3 * (2 - rank))  # rank 2 offers first, rank 0 last
+        params = {"w": torch.full((4, 3), float(rank + 1)), "b": torch.full((3,), -float(rank + 1))}
+        with PSClient(endpoint, rank, 3, timeout=60) as ps:
+            theta = {k: v.clone() for k, v in ps.init(params).items()}
+            ps.done()
+        return theta
 
-    threads = [threading.Thread(target=client, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    out = run_ranks(client, 3, timeout=120)
     assert server.wait(60) == 0, server.output()
     for r in range(3):
         assert torch.equal(out[r]["w"], torch.full((4, 3), 1.0))
