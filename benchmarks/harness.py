@@ -59,18 +59,24 @@ class Group:
     def wait(self, timeout: float) -> None:
         """Every child exits 0 within ``timeout``; otherwise stop them all and raise with logs.
 
-        Records each child's peak RSS (bytes) in :attr:`peak_rss`.
+        Records each child's peak RSS (bytes) in :attr:`peak_rss`: the last ``VmHWM`` sampled
+        (every 20 ms) before it exited. Not ``ru_maxrss``: Linux carries a process's peak over
+        ``exec``, so a child's starts at its parent's, this benchmark process's, size.
         """
         deadline = time.monotonic() + timeout
         try:
             for name, p, log in self.procs:
                 while p.returncode is None:
-                    pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+                    for other, q, _ in self.procs:
+                        if q.returncode is None:
+                            hwm = _status_bytes(q.pid, "VmHWM")
+                            if hwm:
+                                self.peak_rss[other] = max(hwm, self.peak_rss.get(other, 0))
+                    pid, status, _usage = os.wait4(p.pid, os.WNOHANG)
                     if pid:
                         p.returncode = os.waitstatus_to_exitcode(status)
-                        self.peak_rss[name] = usage.ru_maxrss * 1024
                         break
-                    rss = _vmrss(self.procs[0][1].pid)
+                    rss = _status_bytes(self.procs[0][1].pid, "VmRSS")
                     if rss:
                         self.rss_series.append((time.perf_counter(), rss))
                     cpu = _cpu_seconds(self.procs[0][1].pid)
@@ -104,11 +110,12 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _vmrss(pid: int) -> int:
+def _status_bytes(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` size field (``VmRSS``, ``VmHWM``) in bytes; 0 when unavailable."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

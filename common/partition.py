@@ -113,26 +113,36 @@ def base_of(key: str) -> tuple[str, int | None, int]:
     return (m.group(1), int(m.group(2)), int(m.group(3))) if m else (key, None, 1)
 
 
+def piece_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Whole tensors as their pieces in row order, where every piece ``#0/n..#n-1/n`` is present.
+
+    A key without pieces maps to ``[tensor]``; an incomplete set of pieces (another shard
+    holds the rest) is kept as the pieces themselves, each under its own key. Nothing is copied.
+    """
+    groups: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+    out: dict[str, list[torch.Tensor]] = {}
+    for key, t in tensors.items():
+        base, idx, n = base_of(key)
+        if idx is None:
+            out[key] = [t]
+        else:
+            groups.setdefault((base, n), {})[idx] = t
+    for (base, n), parts in groups.items():
+        if sorted(parts) == list(range(n)):
+            out[base] = [parts[i] for i in range(n)]
+        else:
+            out.update({f"{base}{SEP}{i}/{n}": [t] for i, t in parts.items()})
+    return out
+
+
 def merge_pieces(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rebuild whole tensors from pieces where every piece ``#0/n..#n-1/n`` is present.
 
     Keys without pieces pass through; an incomplete set of pieces (another shard holds the
     rest) is returned as the pieces themselves.
     """
-    groups: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        base, idx, n = base_of(key)
-        if idx is None:
-            out[key] = t
-        else:
-            groups.setdefault((base, n), {})[idx] = t
-    for (base, n), parts in groups.items():
-        if sorted(parts) == list(range(n)):
-            out[base] = torch.cat([parts[i] for i in range(n)], dim=0)
-        else:
-            out.update({f"{base}{SEP}{i}/{n}": t for i, t in parts.items()})
-    return out
+    return {k: parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            for k, parts in piece_groups(tensors).items()}
 
 
 def merge_files(paths: Iterable[str]) -> dict[str, torch.Tensor]:

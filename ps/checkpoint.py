@@ -15,11 +15,11 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save_file as st_save_file
+
+from ps import stfile
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,17 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.close(dfd)
 
 
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file, atomically; streamed from the tensors' memory (no copy of θ in between)."""
-    _atomic(path, lambda tmp: st_save_file(_contiguous(tensors), str(tmp), metadata=metadata))
+def _write_tensors(path: Path, tensors: Mapping[str, Sequence[torch.Tensor]], metadata: dict[str, str]) -> None:
+    """A safetensors file, atomically; streamed from the tensors' memory ([Note: streamed files])."""
+    _atomic(path, lambda tmp: stfile.write_file(tmp, tensors, metadata))
 
 
-def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+def save_final(directory: str | Path, params: Mapping[str, Sequence[torch.Tensor]]) -> Path:
+    """Write ``final.safetensors`` (θ by state_dict name); return its path.
 
-
-def save_final(directory: str | Path, params: Mapping[str, torch.Tensor]) -> Path:
-    """Write ``final.safetensors`` (θ by state_dict name); return its path."""
+    ``params`` maps each name to the tensor's parts along dim 0 (one part for a whole tensor;
+    see ``common.partition.piece_groups``): each part is written from its own memory.
+    """
     path = Path(directory) / "final.safetensors"
     _write_tensors(path, params, {"format": "zmqps-final-1"})
     return path
@@ -74,12 +74,12 @@ def save_final(directory: str | Path, params: Mapping[str, torch.Tensor]) -> Pat
 def save_checkpoint(directory: str | Path, step: int, params: Mapping[str, torch.Tensor],
                     optimizer_state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
     """Write ``ckpt-<step>.safetensors`` atomically and prune all but the newest :data:`KEEP`."""
-    tensors = {f"param/{k}": v for k, v in params.items()}
+    tensors = {f"param/{k}": [v] for k, v in params.items()}
     slots: dict[str, dict[str, Any]] = {}
     for idx, state in optimizer_state["state"].items():
         for slot, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{idx}/{slot}"] = value
+                tensors[f"optim/{idx}/{slot}"] = [value]
             else:
                 slots.setdefault(str(idx), {})[slot] = value
     record = {"step": step, "param_groups": optimizer_state["param_groups"], "scalar_state": slots, **meta}
@@ -111,13 +111,11 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Read a checkpoint: (θ, optimizer state_dict, metadata record)."""
-    data = Path(path).read_bytes()
-    tensors = st_load(data)
-    from safetensors import safe_open  # metadata needs the file API
+    """Read a checkpoint: (θ, optimizer state_dict, metadata record).
 
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    Each tensor is read into its own fresh memory, nothing else is held ([Note: streamed files]).
+    """
+    tensors, header = stfile.read(path)
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a zmqps checkpoint (format {header.get('format')!r})")
     record = json.loads(header["zmqps"])

@@ -24,7 +24,7 @@ from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
 from common.malloc import release_free_memory
-from common.partition import merge_pieces
+from common.partition import piece_groups
 from common.protocol import Op
 from common.security import Curve
 from common.transport import bind_router, make_context
@@ -99,7 +99,7 @@ class Server(Recovery):
         if path is None:
             return
         params, opt_state, meta = checkpoint.load_checkpoint(path)
-        self.store.initialize(params, meta.get("versions"), opt_state)
+        self.store.initialize(params, meta.get("versions"), opt_state, owned=True)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
         self.limits = schema_limits(self.store.specs(), self.limits)
@@ -577,7 +577,7 @@ class Server(Recovery):
         # fsync); nothing changes θ meanwhile: the loop waits here.
         with ThreadPoolExecutor(1, thread_name_prefix="zmqps-ckpt") as pool:
             saving = pool.submit(self._save, version) if version > self.saved_step else None
-            path = checkpoint.save_final(self.cfg.checkpoint_dir, merge_pieces(self.store.params))
+            path = checkpoint.save_final(self.cfg.checkpoint_dir, piece_groups(self.store.params))
             if saving is not None:
                 saving.result()
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"

@@ -46,9 +46,13 @@ class ParameterStore:
         return {k: (dtype_name(p.dtype), tuple(p.shape)) for k, p in self.params.items()}
 
     def initialize(self, tensors: Mapping[str, torch.Tensor], versions: Mapping[str, int] | None = None,
-                   optimizer_state: dict[str, Any] | None = None) -> None:
-        """Set θ (copied out of the received frames) and build the optimizer over it."""
-        self.params = {k: torch.nn.Parameter(t.detach().clone(), requires_grad=False)
+                   optimizer_state: dict[str, Any] | None = None, owned: bool = False) -> None:
+        """Set θ and build the optimizer over it.
+
+        θ is copied out of ``tensors`` (views of received frames), unless ``owned``: tensors
+        nobody else holds (read from a checkpoint) become θ as they are, with no second copy.
+        """
+        self.params = {k: torch.nn.Parameter(t.detach() if owned else t.detach().clone(), requires_grad=False)
                        for k, t in tensors.items()}
         self.versions = {k: int((versions or {}).get(k, 0)) for k in self.params}
         self.optimizer = build_optimizer(list(self.params.values()), self.cfg)
