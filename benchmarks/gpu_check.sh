@@ -12,6 +12,8 @@
 #   floor.json   pinned H2D/D2H rates and the floor 2 x |θ| / rate for the 88.1M model
 #   tests.log    the CUDA tests (tests/test_gpu.py), which skip on machines without CUDA
 #   ddp.json     zmqps vs DDP/gloo on the 88.1M MLP, K = 2 on one GPU, batch 256 per worker
+#   transport.json  push+pull vs raw ZeroMQ over TCP on that host's 16 cores (the goal the
+#                2-core machine cannot reach: there zmqps's own threads have no core to run on)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -23,10 +25,12 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -m benchmarks gpu_floor > "$OUT/floor.json" 2> "$OUT/floor.err"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/tests.log"
 timeout 330 python3 -m benchmarks ddp --model benchmarks.jobs:mlp88m --data benchmarks.jobs:data88m \
     --batch 256 --steps 30 --reps 2 --device cuda --threads 4 --no-kept-peer > "$OUT/ddp.json" 2> "$OUT/ddp.log"
 echo "ddp exit $?" >> "$OUT/ddp.log"
+timeout 75 python3 -m benchmarks transport --reps 3 --iters 8 > "$OUT/transport.json" 2> "$OUT/transport.log"
+echo "transport exit $?" >> "$OUT/transport.log"
 cp runs/bench/*.json "$OUT/" 2>/dev/null
-tail -n 40 "$OUT"/floor.json "$OUT"/tests.log "$OUT"/ddp.json "$OUT"/ddp.log
+tail -n 30 "$OUT"/floor.json "$OUT"/tests.log "$OUT"/ddp.json "$OUT"/ddp.log "$OUT"/transport.json
