@@ -72,7 +72,8 @@ OPTIONS: dict[str, Option] = {
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
-    "checkpoint_every": Option("--checkpoint-every", int, "checkpoint every N steps (0: only at the end)",
+    "checkpoint_every": Option("--checkpoint-every", int, "checkpoint every N steps, written in the background "
+                               "while training goes on (0: only at the end)",
                                group="checkpoints"),
     "ready_file": Option("--ready-file", str, "write the bound endpoint to this file once listening",
                          group="server"),

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import torch
 
@@ -71,23 +71,45 @@ def save_final(directory: str | Path, params: Mapping[str, Sequence[torch.Tensor
     return path
 
 
-def save_checkpoint(directory: str | Path, step: int, params: Mapping[str, torch.Tensor],
-                    optimizer_state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
-    """Write ``ckpt-<step>.safetensors`` atomically and prune all but the newest :data:`KEEP`."""
-    tensors = {f"param/{k}": [v] for k, v in params.items()}
+def checkpoint_contents(step: int, params: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any],
+                        meta: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (by reference, nothing copied) and the metadata of ``ckpt-<step>``."""
+    tensors = {f"param/{k}": v for k, v in params.items()}
     slots: dict[str, dict[str, Any]] = {}
     for idx, state in optimizer_state["state"].items():
         for slot, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{idx}/{slot}"] = [value]
+                tensors[f"optim/{idx}/{slot}"] = value
             else:
                 slots.setdefault(str(idx), {})[slot] = value
     record = {"step": step, "param_groups": optimizer_state["param_groups"], "scalar_state": slots, **meta}
-    path = Path(directory) / f"ckpt-{step:09d}.safetensors"
-    _write_tensors(path, tensors, {"format": FORMAT, "zmqps": json.dumps(record)})
+    return tensors, {"format": FORMAT, "zmqps": json.dumps(record)}
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """Where ``ckpt-<step>`` lives."""
+    return Path(directory) / f"ckpt-{step:09d}.safetensors"
+
+
+def write_checkpoint(directory: str | Path, step: int, write: Callable[[BinaryIO], None]) -> Path:
+    """``write`` the file of ``ckpt-<step>`` atomically, then prune all but the newest :data:`KEEP`."""
+    path = checkpoint_path(directory, step)
+
+    def to(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    _atomic(path, to)
     for old in sorted(p for p in Path(directory).iterdir() if _NAME.match(p.name))[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
+
+
+def save_checkpoint(directory: str | Path, step: int, params: Mapping[str, torch.Tensor],
+                    optimizer_state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
+    """Write ``ckpt-<step>.safetensors`` now (atomically) and prune all but the newest :data:`KEEP`."""
+    tensors, metadata = checkpoint_contents(step, params, optimizer_state, meta)
+    return write_checkpoint(directory, step, lambda f: stfile.write(f, {k: [v] for k, v in tensors.items()}, metadata))
 
 
 def remove_temporaries(directory: str | Path) -> list[Path]:

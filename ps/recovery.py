@@ -48,6 +48,7 @@ class Recovery:
     groups: list[KeyGroup] | None
     waiters: list
     store: Any
+    saver: Any
     _finished: bool
 
     def _init_recovery(self) -> None:
@@ -205,6 +206,7 @@ class Recovery:
         """Give up: checkpoint what is consistent, answer every parked request WORKER_LOST, stop."""
         step = self._step_now()
         saved = ""
+        self._saved(self.saver.wait())
         if self.store.initialized and step > self.saved_step and self._consistent_cut():
             self._save(step)
             saved = f"; checkpoint of step {step} written"

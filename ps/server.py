@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +40,7 @@ from ps.offers import Offers
 from ps.ranks import RankTable
 from ps.recovery import Recovery
 from ps.optim import build_optimizer
+from ps.snapshot import BackgroundSaver, Saved, checkpoint_snapshot
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class Server(Recovery):
         self.ctx = ctx or make_context(cfg.io_threads)
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
         self.store = ParameterStore(cfg)
+        self.saver = BackgroundSaver()  # [Note: background checkpoints]
+        self.store.before_update = self.saver.protect
         self.workers: dict[int, WorkerInfo] = {}
         self.groups: list[KeyGroup] | None = None
         self.offers = Offers()  # θ's first values, the lowest rank's per key
@@ -154,6 +156,8 @@ class Server(Recovery):
                             release_free_memory()
                         if self._finished:
                             break
+                if self.saver.busy:
+                    self._saved(self.saver.poll())
                 now = time.monotonic()
                 self._check_liveness(now)
                 if now >= next_status:
@@ -174,6 +178,7 @@ class Server(Recovery):
         A process that ends without it (``os._exit``, a forked child) would drop them, so an
         own context is terminated here, which waits up to the linger for them to go out.
         """
+        self._saved(self.saver.wait())  # a checkpoint being written is finished, not torn
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
@@ -511,7 +516,7 @@ class Server(Recovery):
             version = self.store.version(self.store.params)
             every = self.cfg.checkpoint_every
             if every and version % every == 0 and version > self.saved_step:
-                self._save(version)
+                self._save(version, background=True)
         else:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         if msg.op is Op.PUSH:
@@ -533,19 +538,39 @@ class Server(Recovery):
         log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
         every = self.cfg.checkpoint_every
         if every and version % every == 0 and version > self.saved_step and self._consistent_cut():
-            self._save(version)
+            self._save(version, background=True)
         if self.regroup_pending:
             self._regroup()
 
-    def _save(self, version: int) -> None:
+    def _save(self, version: int, background: bool = False) -> None:
+        """Checkpoint θ, the optimizer and the membership as of now (``version``).
+
+        In the background ([Note: background checkpoints]) the loop goes on at once and
+        ``saved_step`` moves when the file is on disk; otherwise this returns once it is.
+        A checkpoint still being written is finished first: one at a time, in step order.
+        """
         assert self.store.optimizer is not None
+        self._saved(self.saver.wait())
         meta = {"versions": self.store.versions, "loss": self.last_loss,
                 "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
                 "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
-        path = checkpoint.save_checkpoint(self.cfg.checkpoint_dir, version, self.store.params,
-                                          self.store.optimizer.state_dict(), meta)
-        self.saved_step = version
-        log.info("checkpoint %s", path)
+        snap = checkpoint_snapshot(version, self.store.params, self.store.optimizer, meta)
+        directory = self.cfg.checkpoint_dir
+        self.saver.start(version, snap, lambda s: checkpoint.write_checkpoint(directory, version, s.write))
+        if not background:
+            self._saved(self.saver.wait())
+
+    def _saved(self, done: Saved | None) -> None:
+        """Record a finished checkpoint (or log why it failed)."""
+        if done is None:
+            return
+        if done.error is not None:
+            log.error("checkpoint of step %d failed, training goes on (the newest on disk is step %d): %s: %s",
+                      done.step, self.saved_step, type(done.error).__name__, done.error)
+            return
+        self.saved_step = max(self.saved_step, done.step)
+        log.info("checkpoint %s%s", done.path,
+                 f" ({done.cloned_bytes / 2**20:.1f} MiB kept while θ moved on)" if done.cloned_bytes else "")
 
     def _on_done(self, ident: bytes, msg: Message) -> None:
         """A barrier: answered once every worker is done and the final files are written."""
@@ -572,14 +597,17 @@ class Server(Recovery):
         if not self.store.initialized:
             log.warning("no θ to write: training never started")
             return
+        self._saved(self.saver.wait())
         version = self.store.version(self.store.params)
-        # The last checkpoint and final.safetensors are written at once (each mostly waits on
-        # fsync); nothing changes θ meanwhile: the loop waits here.
-        with ThreadPoolExecutor(1, thread_name_prefix="zmqps-ckpt") as pool:
-            saving = pool.submit(self._save, version) if version > self.saved_step else None
-            path = checkpoint.save_final(self.cfg.checkpoint_dir, piece_groups(self.store.params))
-            if saving is not None:
-                saving.result()
+        # The last checkpoint (on the saver's thread) and final.safetensors are written at once
+        # (each mostly waits on fsync); nothing changes θ meanwhile: the loop waits here.
+        if version > self.saved_step:
+            self._save(version, background=True)
+        path = checkpoint.save_final(self.cfg.checkpoint_dir, piece_groups(self.store.params))
+        last = self.saver.wait()
+        self._saved(last)
+        if last is not None and last.error is not None:
+            raise last.error  # DONE promises both files on disk: the job does not end "done"
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
         log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones)",
                  self.cfg.workers, version, loss, os.path.abspath(path), self.store.cow_clones)

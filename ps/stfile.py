@@ -52,16 +52,15 @@ def _shape_of(name: str, parts: Sequence[torch.Tensor]) -> list[int]:
     return [sum(int(p.shape[0]) for p in parts), *first.shape[1:]]
 
 
-def write(f: BinaryIO, tensors: Mapping[str, Sequence[torch.Tensor]],
-          metadata: Mapping[str, str] | None = None) -> int:
-    """Write a safetensors file to ``f``: each name's parts, stacked along dim 0, as one tensor.
+def header(tensors: Mapping[str, Sequence[torch.Tensor]], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The file's first bytes (length and JSON header) for ``tensors`` written in their order.
 
-    Returns the bytes written. Raises ValueError for a dtype safetensors cannot name or parts
-    that do not stack.
+    Each name's parts stack along dim 0 into one tensor. Raises ValueError for a dtype
+    safetensors cannot name or parts that do not stack.
     """
-    header: dict[str, object] = {}
+    head: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        head["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for name, parts in tensors.items():
         shape = _shape_of(name, parts)
@@ -69,17 +68,31 @@ def write(f: BinaryIO, tensors: Mapping[str, Sequence[torch.Tensor]],
         if dtype not in ST_DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
         nbytes = math.prod(shape) * parts[0].element_size()
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        head[name] = {"dtype": ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-aligned, as the library writes it
-    f.write(struct.pack("<Q", len(head)))
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, as the library writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_parts(f: BinaryIO, parts: Sequence[torch.Tensor]) -> int:
+    """One tensor's bytes, part after part, each from its own memory; returns the bytes written."""
+    n = 0
+    for p in parts:
+        if p.numel():
+            n += f.write(_bytes_of(p))
+    return n
+
+
+def write(f: BinaryIO, tensors: Mapping[str, Sequence[torch.Tensor]],
+          metadata: Mapping[str, str] | None = None) -> int:
+    """Write a safetensors file to ``f``: each name's parts, stacked along dim 0, as one tensor.
+
+    Returns the bytes written. Raises ValueError as :func:`header` does.
+    """
+    head = header(tensors, metadata)
     f.write(head)
-    for parts in tensors.values():
-        for p in parts:
-            if p.numel():
-                f.write(_bytes_of(p))
-    return 8 + len(head) + offset
+    return len(head) + sum(write_parts(f, parts) for parts in tensors.values())
 
 
 def write_file(path: str | Path, tensors: Mapping[str, Sequence[torch.Tensor]],

@@ -35,6 +35,9 @@ class ParameterStore:
         self._inflight: dict[str, list[zmq.MessageTracker]] = {}
         self.cow_clones = 0
         self.shared = False  # θ lives in a shared-memory segment (see ps.fastpath)
+        # called with the keys an update is about to write in place (θ and their optimizer
+        # slots), before it does: a checkpoint being written keeps its copy (ps.snapshot)
+        self.before_update: Callable[[Iterable[str]], None] | None = None
 
     @property
     def initialized(self) -> bool:
@@ -96,6 +99,8 @@ class ParameterStore:
     def apply(self, grads: Mapping[str, torch.Tensor]) -> None:
         """One optimizer step on the keys in ``grads`` (the others are left untouched)."""
         assert self.optimizer is not None, "apply before initialize"
+        if self.before_update is not None:
+            self.before_update(grads.keys())
         for k in grads:
             pending = [t for t in self._inflight.pop(k, ()) if not t.done]
             if pending:

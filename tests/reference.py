@@ -59,17 +59,23 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
            batch: int = 100, epochs: int = 10, seed: int = 0, shuffle: bool = True, loss: str = "mse",
            optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
            weight_decay: float = 0.0,
-           ranks: Callable[[int], Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+           ranks: Callable[[int], Sequence[int]] | None = None,
+           steps: int | None = None) -> dict[str, torch.Tensor]:
     """Final θ of the data-parallel job, computed in one process.
 
     ``ranks(step)`` (default: all of them) names the workers whose gradients step ``step``
-    (counted over all epochs) averages, as after ``--on-worker-loss shrink``.
+    (counted over all epochs) averages, as after ``--on-worker-loss shrink``. ``steps``: θ
+    after that many steps instead (counted over all epochs).
     """
     model, x_all, y_all, loss_fn, opt = setup(model_factory, data_factory, seed, loss, optimizer, lr, momentum,
                                               weight_decay)
     n = len(x_all)
+    done = 0
     for epoch in range(epochs):
         for t in range(steps_per_epoch(n, world, batch)):
+            if steps is not None and done == steps:
+                break
+            done += 1
             grads, weights = [], []
             for k in (range(world) if ranks is None else ranks(epoch * steps_per_epoch(n, world, batch) + t)):
                 rows = worker_rows(n, world, batch, epoch, t, k, shuffle, seed)
