@@ -118,6 +118,8 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
             h = msgpack.unpackb(frames[0], raw=False)
         except Exception:
             return frames
+        if not isinstance(h, dict):  # an earlier mutation left a header that is no map
+            return frames
         key = rng.choice([*FIELDS, "v", "op", "id", "extra"])
         h[key] = _value(rng)
         frames[0] = _pack(h)
@@ -125,6 +127,8 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
         try:
             h = msgpack.unpackb(frames[0], raw=False)
         except Exception:
+            return frames
+        if not isinstance(h, dict):
             return frames
         h[rng.choice(FIELDS)] = msgpack.ExtType(rng.randrange(128), b"\x00" * rng.randrange(9)) \
             if rng.random() < 0.5 else b"\x80\x04pickle"
