@@ -158,7 +158,12 @@ class BackgroundSaver:
         """Wait for the checkpoint being written (if any) and return its end."""
         if self._thread is None:
             return None
-        self._thread.join()
+        waited = 0.0
+        while self._thread.is_alive():  # a disk that hangs is named in the log, every 30 s
+            self._thread.join(30.0)
+            waited += 30.0
+            if self._thread.is_alive():
+                log.warning("%s: still writing after %.0f s; the server waits for it", self._thread.name, waited)
         result, self._result = self._result, None
         self._thread = self._snapshot = None
         return result
