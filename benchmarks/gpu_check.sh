@@ -6,14 +6,17 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl pyzmq
-# Then run it with the device tool: carry [".whl"], timeout_s ~540, command
+# Then run it with the device tool: carry [".whl"], timeout_s 600, command
 #   bash benchmarks/gpu_check.sh
 # It writes everything under $OUT (or ./runs/gpu when OUT is unset):
+#   gpu.txt      the GPU, /dev/shm's size, cores, and gpu_floor's stderr
 #   floor.json   pinned H2D/D2H rates and the floor 2 x |θ| / rate for the 88.1M model
-#   tests.log    the CUDA tests (tests/test_gpu.py), which skip on machines without CUDA
+#   tests.log    the CUDA tests (tests/test_gpu.py, the CUDA exactness and pipeline-staging
+#                tests), which skip on machines without CUDA
 #   ddp.json     zmqps vs DDP/gloo on the 88.1M MLP, K = 2 on one GPU, batch 256 per worker
 #   transport.json  push+pull vs raw ZeroMQ over TCP on that host's 16 cores (the goal the
 #                2-core machine cannot reach: there zmqps's own threads have no core to run on)
+#   bench.tgz    every benchmark's raw JSON (runs/bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -23,14 +26,26 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-python3 -m benchmarks gpu_floor > "$OUT/floor.json" 2> "$OUT/floor.err"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1
+if ! python3 -c 'import zmq' 2> "$OUT/gpu.txt"; then
+    echo "pyzmq is missing: carry its wheel in .whl (see the header)" >> "$OUT/gpu.txt"
+    cat "$OUT/gpu.txt"
+    exit 1
+fi
+# At most 8 files come back from the device: gpu.txt floor.json tests.log ddp.json ddp.log
+# transport.json transport.log bench.tgz. Timeouts send SIGINT first, so the harness and pytest
+# stop their children (started in sessions of their own) before the next step starts.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/gpu.txt" 2>&1
+df -h /dev/shm >> "$OUT/gpu.txt" 2>&1
+nproc >> "$OUT/gpu.txt"
+timeout -s INT -k 10 45 python3 -m benchmarks gpu_floor > "$OUT/floor.json" 2>> "$OUT/gpu.txt"
+timeout -s INT -k 15 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_exactness.py::test_cuda_workers_match_the_math \
+    tests/test_pipeline_links.py::test_cuda_staging_goes_through_reused_pinned_buffers > "$OUT/tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/tests.log"
-timeout 330 python3 -m benchmarks ddp --model benchmarks.jobs:mlp88m --data benchmarks.jobs:data88m \
+timeout -s INT -k 15 280 python3 -m benchmarks ddp --model benchmarks.jobs:mlp88m --data benchmarks.jobs:data88m \
     --batch 256 --steps 30 --reps 2 --device cuda --threads 4 --no-kept-peer > "$OUT/ddp.json" 2> "$OUT/ddp.log"
 echo "ddp exit $?" >> "$OUT/ddp.log"
-timeout 75 python3 -m benchmarks transport --reps 3 --iters 8 > "$OUT/transport.json" 2> "$OUT/transport.log"
+timeout -s INT -k 10 70 python3 -m benchmarks transport --reps 3 --iters 8 > "$OUT/transport.json" 2> "$OUT/transport.log"
 echo "transport exit $?" >> "$OUT/transport.log"
-cp runs/bench/*.json "$OUT/" 2>/dev/null
-tail -n 30 "$OUT"/floor.json "$OUT"/tests.log "$OUT"/ddp.json "$OUT"/ddp.log "$OUT"/transport.json
+tar -czf "$OUT/bench.tgz" runs/bench 2>/dev/null
+tail -n 30 "$OUT"/gpu.txt "$OUT"/floor.json "$OUT"/tests.log "$OUT"/ddp.json "$OUT"/ddp.log "$OUT"/transport.json

@@ -26,7 +26,7 @@ from common.malloc import release_free_memory
 from common.partition import piece_groups
 from common.protocol import Op
 from common.security import Curve
-from common.transport import bind_router, make_context
+from common.transport import bind_router, make_context, send_tracked
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
@@ -220,7 +220,10 @@ class Server(Recovery):
     def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None
         self.metrics.sent(sum(memoryview(f).nbytes for f in frames))
-        return self.sock.send_multipart([ident, *frames], copy=False, track=track)
+        if track:
+            return send_tracked(self.sock, [ident, *frames])
+        self.sock.send_multipart([ident, *frames], copy=False)
+        return None
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
                keys: tuple[str, ...] = (), shm: bool = False) -> None:

@@ -161,7 +161,7 @@ def test_cpu_staging_is_zero_copy():
 def test_cuda_staging_goes_through_reused_pinned_buffers(zctx, pair):
     s0, s1 = pair
     stager = PinnedStager(torch.device("cuda"))
-    x = torch.randn(64, 32, device="cuda", dtype=torch.float64)
+    x = torch.randn(256, 64, device="cuda", dtype=torch.float64)  # 128 KiB: over zmq.COPY_THRESHOLD, really tracked
     host = stager.to_host({"0": x})
     assert host["0"].is_pinned() and host["0"].device.type == "cpu" and torch.equal(host["0"].cuda(), x)
     s1.begin_step(0, 1)

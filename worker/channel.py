@@ -282,7 +282,7 @@ class Channel:
             return
         shard.theta_seg = seg
         shard.theta_views = seg.views(flat, offsets)
-        self.stager.register_host(seg.data)
+        self.stager.register_host(seg.data, read_only=True)  # mapped read-only here
 
     # ------------------------------------------------------------------ parameters
     def bind(self, params: Mapping[str, torch.Tensor]) -> int:

@@ -53,12 +53,20 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU."""
+    """``auto`` → the first CUDA device when there is one, else the CPU.
+
+    A CUDA device comes back with its index and is made the current one, so side streams
+    and events (``worker.staging``) are created on the device the tensors live on.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
     return dev
 
 

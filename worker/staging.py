@@ -15,11 +15,14 @@ reply before the step ends), so no send ever reads a buffer being overwritten.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Mapping
 
 import torch
 
 log = logging.getLogger(__name__)
+
+_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA 11.1+)
 
 
 class Stager:
@@ -30,29 +33,46 @@ class Stager:
         self._events: dict[int, Any] = {}
         self._staged: dict[int, dict[str, torch.Tensor]] = {}
         self._pinned: dict[str, torch.Tensor] = {}
-        self._hosts: list[torch.Tensor] = []
+        self._hosts: list[tuple[torch.Tensor, bool]] = []
         self._registered: set[int] = set()
         self.cuda_used = False
 
-    def register_host(self, t: torch.Tensor) -> None:
-        """Host memory that device copies will use (page-locked once CUDA is in use)."""
-        self._hosts.append(t)
+    def register_host(self, t: torch.Tensor, read_only: bool = False) -> None:
+        """Host memory that device copies will use (page-locked once CUDA is in use).
+
+        ``read_only``: this process maps it read-only (θ's segment), which CUDA registers only
+        with ``cudaHostRegisterReadOnly``.
+        """
+        self._hosts.append((t, read_only))
         if self.cuda_used:
             self._pin_hosts()
 
     def _pin_hosts(self) -> None:
-        for t in self._hosts:
-            if t.numel() and t.data_ptr() not in self._registered:
-                err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-                if int(err) == 0:
+        todo = [(t, ro) for t, ro in self._hosts if t.numel() and t.data_ptr() not in self._registered]
+        if not todo:
+            return
+        device = torch.cuda.current_device()
+
+        def register() -> None:
+            # CUDA keeps its last error per host thread, and torch's next kernel-launch check
+            # on that thread would raise it: a refused registration stays in this thread.
+            torch.cuda.set_device(device)
+            for t, ro in todo:
+                err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(),
+                                                               _HOST_REGISTER_READ_ONLY if ro else 0))
+                if err == 0:
                     self._registered.add(t.data_ptr())
                 else:
-                    log.warning("cudaHostRegister failed (%s): copies to shared memory are pageable", err)
+                    log.warning("cudaHostRegister failed (error %d): copies to shared memory are pageable", err)
 
-    def _side(self) -> Any:
+        th = threading.Thread(target=register, name="zmqps-host-register")
+        th.start()
+        th.join()
+
+    def _side(self, device: torch.device) -> Any:
         if self._stream is None:
             self.cuda_used = True
-            self._stream = torch.cuda.Stream()
+            self._stream = torch.cuda.Stream(device=device)
             self._pin_hosts()
         return self._stream
 
@@ -65,7 +85,7 @@ class Stager:
             else:
                 torch.mul(src.detach(), scale, out=dst)
             return
-        stream = self._side()
+        stream = self._side(src.device)
         stream.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(stream):
             g = src if scale is None else src.detach() * scale
