@@ -123,31 +123,41 @@ def remove_temporaries(directory: str | Path) -> list[Path]:
     return stale
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest ``ckpt-*.safetensors`` in ``directory``, or None."""
+def checkpoints(directory: str | Path) -> list[Path]:
+    """Every ``ckpt-*.safetensors`` in ``directory``, newest first."""
     d = Path(directory)
     if not d.is_dir():
-        return None
-    found = sorted(p for p in d.iterdir() if _NAME.match(p.name))
-    return found[-1] if found else None
+        return []
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), reverse=True)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest ``ckpt-*.safetensors`` in ``directory``, or None."""
+    found = checkpoints(directory)
+    return found[0] if found else None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Read a checkpoint: (θ, optimizer state_dict, metadata record).
 
     Each tensor is read into its own fresh memory, nothing else is held ([Note: streamed files]).
+    Raises ValueError naming the file when it is not a readable zmqps checkpoint.
     """
     tensors, header = stfile.read(path)
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a zmqps checkpoint (format {header.get('format')!r})")
-    record = json.loads(header["zmqps"])
-    params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, idx, slot = k.split("/", 2)
-            state.setdefault(int(idx), {})[slot] = v
-    for idx, slots in record.pop("scalar_state").items():
-        state.setdefault(int(idx), {}).update(slots)
-    optimizer_state = {"state": state, "param_groups": record.pop("param_groups")}
+    try:
+        record = json.loads(header["zmqps"])
+        params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, idx, slot = k.split("/", 2)
+                state.setdefault(int(idx), {})[slot] = v
+        for idx, slots in record.pop("scalar_state").items():
+            state.setdefault(int(idx), {}).update(slots)
+        optimizer_state = {"state": state, "param_groups": record.pop("param_groups")}
+        int(record["step"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: a damaged zmqps checkpoint record: {type(e).__name__}: {e}") from None
     return params, optimizer_state, record

@@ -21,7 +21,7 @@ import zmq
 from common import faults
 from common.config import ServerConfig
 from common.dtypes import dtype_name
-from common.errors import ErrorCode, ProtocolError
+from common.errors import ConfigError, ErrorCode, ProtocolError
 from common.malloc import release_free_memory
 from common.partition import piece_groups
 from common.protocol import Op
@@ -97,10 +97,20 @@ class Server(Recovery):
     def _resume(self) -> None:
         for stale in checkpoint.remove_temporaries(self.cfg.checkpoint_dir):
             log.warning("removed %s, left by a crash while writing", stale)
-        path = checkpoint.latest_checkpoint(self.cfg.checkpoint_dir)
-        if path is None:
+        found = checkpoint.checkpoints(self.cfg.checkpoint_dir)
+        if not found:
             return
-        params, opt_state, meta = checkpoint.load_checkpoint(path)
+        why: list[str] = []
+        for path in found:  # newest first; a damaged file costs the steps since the one before it
+            try:
+                params, opt_state, meta = checkpoint.load_checkpoint(path)
+                break
+            except (OSError, ValueError) as e:
+                why.append(str(e))
+                log.warning("cannot resume from %s, trying an older checkpoint: %s", path.name, e)
+        else:
+            raise ConfigError(f"no checkpoint in {self.cfg.checkpoint_dir} can be read ({'; '.join(why)[:1000]}); "
+                              f"move them away to train from scratch")
         self.store.initialize(params, meta.get("versions"), opt_state, owned=True)
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")

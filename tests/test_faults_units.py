@@ -243,3 +243,26 @@ def test_a_crash_mid_write_leaves_the_old_checkpoint_and_a_temporary_that_is_rem
     assert checkpoint.remove_temporaries(tmp_path) == [torn] and not torn.exists()
     params, _, meta = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
     assert meta["step"] == 4 and torch.equal(params["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("damage", [lambda raw: raw[:50], lambda raw: b"junk", lambda raw: raw.replace(b'\\"step\\"', b'\\"stop\\"')])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_none_readable_is_an_error(tmp_path, caplog, damage):
+    from ps import checkpoint
+    from ps.server import Server
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    checkpoint.save_checkpoint(tmp_path, 4, {"w": torch.ones(2)}, opt.state_dict(), {"versions": {"w": 4}})
+    checkpoint.save_checkpoint(tmp_path, 8, {"w": torch.full((2,), 2.0)}, opt.state_dict(), {"versions": {"w": 8}})
+    newest = checkpoint.latest_checkpoint(tmp_path)
+    newest.write_bytes(damage(newest.read_bytes()))  # the disk's doing: our writes are atomic
+    cfg = ServerConfig(workers=1, checkpoint_dir=str(tmp_path))
+    server = Server(cfg)
+    try:
+        assert server.saved_step == 4 and torch.equal(server.store.params["w"], torch.ones(2))
+    finally:
+        server.close()
+    assert "cannot resume from ckpt-000000008.safetensors" in caplog.text
+    for p in checkpoint.checkpoints(tmp_path):
+        p.write_bytes(damage(p.read_bytes()))
+    with pytest.raises(ConfigError, match="move them away to train from scratch"):
+        Server(cfg)  # not a silent fresh start over a job's checkpoints
