@@ -13,7 +13,9 @@ Names (all prefixed ``zmqps_``): ``version``, ``step``, ``updates_total``, ``pus
 {rank}, ``samples_total``, ``loss``, ``request_seconds`` {op}, ``bytes_received_total``,
 ``bytes_sent_total``, ``staleness`` (histogram, in updates), ``lead_steps`` (histogram),
 ``worker_last_seen_seconds`` {rank} (age), ``worker_clock`` {rank}, ``worker_done`` {rank},
-``workers_registered``, ``info`` {sync, staleness, optimizer, lr}.
+``workers_registered``, ``info`` {sync, staleness, optimizer, lr}, ``checkpoint_step`` (the
+newest checkpoint on disk), ``checkpoint_seconds`` (cut → file on disk), ``checkpoint_failures_total``,
+``checkpoint_kept_bytes_total`` (θ and slots copied to keep background checkpoints exact).
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ class ServerMetrics:
                                  buckets=STALENESS_BUCKETS, registry=r)
         self.p_lead = Histogram("zmqps_lead_steps", "steps a push was ahead of the slowest other worker",
                                 buckets=STALENESS_BUCKETS, registry=r)
+        self.p_ckpt_step = Gauge("zmqps_checkpoint_step", "step of the newest checkpoint on disk", registry=r)
+        self.p_ckpt_seconds = Histogram("zmqps_checkpoint_seconds", "time from a checkpoint's cut to its file "
+                                        "on disk", buckets=LATENCY_BUCKETS, registry=r)
+        self.p_ckpt_failed = Counter("zmqps_checkpoint_failures", "checkpoint writes that failed", registry=r)
+        self.p_ckpt_kept = Counter("zmqps_checkpoint_kept_bytes", "bytes of θ and optimizer slots copied to keep "
+                                   "a checkpoint being written exact while training went on", registry=r)
         Info("zmqps", "server configuration", registry=r).info(
             {"sync": cfg.sync, "staleness": str(cfg.staleness), "optimizer": cfg.optimizer, "lr": str(cfg.lr)})
         r.register(_WorkerCollector(workers))
@@ -155,6 +163,17 @@ class ServerMetrics:
             self.p_loss.set(loss)
         self._write({"ev": "update", "version": version, "samples": self._pending_samples, "loss": loss})
         self._pending_samples = 0.0
+
+    def checkpoint(self, step: int, seconds: float, ok: bool, kept_bytes: int = 0) -> None:
+        """A checkpoint of ``step`` reached the disk (``ok``) or failed, ``seconds`` after its cut."""
+        if ok:
+            self.p_ckpt_step.set(step)
+            self.p_ckpt_seconds.observe(seconds)
+        else:
+            self.p_ckpt_failed.inc()
+        self.p_ckpt_kept.inc(kept_bytes)
+        self._write({"ev": "checkpoint", "step": step, "seconds": round(seconds, 6), "ok": ok,
+                     "kept_bytes": kept_bytes})
 
     def step(self, slowest_clock: int) -> None:
         """The slowest live worker's clock."""

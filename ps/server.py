@@ -577,6 +577,7 @@ class Server(Recovery):
         """Record a finished checkpoint (or log why it failed)."""
         if done is None:
             return
+        self.metrics.checkpoint(done.step, done.seconds, done.error is None, done.cloned_bytes)
         if done.error is not None:
             log.error("checkpoint of step %d failed, training goes on (the newest on disk is step %d): %s: %s",
                       done.step, self.saved_step, type(done.error).__name__, done.error)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
@@ -112,6 +113,7 @@ class Saved:
     path: Path | None
     error: BaseException | None
     cloned_bytes: int
+    seconds: float  # from the start (the cut) to the file on disk, or to the failure
 
 
 class BackgroundSaver:
@@ -132,11 +134,14 @@ class BackgroundSaver:
         if self._thread is not None:
             raise RuntimeError("a checkpoint is already being written")
 
+        t0 = time.monotonic()
+
         def run() -> None:
             try:
-                self._result = Saved(step, write(snapshot), None, snapshot.cloned_bytes)
+                path = write(snapshot)
+                self._result = Saved(step, path, None, snapshot.cloned_bytes, time.monotonic() - t0)
             except BaseException as e:  # noqa: BLE001 - reported to the loop, which logs it
-                self._result = Saved(step, None, e, snapshot.cloned_bytes)
+                self._result = Saved(step, None, e, snapshot.cloned_bytes, time.monotonic() - t0)
 
         self._snapshot = snapshot
         self._thread = threading.Thread(target=run, name=f"zmqps-ckpt-{step}", daemon=True)

@@ -21,7 +21,8 @@ JOB = ["--model", "tests.consistency_jobs:linear64", "--data", "tests.consistenc
 NAMES = {"zmqps_version", "zmqps_step", "zmqps_updates", "zmqps_pushes", "zmqps_samples", "zmqps_loss",
          "zmqps_request_seconds", "zmqps_bytes_received", "zmqps_bytes_sent", "zmqps_staleness",
          "zmqps_lead_steps", "zmqps_worker_last_seen_seconds", "zmqps_worker_clock", "zmqps_worker_done",
-         "zmqps_workers_registered", "zmqps_info"}
+         "zmqps_workers_registered", "zmqps_info", "zmqps_checkpoint_step", "zmqps_checkpoint_seconds",
+         "zmqps_checkpoint_failures", "zmqps_checkpoint_kept_bytes"}
 
 
 def scrape(url: str) -> dict[str, dict]:
@@ -35,17 +36,18 @@ def scrape(url: str) -> dict[str, dict]:
 
 @pytest.mark.timeout(300)
 def test_the_metrics_endpoint_serves_prometheus_text_during_a_job(procs, tmp_path, zctx):
-    server, ep = procs.server(2, "--lr", "0.05", "--metrics-port", "0")
+    server, ep = procs.server(2, "--lr", "0.05", "--metrics-port", "0", "--checkpoint-every", "2")
     workers = [procs.worker(ep, k, 2, *JOB, "--stall", "1:0.1") for k in range(2)]  # 30 steps x 0.1 s
     ping = Requester(zctx, ep, who="test")
     deadline = time.monotonic() + 150
     while True:
         status = ping.request(Op.PING, {}, timeout_s=10).fields
-        if status["pushes"] >= 4:
-            break
+        if status["pushes"] >= 4 and status["metrics_url"]:
+            families = scrape(status["metrics_url"])  # a background checkpoint of step 2 is on disk too
+            if families["zmqps_checkpoint_step"][("zmqps_checkpoint_step", ())] >= 2:
+                break
         assert time.monotonic() < deadline and server.proc.poll() is None, server.output()
         time.sleep(0.2)
-    families = scrape(status["metrics_url"])
     assert server.proc.poll() is None, "the scrape must happen while the job runs"
     assert NAMES <= set(families), sorted(NAMES - set(families))
     assert families["zmqps_updates"][("zmqps_updates_total", ())] >= 2
@@ -58,6 +60,8 @@ def test_the_metrics_endpoint_serves_prometheus_text_during_a_job(procs, tmp_pat
     assert stale[("zmqps_staleness_bucket", (("le", "0.0"),))] == stale[("zmqps_staleness_count", ())] >= 4
     assert families["zmqps_info"][("zmqps_info", (("lr", "0.05"), ("optimizer", "sgd"), ("staleness", "0"),
                                              ("sync", "bsp")))] == 1
+    assert families["zmqps_checkpoint_seconds"][("zmqps_checkpoint_seconds_count", ())] >= 2  # θ_0's and step 2's
+    assert families["zmqps_checkpoint_failures"][("zmqps_checkpoint_failures_total", ())] == 0
     procs.wait_ok([*workers, server], timeout=240)
 
 
@@ -68,9 +72,15 @@ def test_the_jsonl_log_records_pushes_and_updates(tmp_path):
     m.push(0, 0, 0, 0, 40.0, 1.5)
     m.push(1, 0, 0, 0, 40.0, 0.5)
     m.update(1, 1.0)
+    m.checkpoint(1, 0.25, True, 4096)
+    m.checkpoint(2, 0.5, False)
     m.close(1, 1.0)
     recs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["ev"] for r in recs] == ["start", "push", "push", "update", "end"]
+    assert [r["ev"] for r in recs] == ["start", "push", "push", "update", "checkpoint", "checkpoint", "end"]
+    assert recs[4] == {**recs[4], "step": 1, "ok": True, "kept_bytes": 4096} and recs[5]["ok"] is False
+    assert m.registry.get_sample_value("zmqps_checkpoint_step") == 1  # the failed step 2 does not count
+    assert m.registry.get_sample_value("zmqps_checkpoint_failures_total") == 1
+    assert m.registry.get_sample_value("zmqps_checkpoint_kept_bytes_total") == 4096
     assert recs[0]["sync"] == "bsp" and recs[3]["samples"] == 80.0 and recs[3]["version"] == 1
     assert all(isinstance(r["t"], float) for r in recs)
     assert m.ping_fields()["staleness"] == [[0, 2]]
