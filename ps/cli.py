@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import zmq
 
@@ -15,10 +15,21 @@ from common.errors import ConfigError
 from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
 
+if TYPE_CHECKING:
+    from ps.server import Server
+
 log = logging.getLogger("ps")
 
 
+_server: Server | None = None  # set once built, for the signal handler
+
+
 def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM: a built server checkpoints at its next safe point and exits; before that, or
+    at a second SIGTERM, exit at once."""
+    if _server is not None and _server.stop_signal is None:
+        _server.request_stop(signum)
+        return
     raise SystemExit(128 + signum)
 
 
@@ -39,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             server = Server(cfg)
             server.bind()
+        global _server
+        _server = server
         return server.serve()
     except ConfigError as e:
         log.error("%s", e)

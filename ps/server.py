@@ -84,6 +84,7 @@ class Server(Recovery):
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
+        self.stop_signal: int | None = None  # set by request_stop (a signal handler)
         self.fast = FastPath(cfg)
         self._deferred: dict[str, torch.Tensor] = {}  # completed gradients not yet applied (shared θ)
         self.ranks = RankTable()
@@ -164,10 +165,12 @@ class Server(Recovery):
                             del frames
                             self._trim_due = False
                             release_free_memory()
-                        if self._finished:
+                        if self._finished or self.stop_signal is not None:
                             break
                 if self.saver.busy:
                     self._saved(self.saver.poll())
+                if self.stop_signal is not None:
+                    return self._stop_on_signal(self.stop_signal)
                 now = time.monotonic()
                 self._check_liveness(now)
                 if now >= next_status:
@@ -179,6 +182,27 @@ class Server(Recovery):
             return 0
         finally:
             self.close()
+
+    def request_stop(self, signum: int) -> None:
+        """Ask the loop to checkpoint and return ``128 + signum`` (safe from a signal handler:
+        it only sets a flag, read between messages, never inside a handler's update)."""
+        self.stop_signal = signum
+
+    def _stop_on_signal(self, signum: int) -> int:
+        """A graceful stop (systemd, Kubernetes): checkpoint θ as of now if it is a consistent cut
+        newer than the newest on disk, so a restart recomputes nothing; the workers ride out
+        the gap as after a crash."""
+        self._saved(self.saver.wait())
+        saved = "nothing new to checkpoint"
+        if self.store.initialized:
+            version = self.store.version(self.store.params)
+            if version > self.saved_step and self._consistent_cut():
+                self._save(version)
+                saved = f"checkpoint of step {version} written"
+            elif version > self.saved_step:
+                saved = f"step {version} is not a consistent cut; the newest checkpoint is step {self.saved_step}"
+        log.warning("stopping on signal %d: %s", signum, saved)
+        return 128 + signum
 
     def close(self) -> None:
         """Close the socket, letting replies already queued go out for up to a second.

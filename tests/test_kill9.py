@@ -114,3 +114,24 @@ def test_a_restarted_worker_draws_the_same_dropout_masks(forkserver, procs, tmp_
     procs.wait_ok([w0, again, server], timeout=120)
     assert "resuming at step 12 of 20" in again.output(tail=10**6)
     assert_final(tmp_path / "ckpt", uninterrupted, tol=0.0)
+
+
+def test_server_stopped_with_sigterm_checkpoints_its_step_and_the_restart_recomputes_nothing(forkserver, procs, tmp_path):
+    """systemd or Kubernetes stop the server (SIGTERM) after step 9 was applied, between periodic
+    checkpoints (every 4): it writes ckpt-10 before it exits 143, and the restarted server resumes
+    there, with no step recomputed."""
+    args = (*SERVER, "--checkpoint-every", "4")
+    server, ep = fork_server(forkserver, procs, *args, env={"PS_FAULT": "stop:after-apply:9"})
+    workers = [fork_worker(forkserver, procs, ep, r) for r in range(WORLD)]
+    wait_stopped(server)
+    server.kill(signal.SIGTERM)
+    server.kill(signal.SIGCONT)
+    assert server.wait(60) == 128 + signal.SIGTERM, server.output()
+    assert "stopping on signal 15: checkpoint of step 10 written" in server.log.read_text()
+    assert (tmp_path / "ckpt" / "ckpt-000000010.safetensors").exists()
+    again, _ = fork_server(forkserver, procs, *args, bind=ep)
+    procs.wait_ok([*workers, again], timeout=200)
+    assert_final(tmp_path / "ckpt", expected())
+    assert "resumed from" in again.log.read_text() and "ckpt-000000010" in again.log.read_text()
+    for w in workers:
+        assert "rejoined; the server is at step 10" in w.log.read_text(), w.output()
