@@ -15,7 +15,8 @@ Names (all prefixed ``zmqps_``): ``version``, ``step``, ``updates_total``, ``pus
 ``worker_last_seen_seconds`` {rank} (age), ``worker_clock`` {rank}, ``worker_done`` {rank},
 ``workers_registered``, ``info`` {sync, staleness, optimizer, lr}, ``checkpoint_step`` (the
 newest checkpoint on disk), ``checkpoint_seconds`` (cut → file on disk), ``checkpoint_failures_total``,
-``checkpoint_kept_bytes_total`` (θ and slots copied to keep background checkpoints exact).
+``checkpoint_kept_bytes_total`` (θ and slots copied to keep background checkpoints exact); and
+the standard ``process_*`` metrics (resident memory, CPU seconds, open files) of the server.
 """
 
 from __future__ import annotations
@@ -26,13 +27,26 @@ import time
 from collections import Counter as Tally
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.config import ServerConfig
 
 log = logging.getLogger(__name__)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set (``VmHWM``); None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -95,6 +109,7 @@ class ServerMetrics:
         Info("zmqps", "server configuration", registry=r).info(
             {"sync": cfg.sync, "staleness": str(cfg.staleness), "optimizer": cfg.optimizer, "lr": str(cfg.lr)})
         r.register(_WorkerCollector(workers))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self.url = ""
         self._httpd: Any = None
         self._log: IO[str] | None = None

@@ -35,7 +35,7 @@ from ps.finite import nonfinite_keys
 from ps.consistency import make_consistency
 from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
-from ps.metrics import ServerMetrics
+from ps.metrics import ServerMetrics, peak_rss_bytes
 from ps.offers import Offers
 from ps.ranks import RankTable
 from ps.recovery import Recovery
@@ -647,8 +647,11 @@ class Server(Recovery):
         if last is not None and last.error is not None:
             raise last.error  # DONE promises both files on disk: the job does not end "done"
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
-        log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones)",
-                 self.cfg.workers, version, loss, os.path.abspath(path), self.store.cow_clones)
+        peak = peak_rss_bytes()
+        theta = sum(p.numel() * p.element_size() for p in self.store.params.values())
+        log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones; "
+                 "peak resident set %s)", self.cfg.workers, version, loss, os.path.abspath(path),
+                 self.store.cow_clones, "-" if peak is None else f"{peak / 2**20:.0f} MiB, |θ| {theta / 2**20:.1f} MiB")
 
     _HANDLERS = {
         Op.REGISTER: _on_register,

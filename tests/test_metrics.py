@@ -22,7 +22,7 @@ NAMES = {"zmqps_version", "zmqps_step", "zmqps_updates", "zmqps_pushes", "zmqps_
          "zmqps_request_seconds", "zmqps_bytes_received", "zmqps_bytes_sent", "zmqps_staleness",
          "zmqps_lead_steps", "zmqps_worker_last_seen_seconds", "zmqps_worker_clock", "zmqps_worker_done",
          "zmqps_workers_registered", "zmqps_info", "zmqps_checkpoint_step", "zmqps_checkpoint_seconds",
-         "zmqps_checkpoint_failures", "zmqps_checkpoint_kept_bytes"}
+         "zmqps_checkpoint_failures", "zmqps_checkpoint_kept_bytes", "process_resident_memory_bytes"}
 
 
 def scrape(url: str) -> dict[str, dict]:
