@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from common.procfs import status_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "runs" / "bench"
 
@@ -69,14 +71,14 @@ class Group:
                 while p.returncode is None:
                     for other, q, _ in self.procs:
                         if q.returncode is None:
-                            hwm = _status_bytes(q.pid, "VmHWM")
+                            hwm = status_bytes("VmHWM", q.pid)
                             if hwm:
                                 self.peak_rss[other] = max(hwm, self.peak_rss.get(other, 0))
-                    pid, status, _usage = os.wait4(p.pid, os.WNOHANG)
+                    pid, status = os.waitpid(p.pid, os.WNOHANG)
                     if pid:
                         p.returncode = os.waitstatus_to_exitcode(status)
                         break
-                    rss = _status_bytes(self.procs[0][1].pid, "VmRSS")
+                    rss = status_bytes("VmRSS", self.procs[0][1].pid)
                     if rss:
                         self.rss_series.append((time.perf_counter(), rss))
                     cpu = _cpu_seconds(self.procs[0][1].pid)
@@ -108,18 +110,6 @@ def _cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _status_bytes(pid: int, field: str) -> int:
-    """A ``/proc/PID/status`` size field (``VmRSS``, ``VmHWM``) in bytes; 0 when unavailable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def wait_file(path: Path, group: Group, timeout: float = 120.0) -> str:

@@ -2,7 +2,7 @@
 
     python -m benchmarks memory [--reps 2] [--steps 15] [--optimizer sgd|momentum|adam] [--workers 2]
 
-Reports the server's peak resident set (``ru_maxrss``), its median resident set sampled
+Reports the server's peak resident set (``VmHWM``, sampled by ``Group.wait``), its median resident set sampled
 while the steps ran (steady state: from the end of the warm-up to the last step), its resident set when idle
 before any worker came (Python, torch, ZeroMQ), and (peak − idle) / |θ|, (steady − idle) / |θ|.
 The peak is set by transients outside the step loop: INIT (the server keeps one offered

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.harness import Group, child_env, step_stats, tmpdir, wait_file
+from common.procfs import status_bytes
 
 
 @dataclass
@@ -82,7 +83,7 @@ def run_zmqps(job: Job) -> dict[str, float]:
                                    "--checkpoint-dir", str(d / f"ckpt{s}"), "--lr", str(job.lr),
                                    "--log-level", "warning", *job.server_args], job.env_for("server"))
             endpoints.append(wait_file(ready, g))
-        idle_rss = _rss(g.procs[0][1].pid)
+        idle_rss = status_bytes("VmRSS", g.procs[0][1].pid) or 0
         outs = [d / f"out{k}.json" for k in range(job.workers)]
         t0 = time.perf_counter()
         for k in range(job.workers):
@@ -114,14 +115,3 @@ def run_zmqps(job: Job) -> dict[str, float]:
             inside = [r for t, r in g.rss_series if lo <= t <= hi]
             out["server_median_rss"] = float(statistics.median(inside)) if inside else 0.0
         return out
-
-
-def _rss(pid: int) -> int:
-    """Resident bytes of a running process (0 where /proc is missing)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

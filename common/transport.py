@@ -49,16 +49,20 @@ def _heartbeats(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
 
 
-def send_tracked(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> zmq.MessageTracker:
-    """Send a multipart message zero-copy; the tracker is done once ZeroMQ released *every* frame.
+def send_zero_copy(sock: zmq.Socket, frames: list[Any], track: bool = True) -> zmq.MessageTracker | None:
+    """Send a multipart message zero-copy; with ``track``, a tracker that is done once ZeroMQ
+    released *every* frame (None without).
 
     ``send_multipart(track=True)`` returns the tracker of the last frame only, and a last
     frame under ``zmq.COPY_THRESHOLD`` is copied and reports done at once, while the large
     frames before it may still be read: a sender that then writes into those tensors would
     tear the message. Each frame is tracked here and the trackers are combined.
     """
-    trackers = [sock.send(f, flags | zmq.SNDMORE, copy=False, track=True) for f in frames[:-1]]
-    trackers.append(sock.send(frames[-1], flags, copy=False, track=True))
+    if not track:
+        sock.send_multipart(frames, copy=False)
+        return None
+    trackers = [sock.send(f, zmq.SNDMORE, copy=False, track=True) for f in frames[:-1]]
+    trackers.append(sock.send(frames[-1], copy=False, track=True))
     return zmq.MessageTracker(*trackers)
 
 

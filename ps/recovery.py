@@ -48,7 +48,6 @@ class Recovery:
     groups: list[KeyGroup] | None
     waiters: list
     store: Any
-    saver: Any
     _finished: bool
 
     def _init_recovery(self) -> None:
@@ -206,7 +205,7 @@ class Recovery:
         """Give up: checkpoint what is consistent, answer every parked request WORKER_LOST, stop."""
         step = self._step_now()
         saved = ""
-        self._saved(self.saver.wait())
+        self._settle()
         if self.store.initialized and step > self.saved_step and self._consistent_cut():
             self._save(step)
             saved = f"; checkpoint of step {step} written"

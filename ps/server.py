@@ -24,9 +24,10 @@ from common.dtypes import dtype_name
 from common.errors import ConfigError, ErrorCode, ProtocolError
 from common.malloc import release_free_memory
 from common.partition import piece_groups
+from common.procfs import status_bytes
 from common.protocol import Op
 from common.security import Curve
-from common.transport import bind_router, make_context, send_tracked
+from common.transport import bind_router, make_context, send_zero_copy
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
 from ps.aggregate import Contribution, KeyGroup
@@ -35,7 +36,7 @@ from ps.finite import nonfinite_keys
 from ps.consistency import make_consistency
 from ps.limits import largest_frame, schema_limits
 from ps.membership import WorkerInfo, form_groups
-from ps.metrics import ServerMetrics, peak_rss_bytes
+from ps.metrics import ServerMetrics
 from ps.offers import Offers
 from ps.ranks import RankTable
 from ps.recovery import Recovery
@@ -192,7 +193,7 @@ class Server(Recovery):
         """A graceful stop (systemd, Kubernetes): checkpoint θ as of now if it is a consistent cut
         newer than the newest on disk, so a restart recomputes nothing; the workers ride out
         the gap as after a crash."""
-        self._saved(self.saver.wait())
+        self._settle()
         saved = "nothing new to checkpoint"
         if self.store.initialized:
             version = self.store.version(self.store.params)
@@ -212,7 +213,7 @@ class Server(Recovery):
         A process that ends without it (``os._exit``, a forked child) would drop them, so an
         own context is terminated here, which waits up to the linger for them to go out.
         """
-        self._saved(self.saver.wait())  # a checkpoint being written is finished, not torn
+        self._settle()  # a checkpoint being written is finished, not torn
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
@@ -254,10 +255,7 @@ class Server(Recovery):
     def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None
         self.metrics.sent(sum(memoryview(f).nbytes for f in frames))
-        if track:
-            return send_tracked(self.sock, [ident, *frames])
-        self.sock.send_multipart([ident, *frames], copy=False)
-        return None
+        return send_zero_copy(self.sock, [ident, *frames], track)
 
     def _reply(self, ident: bytes, req_id: int, fields: Mapping[str, Any] | None = None,
                keys: tuple[str, ...] = (), shm: bool = False) -> None:
@@ -587,7 +585,7 @@ class Server(Recovery):
         A checkpoint still being written is finished first: one at a time, in step order.
         """
         assert self.store.optimizer is not None
-        self._saved(self.saver.wait())
+        self._settle()
         meta = {"versions": self.store.versions, "loss": self.last_loss,
                 "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
                 "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
@@ -595,7 +593,13 @@ class Server(Recovery):
         directory = self.cfg.checkpoint_dir
         self.saver.start(version, snap, lambda s: checkpoint.write_checkpoint(directory, version, s.write))
         if not background:
-            self._saved(self.saver.wait())
+            self._settle()
+
+    def _settle(self) -> Saved | None:
+        """Wait for the checkpoint being written, if any, and record its end (returned)."""
+        done = self.saver.wait()
+        self._saved(done)
+        return done
 
     def _saved(self, done: Saved | None) -> None:
         """Record a finished checkpoint (or log why it failed)."""
@@ -635,19 +639,18 @@ class Server(Recovery):
         if not self.store.initialized:
             log.warning("no θ to write: training never started")
             return
-        self._saved(self.saver.wait())
+        self._settle()
         version = self.store.version(self.store.params)
         # The last checkpoint (on the saver's thread) and final.safetensors are written at once
         # (each mostly waits on fsync); nothing changes θ meanwhile: the loop waits here.
         if version > self.saved_step:
             self._save(version, background=True)
         path = checkpoint.save_final(self.cfg.checkpoint_dir, piece_groups(self.store.params))
-        last = self.saver.wait()
-        self._saved(last)
+        last = self._settle()
         if last is not None and last.error is not None:
             raise last.error  # DONE promises both files on disk: the job does not end "done"
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
-        peak = peak_rss_bytes()
+        peak = status_bytes("VmHWM")
         theta = sum(p.numel() * p.element_size() for p in self.store.params.values())
         log.info("all %d workers done after %d steps, final loss %s; wrote %s (%d copy-on-write clones; "
                  "peak resident set %s)", self.cfg.workers, version, loss, os.path.abspath(path),

@@ -45,7 +45,6 @@ class Snapshot:
         self._owners = owners
         self._cond = threading.Condition()
         self._writing: str | None = None
-        self._written: set[str] = set()
         self._cloned: set[str] = set()
         self.cloned_bytes = 0
 
@@ -61,7 +60,7 @@ class Snapshot:
                         if not self._cond.wait(10.0):
                             log.warning("checkpoint writer still writing %s after 10 s; θ's update waits", name)
                     t = self._tensors.get(name)
-                    if t is None or name in self._written or name in self._cloned:
+                    if t is None or name in self._cloned:  # None: written already
                         continue
                     self._tensors[name] = t.clone()
                     self._cloned.add(name)
@@ -81,7 +80,6 @@ class Snapshot:
                     stfile.write_parts(f, [t])
             finally:
                 with self._cond:
-                    self._written.add(name)
                     self._tensors[name] = None
                     self._writing = None
                     self._cond.notify_all()

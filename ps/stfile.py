@@ -26,6 +26,8 @@ from typing import BinaryIO, Mapping, Sequence
 
 import torch
 
+from common.wire import tensor_buffer
+
 ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -33,11 +35,6 @@ ST_DTYPES: dict[torch.dtype, str] = {
 }
 _TORCH_OF = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the safetensors library's own cap
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def _shape_of(name: str, parts: Sequence[torch.Tensor]) -> list[int]:
@@ -80,7 +77,7 @@ def write_parts(f: BinaryIO, parts: Sequence[torch.Tensor]) -> int:
     n = 0
     for p in parts:
         if p.numel():
-            n += f.write(_bytes_of(p))
+            n += f.write(tensor_buffer(p))
     return n
 
 
@@ -135,7 +132,7 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                                  f"{t.numel() * t.element_size()}")
             if t.numel():
                 f.seek(start + lo)
-                got = f.readinto(_bytes_of(t))
+                got = f.readinto(tensor_buffer(t))
                 if got != hi - lo:
                     raise ValueError(f"{path}: tensor {name!r} is cut short ({got} of {hi - lo} bytes)")
             tensors[name] = t

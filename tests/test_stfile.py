@@ -123,14 +123,11 @@ def _peak_growth(code: str) -> float:
 # VmHWM, not ru_maxrss: the latter carries over exec from the (large) pytest process.
 _PRELUDE = """
     import torch
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+    from common.procfs import status_bytes
     def rss():
-        return status("VmRSS")
+        return status_bytes("VmRSS")
     def peak():
-        return status("VmHWM")
+        return status_bytes("VmHWM")
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]); torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 """
 

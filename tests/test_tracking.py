@@ -1,7 +1,7 @@
 """Zero-copy sends of θ and copy on write: a message still in flight keeps the θ it was sent with.
 
 ``send_multipart(track=True)`` tracks only the last frame, and a small last frame (a bias) is
-copied and reports done at once; ``common.transport.send_tracked`` tracks every frame. Over
+copied and reports done at once; ``common.transport.send_zero_copy`` tracks every frame. Over
 inproc the receiver's frames are the sender's memory, so a write into θ before the receiver
 reads shows up in what it reads unless the store cloned θ first.
 """
@@ -14,7 +14,7 @@ import zmq
 
 from common.config import ServerConfig
 from common.protocol import Op
-from common.transport import send_tracked
+from common.transport import send_zero_copy
 from common.wire import decode, encode
 from ps.store import ParameterStore
 
@@ -45,7 +45,7 @@ def _send_theta_then_update(push, pull, tracked: bool) -> torch.Tensor:
     keys = ("w", "b")
     frames = encode(Op.REPLY, None, st.view(keys))
     if tracked:
-        tracker = send_tracked(push, frames)
+        tracker = send_zero_copy(push, frames)
     else:
         tracker = push.send_multipart(frames, copy=False, track=True)
     st.track(keys, tracker)
@@ -58,7 +58,7 @@ def _send_theta_then_update(push, pull, tracked: bool) -> torch.Tensor:
 def test_the_combined_tracker_waits_for_every_frame(pair):
     push, pull = pair
     big, small = torch.zeros(1 << 18).numpy(), b"tail"
-    t = send_tracked(push, [memoryview(big), small])
+    t = send_zero_copy(push, [memoryview(big), small])
     assert not t.done  # the big frame is queued, unread
     last_only = push.send_multipart([memoryview(big), small], copy=False, track=True)
     assert last_only.done  # pyzmq's own tracker: the copied tail only, done at once

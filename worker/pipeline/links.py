@@ -28,7 +28,7 @@ import zmq
 
 from common.errors import ProtocolError, StageError, StageTimeoutError
 from common.protocol import Op
-from common.transport import bind_peer, connect_peer, send_tracked
+from common.transport import bind_peer, connect_peer, send_zero_copy
 from common.wire import DEFAULT_LIMITS, WireLimits, decode, encode
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,7 @@ class PeerLinks:
         assert to is not None, f"stage {self.me.stage} has no neighbour for {op.value}"
         fields = {"stage": self.me.stage, "rank": self.me.rank, "step": step, "micro": micro, "pack": pack}
         frames = encode(op, fields, tensors)
-        if track:
-            return send_tracked(self._out[to.stage], frames)
-        self._out[to.stage].send_multipart(frames, copy=False)
-        return None
+        return send_zero_copy(self._out[to.stage], frames, track)
 
     def abort(self, message: str, step: int = -1, micro: int = -1, action: str = "-") -> None:
         """Tell both neighbours this stage failed (best effort; they stop instead of timing out)."""
