@@ -64,6 +64,10 @@ OPTIONS: dict[str, Option] = {
     "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
                         ("sgd", "momentum", "adam"), group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
+    "clip_grad_norm": Option("--clip-grad-norm", float, "clip the averaged gradient to this total 2-norm "
+                             "before each update, as torch.nn.utils.clip_grad_norm_ does after DDP's "
+                             "allreduce (bsp: over the whole model; async/ssp: over each push; needs one "
+                             "server shard)", group="optimizer"),
     "momentum": Option("--momentum", float, "momentum (default 0 for sgd, 0.9 for momentum)", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
     "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
@@ -185,6 +189,7 @@ class ServerConfig:
     lr: float = 0.01
     momentum: float | None = None
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
     sync: str = "bsp"
     staleness: int = 0
     checkpoint_dir: str = "checkpoints"
@@ -223,6 +228,8 @@ class ServerConfig:
         _positive("max_message_mb", self.max_message_mb)
         if self.momentum is not None:
             _nonneg("momentum", self.momentum)
+        if self.clip_grad_norm is not None:
+            _positive("clip_grad_norm", self.clip_grad_norm)
         if self.nonfinite == "skip" and self.sync != "bsp":
             raise ConfigError(f"--nonfinite skip leaves a push out of a step's average: it needs --sync bsp, "
                               f"not {self.sync} (use --nonfinite fail)")
@@ -337,6 +344,7 @@ class LaunchConfig(JobFields):
     lr: float = 0.01
     momentum: float | None = None
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
     sync: str = "bsp"
     staleness: int = 0
     checkpoint_dir: str | None = None

@@ -29,6 +29,7 @@ class ErrorCode(IntEnum):
     RANK_HELD = 14  # another live connection holds this rank; retry once its lease has expired
     WORKER_LOST = 15  # a worker was lost past --rejoin-deadline: the job has failed
     NONFINITE = 16  # a pushed gradient holds NaN or an infinity (--nonfinite fail): nothing applied
+    STALE_SEGMENT = 17  # a push names a shared-memory segment that is not the one the server gave this rank
 
 
 class PSError(Exception):

@@ -39,13 +39,15 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: (
         {"world_size": INT, "params": SPECS},
         {"rank": INT, "role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR, "shm": BOOL,
-         "buckets": ANY},
+         "buckets": ANY, "buffers": STRLIST, "aliases": ANY, "shards": INT},
     ),
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
     Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
-    Op.PUSH: ({"rank": INT, "step": INT}, {"samples": NUM, "loss": NUM, "grads": STRLIST, "total": NUM}),
+    Op.PUSH: ({"rank": INT, "step": INT},
+              {"samples": NUM, "loss": NUM, "grads": STRLIST, "total": NUM, "absent": STRLIST, "segment": STR}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT},
-                   {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL, "total": NUM}),
+                   {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL, "total": NUM,
+                    "absent": STRLIST, "segment": STR}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
     Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
@@ -63,6 +65,18 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # over every worker, as the worker's data plan says), so the server's reduction is a plain sum
 # (ps/aggregate.py, [Note: pre-scaled]). PULL/PUSH_PULL ``shm``: reply with θ in the server's θ
 # segment instead of frames.
+#
+# [Note: model fields] REGISTER ``buffers``: the registered keys that are buffers (BatchNorm's
+# running statistics...), not parameters: the server keeps them in θ but outside its optimizer,
+# and a push carries their *values*, not gradients (rank order decides: the lowest rank's, as
+# DDP broadcasts rank 0's). REGISTER ``aliases``: ``[[alias, key], ...]``, other state_dict names
+# of a registered tensor (tied weights), written beside it in ``final.safetensors``. REGISTER
+# ``shards``: how many server shards the worker splits θ over. PUSH ``absent``: keys of the
+# pushed buckets this worker has nothing for - a parameter without a gradient (frozen, or not
+# reached by the loss), a buffer its step did not change; a key absent on every worker is left
+# alone by the optimizer, as torch.optim leaves a parameter whose ``grad`` is None. PUSH
+# ``segment``: the token of the gradient segment the ``grads`` were written to; the server
+# refuses a push naming any other segment than the one it gave this rank.
 
 RESERVED = frozenset({"v", "op", "id", "tensors"})
 """Header keys every message may carry besides its op's fields."""

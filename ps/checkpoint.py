@@ -2,8 +2,10 @@
 
 A checkpoint is one file ``ckpt-<step>.safetensors``: tensors ``param/<name>`` (θ) and
 ``optim/<index>/<slot>`` (optimizer state), plus a JSON metadata record (``zmqps`` key) with
-the step, per-key versions, optimizer hyper-parameters and membership. ``final.safetensors``
-holds θ alone, by state_dict name, for users. Every file is written to a temporary name,
+the step, per-key versions, optimizer hyper-parameters, membership, which keys are buffers and
+the other names of tied tensors (``aliases``). ``final.safetensors`` is the model's whole
+``state_dict()`` (parameters, buffers, every name of a tied tensor), by state_dict name, for
+users; :func:`load_state_dict` reads either kind of file as one. Every file is written to a temporary name,
 fsynced, renamed into place and the directory fsynced, so a crash never leaves a torn file.
 """
 
@@ -19,6 +21,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import torch
 
+from common.partition import base_of
 from ps import stfile
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,37 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 def _write_tensors(path: Path, tensors: Mapping[str, Sequence[torch.Tensor]], metadata: dict[str, str]) -> None:
     """A safetensors file, atomically; streamed from the tensors' memory ([Note: streamed files])."""
     _atomic(path, lambda tmp: stfile.write_file(tmp, tensors, metadata))
+
+
+def with_aliases(params: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``params`` plus an entry per alias of a tied tensor (the same tensor under its other name).
+
+    A key split into pieces (``NAME#i/n``, ``common.partition``) gets its alias's pieces.
+    """
+    out = dict(params)
+    if not aliases:
+        return out
+    by_base: dict[str, list[str]] = {}
+    for alias, base in aliases.items():
+        by_base.setdefault(base, []).append(alias)
+    for key, t in params.items():
+        base, _, _ = base_of(key)
+        for alias in by_base.get(base, ()):
+            out[alias + key[len(base):]] = t
+    return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's ``state_dict()`` from ``final.safetensors`` or a ``ckpt-*.safetensors``.
+
+    For ``model.load_state_dict(load_state_dict(path))`` (``strict=True`` works): every
+    parameter and buffer, and each tied tensor under every one of its names.
+    """
+    tensors, header = stfile.read(path)
+    if header.get("format") != FORMAT:
+        return tensors
+    params, _, record = _parse(path, tensors, header)
+    return with_aliases(params, record.get("aliases") or {})
 
 
 def save_final(directory: str | Path, params: Mapping[str, Sequence[torch.Tensor]]) -> Path:
@@ -146,6 +180,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     tensors, header = stfile.read(path)
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a zmqps checkpoint (format {header.get('format')!r})")
+    return _parse(path, tensors, header)
+
+
+def _parse(path: str | Path, tensors: dict[str, torch.Tensor], header: Mapping[str, str]
+           ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """θ, the optimizer's state_dict and the record of a checkpoint file's contents."""
     try:
         record = json.loads(header["zmqps"])
         params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}

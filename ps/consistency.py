@@ -104,7 +104,11 @@ class Consistency:
 
     def push(self, w: WorkerInfo, step: int, groups: Sequence[KeyGroup], grads: Mapping[str, torch.Tensor],
              weight: float, loss: float | None) -> bool:
-        """Apply ``w``'s push of ``step`` now; True if applied, False for a replay."""
+        """Apply ``w``'s push of ``step`` now; True if applied, False for a replay.
+
+        ``grads`` holds the keys the worker had (gradients, and values of buffers); a key of
+        ``groups`` missing from it is absent ([Note: absent gradients] in ``ps.aggregate``).
+        """
         raise NotImplementedError("bsp pushes are reduced by ps.aggregate.KeyGroup")
 
     def state(self) -> dict[str, Any]:
@@ -171,8 +175,11 @@ class Async(Consistency):
         self.record(w, step, weight, loss)
         if weight > 0:  # an empty batch carries no information: nothing to apply
             for g in groups:
+                present = {k: grads[k] for k in g.grad_keys if k in grads}
+                # buffers: the lowest contributor's values, as in bsp ([Note: buffer values])
+                values = {k: grads[k] for k in g.values if k in grads} if w.rank == min(g.contributors) else {}
                 with scaled_lr(self.store.optimizer, 1.0 / len(g.contributors)):
-                    self.store.apply({k: grads[k] for k in g.keys})
+                    self.store.apply(present, values, g.keys)
                 if loss is not None:
                     self._losses[w.rank] = loss
                     self.loss = sum(self._losses.values()) / len(self._losses)

@@ -5,11 +5,22 @@ REGISTER. θ itself is then moved into one segment (the optimizer updates it in 
 gets a gradient segment of its own. Workers on another host cannot open them and keep using
 frames; both kinds mix freely. See ``common/shm.py`` for the segment format and the
 [Note: who writes when] that makes this safe in bsp.
+
+[Note: one segment per registration] A worker started before its server sends REGISTER again
+and again while the server starts; every copy reaches the server. The gradient segment belongs
+to the registration, not to the message: a REGISTER from the same connection with the same
+layout gets the segment it already has (the same path and token, nothing allocated), so
+whichever copy's reply the worker acts on, both sides name one segment. A new connection
+(a restarted worker) gets a new segment and token: a process that was stopped and resumed
+can never write into the gradients of the one that replaced it. Every shared-memory push
+names its segment's token (``segment``); a push naming another one is refused with
+STALE_SEGMENT, naming the rank and both segments, and changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -24,6 +35,20 @@ log = logging.getLogger(__name__)
 SpecMap = Mapping[str, tuple[str, tuple[int, ...]]]
 
 
+@dataclass
+class _GradSegment:
+    """A rank's gradient segment, and the registration it was made for."""
+
+    seg: Segment
+    views: dict[str, torch.Tensor]
+    identity: bytes
+    layout: list[tuple[str, str, tuple[int, ...]]]
+
+    def fields(self) -> dict[str, Any]:
+        """What the REGISTER reply tells the worker."""
+        return {"shm_grad": self.seg.path, "shm_grad_token": self.seg.token}
+
+
 class FastPath:
     """Segments owned by the server: θ's and one per registered rank for its gradients."""
 
@@ -36,26 +61,33 @@ class FastPath:
                             len(stale), ", ".join(stale[:3]))
         self.theta: Segment | None = None
         self.theta_offsets: dict[str, int] = {}
-        self._grads: dict[int, tuple[Segment, dict[str, torch.Tensor]]] = {}
+        self._grads: dict[int, _GradSegment] = {}
 
     @property
     def wanted(self) -> bool:
         """Some worker asked for the fast path (θ then moves into a segment at start)."""
         return bool(self._grads)
 
-    def register(self, rank: int, specs: SpecMap) -> dict[str, Any]:
-        """A gradient segment for ``rank`` laid out as ``specs`` (in order); the reply's fields."""
+    def register(self, rank: int, specs: SpecMap, identity: bytes = b"") -> dict[str, Any]:
+        """The gradient segment of ``rank`` laid out as ``specs`` (in order); the reply's fields.
+
+        The same connection (``identity``) with the same layout keeps its segment
+        ([Note: one segment per registration]); anything else gets a new one.
+        """
         if not self.enabled:
             return {}
-        old = self._grads.pop(rank, None)
+        flat = [(k, d, tuple(s)) for k, (d, s) in specs.items()]
+        old = self._grads.get(rank)
+        if old is not None and old.identity == identity and old.layout == flat:
+            return old.fields()
         if old is not None:
-            old[0].close()
-        flat = [(k, d, s) for k, (d, s) in specs.items()]
+            del self._grads[rank]
+            old.seg.close()
         offsets, nbytes = layout(flat)
         seg = Segment.create(f"g{rank}", nbytes)
-        self._grads[rank] = (seg, seg.views(flat, offsets))
+        entry = self._grads[rank] = _GradSegment(seg, seg.views(flat, offsets), identity, flat)
         log.info("rank %d: gradients in shared memory %s (%d bytes)", rank, seg.path, nbytes)
-        return {"shm_grad": seg.path, "shm_grad_token": seg.token}
+        return entry.fields()
 
     def alloc_theta(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """θ's storage: views of a new segment, filled with ``tensors``."""
@@ -76,21 +108,36 @@ class FastPath:
                 "shm_theta_size": int(self.theta.data.numel()),
                 "shm_offsets": [[k, self.theta_offsets[k]] for k in keys]}
 
-    def grads(self, rank: int, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Views of ``rank``'s gradients for ``keys`` (read by the reduction, never written)."""
+    def grads(self, rank: int, keys: Iterable[str], token: str | None) -> dict[str, torch.Tensor]:
+        """Views of ``rank``'s gradients for ``keys`` (read by the reduction, never written).
+
+        Raises:
+            ProtocolError: STALE_SEGMENT when ``token`` is not the token of the segment this
+                server gave ``rank`` ([Note: one segment per registration]).
+        """
         entry = self._grads.get(rank)
         if entry is None:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"rank {rank} pushed from shared memory it was not given")
-        views = entry[1]
-        unknown = [k for k in keys if k not in views]
+            raise ProtocolError(ErrorCode.STALE_SEGMENT, f"rank {rank} pushed from shared memory "
+                                                         f"(segment {token or '?'}) but holds no segment here")
+        if token != entry.seg.token:
+            raise ProtocolError(ErrorCode.STALE_SEGMENT,
+                                f"rank {rank} pushed from shared-memory segment {token or '(none named)'} but its "
+                                f"segment is {entry.seg.path} ({entry.seg.token}): nothing applied")
+        unknown = [k for k in keys if k not in entry.views]
         if unknown:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"keys not in rank {rank}'s segment: {unknown[:5]}")
-        return {k: views[k] for k in keys}
+        return {k: entry.views[k] for k in keys}
+
+    def forget(self, rank: int) -> None:
+        """Remove ``rank``'s gradient segment (it left the job)."""
+        entry = self._grads.pop(rank, None)
+        if entry is not None:
+            entry.seg.close()
 
     def close(self) -> None:
         """Remove every segment (mappings held by workers stay valid until they unmap)."""
-        for seg, _views in self._grads.values():
-            seg.close()
+        for entry in self._grads.values():
+            entry.seg.close()
         self._grads.clear()
         if self.theta is not None:
             self.theta.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ps.aggregate import KeyGroup
 
@@ -23,14 +24,18 @@ class WorkerInfo:
     clock: int = 0  # the next step this worker will push
     buckets: tuple[tuple[str, ...], ...] = ()  # keys pushed together (empty: all at once)
     last_seen: float = field(default_factory=time.monotonic)
+    request: dict[str, Any] = field(default_factory=dict)  # the REGISTER fields it registered with
+    reply: dict[str, Any] = field(default_factory=dict)  # and the answer it got ([Note: idempotent register])
 
 
-def form_groups(workers: dict[int, WorkerInfo], versions: dict[str, int]) -> list[KeyGroup]:
+def form_groups(workers: dict[int, WorkerInfo], versions: dict[str, int],
+                buffers: frozenset[str] = frozenset()) -> list[KeyGroup]:
     """Group keys by the exact set of ranks that contribute them (sorted, for rank order).
 
     Data-parallel: one group of every key, contributed by every rank. Pipeline: one group per
     stage, contributed by that stage's replicas. Buckets split groups further: keys share a
-    group only if every contributor pushes them in the same bucket.
+    group only if every contributor pushes them in the same bucket. ``buffers`` are the keys
+    whose pushes carry values, not gradients (``ps.aggregate``, [Note: buffer values]).
     """
     contributors: dict[str, list[tuple[int, int]]] = {}
     for rank in sorted(workers):
@@ -44,5 +49,6 @@ def form_groups(workers: dict[int, WorkerInfo], versions: dict[str, int]) -> lis
     for sig, keys in by_set.items():
         ranks = tuple(r for r, _b in sig)
         steps = {versions.get(k, 0) for k in keys}
-        groups.append(KeyGroup(keys=tuple(keys), contributors=ranks, step=min(steps)))
+        groups.append(KeyGroup(keys=tuple(keys), contributors=ranks, step=min(steps),
+                               values=frozenset(keys) & buffers))
     return groups

@@ -48,6 +48,7 @@ class Recovery:
     groups: list[KeyGroup] | None
     waiters: list
     store: Any
+    fast: Any
     _finished: bool
 
     def _init_recovery(self) -> None:
@@ -154,6 +155,7 @@ class Recovery:
     def _shrink(self, rank: int) -> None:
         """Drop a lost rank: the current step completes with the live workers."""
         w = self.workers.pop(rank)
+        self.fast.forget(rank)
         self.liveness.forget(rank)
         self._joining.discard(rank)
         self._drop_waiters(w.identity)

@@ -23,14 +23,14 @@ from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ConfigError, ErrorCode, ProtocolError
 from common.malloc import release_free_memory
-from common.partition import piece_groups
+from common.partition import base_of, piece_groups
 from common.procfs import status_bytes
 from common.protocol import Op
 from common.security import Curve
 from common.transport import bind_router, make_context, send_zero_copy
 from common.wire import Message, WireLimits, decode, encode, error_frames
 from ps import checkpoint
-from ps.aggregate import Contribution, KeyGroup
+from ps.aggregate import Contribution, KeyGroup, Reduced
 from ps.fastpath import FastPath
 from ps.finite import nonfinite_keys
 from ps.consistency import make_consistency
@@ -45,8 +45,6 @@ from ps.snapshot import BackgroundSaver, Saved, checkpoint_snapshot
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
-
-STATUS_EVERY_S = 10.0
 
 
 @dataclass
@@ -79,6 +77,9 @@ class Server(Recovery):
         self.offers = Offers()  # θ's first values, the lowest rank's per key
         self._trim_due = False  # freed memory to return to the OS after the current message
         self.registered_specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.buffer_keys: set[str] = set()  # registered as buffers ([Note: buffers in θ])
+        self.aliases: dict[str, str] = {}  # other state_dict names of θ's tensors (tied weights)
+        self._staged: list[Reduced] = []  # key groups done with the step being completed
         self.waiters: list[Waiter] = []
         self.last_loss: float | None = None
         self.saved_step = -1
@@ -87,7 +88,6 @@ class Server(Recovery):
         self._finished = False
         self.stop_signal: int | None = None  # set by request_stop (a signal handler)
         self.fast = FastPath(cfg)
-        self._deferred: dict[str, torch.Tensor] = {}  # completed gradients not yet applied (shared θ)
         self.ranks = RankTable()
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
                                                    for r, w in list(self.workers.items())])
@@ -113,7 +113,8 @@ class Server(Recovery):
         else:
             raise ConfigError(f"no checkpoint in {self.cfg.checkpoint_dir} can be read ({'; '.join(why)[:1000]}); "
                               f"move them away to train from scratch")
-        self.store.initialize(params, meta.get("versions"), opt_state, owned=True)
+        self.store.initialize(params, meta.get("versions"), opt_state, owned=True, buffers=meta.get("buffers", ()))
+        self.aliases = dict(meta.get("aliases") or {})
         self.saved_step = int(meta["step"])
         self.last_loss = meta.get("loss")
         self.limits = schema_limits(self.store.specs(), self.limits)
@@ -276,17 +277,22 @@ class Server(Recovery):
         return w
 
     def _check_tensors(self, tensors: Mapping[str, torch.Tensor], expected: tuple[str, ...], what: str,
-                       grads: bool = False) -> None:
-        if set(tensors) != set(expected):
-            extra = sorted(set(tensors) - set(expected))[:5]
-            missing = sorted(set(expected) - set(tensors))[:5]
+                       grads: bool = False, absent: frozenset[str] = frozenset()) -> None:
+        """``tensors`` and ``absent`` together are exactly ``expected``, each with θ's dtype and shape
+        (a gradient may travel in float16/bfloat16; a buffer's value may not)."""
+        if set(tensors) | absent != set(expected) or absent & set(tensors):
+            extra = sorted((set(tensors) | absent) - set(expected))[:5]
+            missing = sorted(set(expected) - set(tensors) - absent)[:5]
+            both = sorted(absent & set(tensors))[:5]
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
-                                f"{what} must carry exactly the registered keys; "
-                                f"unexpected {extra}, missing {missing}")
+                                f"{what} must carry exactly the registered keys (or name them absent); "
+                                f"unexpected {extra}, missing {missing}" + (f", both sent and absent {both}" if both
+                                                                            else ""))
         if self.store.initialized:
             for k, t in tensors.items():
                 p = self.store.params[k]
-                narrow = grads and t.dtype in (torch.float16, torch.bfloat16) and p.dtype.is_floating_point
+                narrow = (grads and k not in self.store.buffers and t.dtype in (torch.float16, torch.bfloat16)
+                          and p.dtype.is_floating_point)
                 if (t.dtype != p.dtype and not narrow) or tuple(t.shape) != tuple(p.shape):
                     raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
                                         f"{what}: {k!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
@@ -330,11 +336,12 @@ class Server(Recovery):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "a push carries frames or names shared-memory grads, not both")
         if len(set(names)) != len(names):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "grads lists a key twice")
-        return self.fast.grads(w.rank, names)
+        return self.fast.grads(w.rank, names, msg.fields.get("segment"))
 
-    def _push_groups(self, w: WorkerInfo, tensors: Mapping[str, torch.Tensor]) -> list[KeyGroup]:
+    def _push_groups(self, w: WorkerInfo, tensors: Mapping[str, torch.Tensor],
+                     absent: frozenset[str]) -> list[KeyGroup]:
         """The key groups a push covers; it must carry whole groups (buckets) of ``w``'s keys."""
-        pushed = set(tensors)
+        pushed = set(tensors) | absent
         groups = [g for g in self._groups_of(w) if pushed.intersection(g.keys)]
         covered = {k for g in groups for k in g.keys}
         if not groups or covered != pushed:
@@ -347,52 +354,126 @@ class Server(Recovery):
 
     # ------------------------------------------------------------------ handlers
     def _on_register(self, ident: bytes, msg: Message) -> None:
+        """[Note: idempotent register] A worker resends REGISTER until it is answered (it may
+        start long before the server), so one registration can arrive many times. A copy from
+        the same connection with the same fields is answered with the first answer, word for
+        word, and changes nothing; whichever copy's answer the worker acts on, it agrees with
+        the server on its rank and its shared-memory segment."""
         f = msg.fields
+        same = next((w for w in self.workers.values() if w.identity == ident and w.request == f), None)
+        if same is not None:
+            self._renew(same.rank)
+            log.debug("rank %d: a copy of its registration, answered as before", same.rank)
+            self._reply(ident, msg.id, same.reply)
+            return
         world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
             raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
         rank = self.ranks.choose(worker_id, f.get("rank"), world, self.workers)  # pure; bound below
         if not 0 <= rank < world:
             raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
+        shards = f.get("shards", 1)
+        if self.cfg.clip_grad_norm and shards != 1:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"rank {rank} splits θ over {shards} server shards, but --clip-grad-norm clips the "
+                                f"norm of the whole model's gradient, which one shard cannot see: use one server "
+                                f"or no --clip-grad-norm")
         specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
         if not specs:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, "a worker must register at least one parameter")
-        if self.store.initialized:
-            known = self.store.specs()
-        else:
-            known = {k: self.registered_specs[k] for o in self.workers.values() if o.rank != rank for k in o.keys}
-        for k, spec in specs.items():
-            if self.store.initialized and k not in known:
-                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"key {k!r} is not in θ")
-            if k in known and known[k] != spec:
-                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"{k!r} registered as {spec}, θ has {known[k]}")
+        buffers = frozenset(f.get("buffers", ()))
+        role = f.get("role", "data")
+        self._check_schema(rank, role, specs, buffers)
+        aliases = self._aliases(f.get("aliases"), specs)
         keys = tuple(specs)
         buckets = self._buckets(f.get("buckets"), keys)
         old = self.workers.get(rank)
-        if old is not None and old.keys != keys:
-            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
         self._admit(ident, rank)
+        if old is not None and old.keys != keys and old.identity == ident:
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
         if old is not None:
             log.info("rank %d re-registered", rank)
         elif self.groups is not None:
             self._joining.add(rank)
             self.regroup_pending = True
-        self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=f.get("role", "data"),
+        fast = self.fast.register(rank, specs, ident) if f.get("shm") else {}
+        reply = {"world_size": self.cfg.workers, "sync": self.cfg.sync, "initialized": self.store.initialized,
+                 "rank": rank, "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
+                 "clip_grad_norm": self.cfg.clip_grad_norm, "incarnation": self.incarnation,
+                 "lease_s": self.cfg.lease, "hold_s": self.cfg.rejoin_deadline, "buckets": bool(buckets), **fast}
+        self.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=role,
                                         endpoint=f.get("endpoint", ""), stage=f.get("stage", -1),
-                                        plan=f.get("plan", ""),
-                                        clock=old.clock if old else 0, buckets=buckets)
+                                        plan=f.get("plan", ""), clock=old.clock if old else 0, buckets=buckets,
+                                        request=dict(f), reply=reply)
         self.registered_specs.update(specs)
+        self.buffer_keys |= buffers
+        self.aliases.update(aliases)
         self._renew(rank)
         self.ranks.bind(worker_id, rank)
         log.info("rank %d registered %d key(s) (%d/%d)%s", rank, len(keys), len(self.workers), self.cfg.workers,
                  f" as worker id {worker_id!r}" if worker_id else "")
-        fast = self.fast.register(rank, specs) if f.get("shm") else {}
-        self._reply(ident, msg.id, {"world_size": self.cfg.workers, "sync": self.cfg.sync,
-                                    "initialized": self.store.initialized, "rank": rank,
-                                    "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
-                                    "incarnation": self.incarnation, "lease_s": self.cfg.lease,
-                                    "hold_s": self.cfg.rejoin_deadline, "buckets": bool(buckets), **fast})
+        self._reply(ident, msg.id, reply)
         self._try_start()
+
+    def _check_schema(self, rank: int, role: str, specs: Mapping[str, tuple[str, tuple[int, ...]]],
+                      buffers: frozenset[str]) -> None:
+        """The keys, dtypes, shapes and kinds a worker registers must fit θ and the other workers.
+
+        In data mode every worker holds the whole model, so all must register the same keys: a
+        worker whose model names its parameters otherwise would train apart from the others.
+        """
+        if not buffers <= set(specs):
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"buffers {sorted(buffers - set(specs))[:5]} "
+                                                           f"are not among the registered keys")
+        others = [w for w in self.workers.values() if w.rank != rank]
+        if self.store.initialized:
+            known = self.store.specs()
+            kinds = self.store.buffers
+        else:
+            known = {k: self.registered_specs[k] for o in others for k in o.keys}
+            kinds = frozenset(self.buffer_keys)
+        for k, spec in specs.items():
+            if self.store.initialized and k not in known:
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: key {k!r} is not in θ")
+            if k in known and known[k] != spec:
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: {k!r} registered as "
+                                                               f"{spec[0]}{list(spec[1])}, θ has "
+                                                               f"{known[k][0]}{list(known[k][1])}")
+            if k in known and (k in kinds) != (k in buffers):
+                what = ("a buffer", "a parameter") if k in buffers else ("a parameter", "a buffer")
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: {k!r} registered as {what[0]}, "
+                                                               f"θ holds it as {what[1]}")
+        if role != "data":
+            return
+        peers = [w for w in others if w.role == "data"]
+        want = set(peers[0].keys) if peers else (set(known) if self.store.initialized else None)
+        if want is not None and set(specs) != want:
+            extra, missing = sorted(set(specs) - want)[:3], sorted(want - set(specs))[:3]
+            whose = f"rank {peers[0].rank}" if peers else "θ"
+            raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
+                                f"rank {rank} registers other keys than {whose} (data mode: every worker holds the "
+                                f"same model): it has {extra} that {whose} lacks, lacks {missing}")
+
+    def _aliases(self, raw: Any, specs: Mapping[str, Any]) -> dict[str, str]:
+        """Validate REGISTER's ``aliases``: ``[[alias, key], ...]`` naming registered tensors."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, list) or not all(isinstance(a, list) and len(a) == 2 and
+                                                all(isinstance(x, str) and x for x in a) for a in raw):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "aliases must be a list of [alias, key] name pairs")
+        if len(raw) > len(specs):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{len(raw)} aliases for {len(specs)} keys")
+        bases = {base_of(k)[0] for k in specs}
+        out: dict[str, str] = {}
+        for alias, key in raw:
+            if key not in bases or alias in bases or base_of(alias)[1] is not None:
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"alias {alias!r} of {key!r}: it must name a "
+                                                               f"registered tensor and not be one")
+            if self.aliases.get(alias, key) != key:
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"alias {alias!r} names {key!r} here but "
+                                                               f"{self.aliases[alias]!r} for another worker")
+            out[alias] = key
+        return out
 
     def _on_init(self, ident: bytes, msg: Message) -> None:
         w = self._worker(msg)
@@ -417,7 +498,7 @@ class Server(Recovery):
             if not self.offers.complete(owner):
                 return
             ranks = self.offers.ranks()
-            self.store.initialize(self.offers.take(list(owner)))
+            self.store.initialize(self.offers.take(list(owner)), buffers=self.buffer_keys)
             log.info("θ initialized from rank(s) %s: %d tensors, %d elements", ranks,
                      len(owner), sum(p.numel() for p in self.store.params.values()))
             self._save(0)  # θ_0 survives a crash: a restarted server never needs the workers' offers again
@@ -425,7 +506,7 @@ class Server(Recovery):
             if self.sock is not None:
                 self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         if self.groups is None:
-            self.groups = form_groups(self.workers, self.store.versions)
+            self.groups = form_groups(self.workers, self.store.versions, self.store.buffers)
             for g in self.groups:  # accumulate in θ's dtype (gradients may travel narrower)
                 g.dtypes = {k: self.store.params[k].dtype for k in g.keys}
             if self.fast.wanted and not self.store.shared:
@@ -484,8 +565,10 @@ class Server(Recovery):
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
         keys = self._requested_keys(msg, w) if msg.op is Op.PUSH_PULL else w.keys
         tensors = self._pushed(w, msg)
-        groups = self._push_groups(w, tensors)
-        self._check_tensors(tensors, tuple(k for g in groups for k in g.keys), msg.op.value, grads=True)
+        absent = frozenset(f.get("absent", ()))
+        groups = self._push_groups(w, tensors, absent)
+        self._check_tensors(tensors, tuple(k for g in groups for k in g.keys), msg.op.value, grads=True,
+                            absent=absent)
         weight = float(f.get("samples", 1.0))
         if not weight >= 0 or math.isinf(weight):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must be finite and not negative, got {weight}")
@@ -500,7 +583,7 @@ class Server(Recovery):
                                                            f"not {self.cfg.sync}")
         loss = f.get("loss")
         if self.cfg.nonfinite != "apply":
-            bad = nonfinite_keys(tensors)
+            bad = nonfinite_keys({k: t for k, t in tensors.items() if k not in self.store.buffers})
             if bad:
                 what = (f"rank {w.rank} pushed a gradient with NaN or infinity for step {step} "
                         f"({len(bad)} of {len(tensors)} tensors, e.g. {bad[:3]})")
@@ -508,26 +591,26 @@ class Server(Recovery):
                     raise ProtocolError(ErrorCode.NONFINITE, f"{what}; nothing applied (--nonfinite fail)")
                 log.warning("%s: left out of the step's average (--nonfinite skip)", what)
                 self.metrics.nonfinite(w.rank, step)
-                tensors = {k: torch.zeros_like(t) for k, t in tensors.items()}  # adds nothing, whatever its factor
-                weight, loss = 0.0, None  # the step averages over the other workers' samples
+                absent, tensors = absent | frozenset(tensors), {}  # adds nothing: the others' average
+                weight, loss = 0.0, None
         if self.sync.on_arrival:  # async / ssp: ps.consistency applies the push now
-            self._push_on_arrival(ident, msg, w, keys, groups, weight, tensors)
+            self._push_on_arrival(ident, msg, w, keys, groups, weight, tensors, absent)
             return
         replay = False
         for g in groups:  # validate against every group before touching any
             if step < g.step or (step == g.step and g.has_pushed(w.rank)):
                 replay = True
-            elif step > g.step:
+            elif step > self.store.version(g.keys):  # also: its group awaits the rest of its step
                 raise ProtocolError(ErrorCode.BAD_STEP,
-                                    f"rank {w.rank} pushed step {step} but the server is at step {g.step} "
-                                    f"(bsp: pull after each push)")
+                                    f"rank {w.rank} pushed step {step} but the server is at step "
+                                    f"{self.store.version(g.keys)} (bsp: pull after each push)")
         if replay:
             log.debug("rank %d replayed step %d: acknowledged, not applied", w.rank, step)
         else:
             self.sync.record(w, step, weight, loss)
             for g in groups:
-                grads = {k: tensors[k] for k in g.keys}
-                if g.add(w.rank, Contribution(grads, weight, loss, total)):
+                mine = {k: tensors[k] for k in g.keys if k in tensors}
+                if g.add(w.rank, Contribution(mine, weight, loss, total, absent & frozenset(g.keys))):
                     self._complete(g)
             if all(g.step > step or g.has_pushed(w.rank) for g in self._groups_of(w)):
                 w.clock = max(w.clock, step + 1)  # every bucket of this step is in
@@ -540,7 +623,8 @@ class Server(Recovery):
         self._wake()
 
     def _push_on_arrival(self, ident: bytes, msg: Message, w: WorkerInfo, keys: tuple[str, ...],
-                         groups: list[KeyGroup], weight: float, tensors: Mapping[str, torch.Tensor]) -> None:
+                         groups: list[KeyGroup], weight: float, tensors: Mapping[str, torch.Tensor],
+                         absent: frozenset[str]) -> None:
         """A push under async / ssp: applied now by the consistency model, then answered."""
         t0, step = time.monotonic(), msg.fields["step"]
         applied = self.sync.push(w, step, groups, tensors, weight, msg.fields.get("loss"))
@@ -562,15 +646,38 @@ class Server(Recovery):
         self._wake()
 
     def _complete(self, g: KeyGroup) -> None:
-        grads, loss = g.finish()
+        """Group ``g`` has every contribution of its step; the step is applied once all groups have.
+
+        [Note: atomic steps] A bsp step moves every key of θ at once. Key groups (buckets,
+        pipeline stages) are reduced as their pushes arrive, but the optimizer runs once the last
+        group of the step is complete, over all of them. So θ is only ever at one version: a
+        worker that restarts mid-step (some of its buckets pushed, others not), or a pipeline
+        stage that restarts while its neighbours finished the step, gets θ of the step it
+        recomputes, never a mix of two; and ``--clip-grad-norm`` sees the whole gradient.
+        """
+        self._staged.append(g.finish())
+        assert self.groups is not None
+        if any(other.step < g.step for other in self.groups):
+            return
+        staged, self._staged = self._staged, []
+        grads: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor] = {}
+        keys: list[str] = []
+        loss = None
+        for r in staged:
+            grads.update(r.grads)
+            values.update(r.values)
+            keys += r.keys
+            loss = r.loss if r.loss is not None else loss
         if loss is not None:
             self.last_loss = loss
-        self.store.apply(grads)
+        self.store.apply(grads, values, keys)
         faults.hit("after-apply", g.step - 1)
         version = self.store.version(self.store.params)
         self.metrics.update(version, loss)
         self.metrics.step(g.step)
-        log.debug("step %d applied (%d keys), loss %s", g.step, len(g.keys), loss)
+        log.debug("step %d applied (%d keys, %d without a gradient), loss %s", g.step, len(keys),
+                  len(keys) - len(grads) - len(values), loss)
         every = self.cfg.checkpoint_every
         if every and version % every == 0 and version > self.saved_step and self._consistent_cut():
             self._save(version, background=True)
@@ -588,7 +695,8 @@ class Server(Recovery):
         self._settle()
         meta = {"versions": self.store.versions, "loss": self.last_loss,
                 "members": {r: list(w.keys) for r, w in self.workers.items()}, "workers": self.cfg.workers,
-                "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state()}
+                "worker_ids": self.ranks.to_meta(), "consistency": self.sync.state(),
+                "buffers": sorted(self.store.buffers), "aliases": self.aliases}
         snap = checkpoint_snapshot(version, self.store.params, self.store.optimizer, meta)
         directory = self.cfg.checkpoint_dir
         self.saver.start(version, snap, lambda s: checkpoint.write_checkpoint(directory, version, s.write))
@@ -645,7 +753,8 @@ class Server(Recovery):
         # (each mostly waits on fsync); nothing changes θ meanwhile: the loop waits here.
         if version > self.saved_step:
             self._save(version, background=True)
-        path = checkpoint.save_final(self.cfg.checkpoint_dir, piece_groups(self.store.params))
+        path = checkpoint.save_final(self.cfg.checkpoint_dir,
+                                     piece_groups(checkpoint.with_aliases(self.store.params, self.aliases)))
         last = self._settle()
         if last is not None and last.error is not None:
             raise last.error  # DONE promises both files on disk: the job does not end "done"

@@ -5,6 +5,11 @@ optimizer writes θ in place, any parameter whose last send ZeroMQ has not yet r
 fresh storage (``p.data = p.data.clone()``): the send keeps the old bytes, the optimizer
 writes the new ones, and no reader ever sees a half-updated tensor. On loopback the send
 is almost always done by then, so the clone is rare; the server never blocks on it.
+
+[Note: buffers in θ] θ holds the model's persistent buffers (BatchNorm's running statistics,
+``num_batches_tracked``) beside its parameters, so checkpoints and ``final.safetensors`` are
+the whole ``state_dict()``. Buffers are not the optimizer's: a step sets them to the values
+the reduction chose (``ps.aggregate``, [Note: buffer values]) instead of applying a gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class ParameterStore:
         self.params: dict[str, torch.nn.Parameter] = {}
         self.versions: dict[str, int] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        self.buffers: frozenset[str] = frozenset()  # θ keys that are buffers ([Note: buffers in θ])
         self._inflight: dict[str, list[zmq.MessageTracker]] = {}
         self.cow_clones = 0
         self.shared = False  # θ lives in a shared-memory segment (see ps.fastpath)
@@ -49,16 +55,18 @@ class ParameterStore:
         return {k: (dtype_name(p.dtype), tuple(p.shape)) for k, p in self.params.items()}
 
     def initialize(self, tensors: Mapping[str, torch.Tensor], versions: Mapping[str, int] | None = None,
-                   optimizer_state: dict[str, Any] | None = None, owned: bool = False) -> None:
-        """Set θ and build the optimizer over it.
+                   optimizer_state: dict[str, Any] | None = None, owned: bool = False,
+                   buffers: Iterable[str] = ()) -> None:
+        """Set θ and build the optimizer over its parameters (not ``buffers``).
 
         θ is copied out of ``tensors`` (views of received frames), unless ``owned``: tensors
         nobody else holds (read from a checkpoint) become θ as they are, with no second copy.
         """
         self.params = {k: torch.nn.Parameter(t.detach() if owned else t.detach().clone(), requires_grad=False)
                        for k, t in tensors.items()}
+        self.buffers = frozenset(buffers) & frozenset(self.params)
         self.versions = {k: int((versions or {}).get(k, 0)) for k in self.params}
-        self.optimizer = build_optimizer(list(self.params.values()), self.cfg)
+        self.optimizer = build_optimizer([p for k, p in self.params.items() if k not in self.buffers], self.cfg)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
 
@@ -96,23 +104,39 @@ class ParameterStore:
             lst[:] = [t for t in lst if not t.done]
             lst.append(tracker)
 
-    def apply(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """One optimizer step on the keys in ``grads`` (the others are left untouched)."""
+    def apply(self, grads: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor] | None = None,
+              keys: Iterable[str] | None = None) -> None:
+        """One step: the optimizer on the keys in ``grads``, buffers set to ``values``.
+
+        ``keys``: every key the step covers (default: those of ``grads`` and ``values``); each
+        one's version moves, whether it had a gradient or not. A parameter without a gradient
+        is skipped by the optimizer, as torch.optim skips one whose ``grad`` is None. With
+        ``--clip-grad-norm`` the gradients are first clipped as
+        ``torch.nn.utils.clip_grad_norm_`` clips a model's (their norm over all of ``grads``).
+        """
         assert self.optimizer is not None, "apply before initialize"
+        values = values or {}
+        written = [*grads, *values]
         if self.before_update is not None:
-            self.before_update(grads.keys())
-        for k in grads:
+            self.before_update(written)
+        for k in written:
             pending = [t for t in self._inflight.pop(k, ()) if not t.done]
             if pending:
                 p = self.params[k]
                 p.data = p.data.clone()
                 self.cow_clones += 1
-        for k, p in self.params.items():
-            p.grad = grads.get(k)
-        try:
-            self.optimizer.step()
-        finally:
-            for p in self.params.values():
-                p.grad = None
-        for k in grads:
+        if grads:
+            for k, p in self.params.items():
+                p.grad = grads.get(k)
+            try:
+                if self.cfg.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([self.params[k] for k in grads], self.cfg.clip_grad_norm)
+                self.optimizer.step()
+            finally:
+                for p in self.params.values():
+                    p.grad = None
+        with torch.no_grad():
+            for k, v in values.items():
+                self.params[k].copy_(v)
+        for k in (written if keys is None else keys):
             self.versions[k] += 1

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tests.jobs import data64, linear64
-from tests.reference import steps_per_epoch, worker_rows
+from tests.reference import make_optimizer, steps_per_epoch, worker_rows
+from worker.factories import load_factory
 
 
 def _free_port() -> int:
@@ -27,21 +27,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, epochs: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, epochs: int, out: str, job: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(linear64())
+        model = torch.nn.parallel.DistributedDataParallel(load_factory(job["model"])(),
+                                                          find_unused_parameters=job["find_unused"])
         torch.manual_seed(0)
-        x, y = data64().tensors
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        n = len(x)
+        x, y = load_factory(job["data"])().tensors
+        loss_fn = F.cross_entropy if job["loss"] == "cross_entropy" else F.mse_loss
+        opt = make_optimizer(model.parameters(), job["optimizer"], job["lr"], None, job["weight_decay"])
+        n, batch = len(x), job["batch"]
         for epoch in range(epochs):
-            for t in range(steps_per_epoch(n, world, 100)):
-                rows = worker_rows(n, world, 100, epoch, t, rank, False, 0)
+            for t in range(steps_per_epoch(n, world, batch)):
+                rows = worker_rows(n, world, batch, epoch, t, rank, False, 0)
                 opt.zero_grad()
-                F.mse_loss(model(x[rows]), y[rows]).backward()
+                loss_fn(model(x[rows]), y[rows]).backward()
+                if job["clip"] is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), job["clip"])
                 opt.step()
         if rank == 0:
             save_file({k: v.contiguous() for k, v in model.module.state_dict().items()}, out)
@@ -49,10 +53,19 @@ def _rank_main(rank: int, world: int, port: int, epochs: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def run_ddp(world: int, epochs: int, tmp: Path) -> dict[str, torch.Tensor]:
-    """Final θ of the DDP run."""
+def run_ddp(world: int, epochs: int, tmp: Path, model: str = "tests.jobs:linear64", data: str = "tests.jobs:data64",
+            batch: int = 100, loss: str = "mse", optimizer: str = "sgd", lr: float = 0.01,
+            weight_decay: float = 0.0, clip: float | None = None,
+            find_unused: bool = False) -> dict[str, torch.Tensor]:
+    """Final state_dict of the DDP run of the job (no shuffling), rank 0's model.
+
+    ``clip``: ``clip_grad_norm_`` after backward (DDP has averaged the gradients by then);
+    ``find_unused``: DDP's ``find_unused_parameters`` (for models with unused parameters).
+    """
     out = str(tmp / "ddp.safetensors")
-    mp.start_processes(_rank_main, args=(world, _free_port(), epochs, out), nprocs=world, start_method="spawn")
+    job = {"model": model, "data": data, "batch": batch, "loss": loss, "optimizer": optimizer, "lr": lr,
+           "weight_decay": weight_decay, "clip": clip, "find_unused": find_unused}
+    mp.start_processes(_rank_main, args=(world, _free_port(), epochs, out, job), nprocs=world, start_method="spawn")
     return load_file(out)
 
 

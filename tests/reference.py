@@ -3,6 +3,12 @@
     g_k = mean loss gradient over worker k's rows;  g = Σ n_k g_k / Σ n_k  (= 1/K Σ g_k when
     every n_k is equal);  θ ← optimizer(θ, g)
 
+with torch's and DDP's rules for real models: a parameter without a gradient on worker k adds
+nothing to the sum (its n_k still counts), and one without a gradient on every worker gets
+``grad = None``, so the optimizer skips it; every worker's forward starts from the buffers of
+the step's start, and the buffers after the step are the lowest rank's (DDP broadcasts rank
+0's); ``clip`` clips the averaged gradient as ``clip_grad_norm_`` after DDP's allreduce.
+
 Shards, batch split and shuffling follow DESIGN.md and the table in ``worker/data.py``'s
 docstring; they are re-derived here so that a bug there cannot hide in both places.
 """
@@ -60,12 +66,12 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
            optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
            weight_decay: float = 0.0,
            ranks: Callable[[int], Sequence[int]] | None = None,
-           steps: int | None = None) -> dict[str, torch.Tensor]:
-    """Final θ of the data-parallel job, computed in one process.
+           steps: int | None = None, clip: float | None = None) -> dict[str, torch.Tensor]:
+    """Final state_dict of the data-parallel job, computed in one process.
 
     ``ranks(step)`` (default: all of them) names the workers whose gradients step ``step``
     (counted over all epochs) averages, as after ``--on-worker-loss shrink``. ``steps``: θ
-    after that many steps instead (counted over all epochs).
+    after that many steps instead (counted over all epochs). ``clip``: ``--clip-grad-norm``.
     """
     model, x_all, y_all, loss_fn, opt = setup(model_factory, data_factory, seed, loss, optimizer, lr, momentum,
                                               weight_decay)
@@ -76,16 +82,34 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
             if steps is not None and done == steps:
                 break
             done += 1
+            start = {k: b.clone() for k, b in model.named_buffers()}
+            after: dict[str, torch.Tensor] | None = None
             grads, weights = [], []
-            for k in (range(world) if ranks is None else ranks(epoch * steps_per_epoch(n, world, batch) + t)):
+            for i, k in enumerate(range(world) if ranks is None else ranks(epoch * steps_per_epoch(n, world, batch) + t)):
                 rows = worker_rows(n, world, batch, epoch, t, k, shuffle, seed)
                 if len(rows) == 0:
                     continue
-                model.zero_grad()
+                _set_buffers(model, start)
+                model.zero_grad(set_to_none=True)
                 loss_fn(model(x_all[rows]), y_all[rows]).backward()
-                grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+                grads.append({name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()})
                 weights.append(float(len(rows)))
+                if i == 0:  # the lowest rank's buffers
+                    after = {k: b.clone() for k, b in model.named_buffers()}
             for name, p in model.named_parameters():
-                p.grad = sum(w * g[name] for w, g in zip(weights, grads)) / sum(weights)
+                total = None  # Σ w_k g_k over the workers with a gradient (sparse ones stay sparse)
+                for w, g in zip(weights, grads):
+                    if g[name] is not None:
+                        total = w * g[name] if total is None else total + w * g[name]
+                p.grad = None if total is None else total / sum(weights)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
+            _set_buffers(model, after if after is not None else start)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _set_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(values[k])

@@ -20,16 +20,41 @@ from tests.reference import setup, steps_per_epoch, worker_rows
 def replay_pipeline(model_factory: Callable[[], nn.Module], data_factory: Callable[[], object], replicas: int = 1,
                     batch: int = 100, epochs: int = 10, seed: int = 0, shuffle: bool = True, loss: str = "mse",
                     optimizer: str = "sgd", lr: float = 0.01, momentum: float | None = None,
-                    weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
-    """Final θ (by state_dict name) of a pipeline job with ``replicas`` replicas."""
+                    weight_decay: float = 0.0, microbatches: int | None = None) -> dict[str, torch.Tensor]:
+    """Final state_dict (by state_dict name) of a pipeline job with ``replicas`` replicas.
+
+    ``microbatches``: run each replica's rows as that many microbatches, one after another,
+    each loss scaled by its share of the global batch (what the stages compute: the rule for
+    layers with batch statistics, [Note: BatchNorm in a pipeline]); every replica starts from
+    the step's buffers and replica 0's are kept. None: the whole batch at once.
+    """
     model, x_all, y_all, loss_fn, opt = setup(model_factory, data_factory, seed, loss, optimizer, lr, momentum,
                                               weight_decay)
     n = len(x_all)
     for epoch in range(epochs):
         for t in range(steps_per_epoch(n, replicas, batch)):
-            rows = torch.cat([worker_rows(n, replicas, batch, epoch, t, r, shuffle, seed) for r in range(replicas)])
+            per = [worker_rows(n, replicas, batch, epoch, t, r, shuffle, seed) for r in range(replicas)]
+            rows = torch.cat(per)
             opt.zero_grad()
-            if len(rows):
-                loss_fn(model(x_all[rows]), y_all[rows]).backward()
+            if microbatches is None:
+                if len(rows):
+                    loss_fn(model(x_all[rows]), y_all[rows]).backward()
+                opt.step()
+                continue
+            start = {k: b.clone() for k, b in model.named_buffers()}
+            after = None
+            for r, mine in enumerate(per):
+                _set(model, start)
+                for part in torch.tensor_split(mine, min(microbatches, len(mine))) if len(mine) else ():
+                    (loss_fn(model(x_all[part]), y_all[part]) * (len(part) / len(rows))).backward()
+                if r == 0:
+                    after = {k: b.clone() for k, b in model.named_buffers()}
             opt.step()
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+            _set(model, after if after is not None else start)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _set(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(values[k])

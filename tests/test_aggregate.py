@@ -13,7 +13,8 @@ def _reduce(order, grads, weights):
     g = KeyGroup(keys=("w",), contributors=(0, 1, 2, 3))
     done = [g.add(r, Contribution({"w": grads[r]}, weights[r], float(r))) for r in order]
     assert done == [False, False, False, True]
-    acc, loss = g.finish()
+    r = g.finish()
+    acc, loss = r.grads, r.loss
     return acc["w"].clone(), loss, g.step
 
 
@@ -42,7 +43,8 @@ def test_group_resets_between_steps() -> None:
         assert not g.add(1, Contribution({"w": torch.ones(2)}, 1.0, None))
         assert g.has_pushed(1) and g.missing() == [0]
         assert g.add(0, Contribution({"w": torch.full((2,), 3.0)}, 1.0, None))
-        acc, loss = g.finish()
+        r = g.finish()
+        acc, loss = r.grads, r.loss
         assert torch.equal(acc["w"], torch.full((2,), 2.0)) and loss is None and g.step == step + 1
 
 
@@ -53,7 +55,7 @@ def _prescaled(order, grads, weights, totals, contributors=(0, 1, 2, 3)):
         t = totals[r]
         sent = grads[r] if t is None else grads[r] * (weights[r] / t)
         g.add(r, Contribution({"w": sent}, weights[r], None, t))
-    acc, _ = g.finish()
+    acc = g.finish().grads
     return acc["w"].clone()
 
 
@@ -83,8 +85,51 @@ def test_two_prescaled_pushes_are_one_sum_and_a_lone_one_is_copied() -> None:
     assert torch.equal(got, a * 0.5 + b * 0.5)  # no rescaling pass when the weights add up to the total
     g = KeyGroup(keys=("w",), contributors=(0,))
     g.add(0, Contribution({"w": a * 0.25}, 16.0, None, 64.0))  # this rank's share only: rescaled to the mean
-    acc, _ = g.finish()
+    acc = g.finish().grads
     assert torch.allclose(acc["w"], a, rtol=0, atol=1e-15)
     g.add(0, Contribution({"w": a}, 2.0, None))  # the next step starts raw again
-    acc, _ = g.finish()
+    acc = g.finish().grads
     assert torch.equal(acc["w"], a)
+
+
+def test_absent_keys_add_nothing_but_their_weight_counts_and_a_key_nobody_has_gets_no_gradient() -> None:
+    """[Note: absent gradients]: DDP's rule (find_unused_parameters=True), in any arrival order."""
+    a, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    pushes = {0: Contribution({"w": a}, 30.0, None, absent=frozenset({"u", "frozen"})),
+              1: Contribution({"w": b, "u": b}, 10.0, None, absent=frozenset({"frozen"}))}
+    results = []
+    for order in ((0, 1), (1, 0)):
+        g = KeyGroup(keys=("w", "u", "frozen"), contributors=(0, 1))
+        for r in order:
+            g.add(r, pushes[r])
+        results.append(g.finish())
+    for r in results:
+        assert set(r.grads) == {"w", "u"} and r.keys == ("w", "u", "frozen")
+        assert torch.allclose(r.grads["w"], (30 * a + 10 * b) / 40, rtol=0, atol=1e-15)
+        assert torch.allclose(r.grads["u"], 10 * b / 40, rtol=0, atol=1e-15)  # rank 0 counts as a zero
+    assert all(torch.equal(results[0].grads[k], results[1].grads[k]) for k in ("w", "u"))
+
+
+def test_a_lone_first_push_without_a_key_and_prescaled_pushes_with_holes() -> None:
+    a, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    g = KeyGroup(keys=("w", "u"), contributors=(0, 1))
+    g.add(0, Contribution({"w": a * 0.5}, 5.0, None, 10.0, absent=frozenset({"u"})))
+    g.add(1, Contribution({"u": b * 0.5}, 5.0, None, 10.0, absent=frozenset({"w"})))
+    r = g.finish()
+    assert torch.equal(r.grads["w"], a * 0.5) and torch.equal(r.grads["u"], b * 0.5)
+    g = KeyGroup(keys=("w", "u"), contributors=(0,))
+    g.add(0, Contribution({"w": a}, 1.0, None, absent=frozenset({"u"})))
+    r = g.finish()
+    assert set(r.grads) == {"w"} and torch.equal(r.grads["w"], a)
+
+
+def test_buffer_values_are_the_lowest_ranks_and_unchanged_when_it_left_them() -> None:
+    """[Note: buffer values]: rank 0's value wins whatever arrives first; rank 0 absent keeps θ's."""
+    g = KeyGroup(keys=("w", "bn.running_mean"), contributors=(0, 1), values=frozenset({"bn.running_mean"}))
+    g.add(1, Contribution({"w": torch.ones(2), "bn.running_mean": torch.full((2,), 7.0)}, 1.0, None))
+    g.add(0, Contribution({"w": torch.ones(2), "bn.running_mean": torch.full((2,), 3.0)}, 1.0, None))
+    r = g.finish()
+    assert set(r.grads) == {"w"} and torch.equal(r.values["bn.running_mean"], torch.full((2,), 3.0))
+    g.add(0, Contribution({"w": torch.ones(2)}, 1.0, None, absent=frozenset({"bn.running_mean"})))
+    g.add(1, Contribution({"w": torch.ones(2), "bn.running_mean": torch.full((2,), 9.0)}, 1.0, None))
+    assert g.finish().values == {}

@@ -3,6 +3,8 @@ changes nothing, and the server keeps serving (real server process, raw requests
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import zmq
@@ -36,7 +38,10 @@ def test_fast_path_bad_input(procs):
         req.request(Op.INIT, {"rank": 0}, THETA, timeout_s=30)
         push = {"rank": 0, "step": 0}
         # shared-memory gradients without a segment
-        expect(ErrorCode.BAD_MESSAGE, req, Op.PUSH, {**push, "grads": ["a"]})
+        expect(ErrorCode.STALE_SEGMENT, req, Op.PUSH, {**push, "grads": ["a"]})
+        # a key both sent and named absent, or named absent outside the bucket
+        expect(ErrorCode.SCHEMA_MISMATCH, req, Op.PUSH, {**push, "absent": ["a"]}, {"a": THETA["a"]})
+        expect(ErrorCode.SCHEMA_MISMATCH, req, Op.PUSH, {**push, "absent": ["zz"]}, {"a": THETA["a"]})
         # frames and shared-memory names at once
         expect(ErrorCode.BAD_MESSAGE, req, Op.PUSH, {**push, "grads": ["a"]}, {"a": THETA["a"]})
         # not a whole bucket / an unknown key / a narrow dtype for an integer-free float θ is fine
@@ -55,6 +60,41 @@ def test_fast_path_bad_input(procs):
         # a replayed bucket is acknowledged and not applied twice
         assert req.request(Op.PUSH, push, {"b": THETA["b"]}, timeout_s=30).fields["applied"] is False
         assert server.proc.poll() is None
+    finally:
+        req.close()
+        ctx.destroy(0)
+
+
+@pytest.mark.timeout(120)
+def test_copies_of_a_registration_share_one_segment_and_a_push_naming_another_is_refused(procs):
+    """[Note: idempotent register]: a worker started before its server sends REGISTER several
+    times; every copy gets the same answer (the same gradient segment, nothing allocated), and a
+    push naming any other segment is refused with STALE_SEGMENT, naming the rank, changing nothing."""
+    server, ep = procs.server(1, "--lr", "0.5")
+    ctx = zmq.Context()
+    req = Requester(ctx, ep, who="test")
+    try:
+        reg = {"rank": 0, "world_size": 1, "params": SPECS, "shm": True}
+        ids = [req.send(Op.REGISTER, reg) for _ in range(4)]  # as a Caller resends while the server starts
+        replies = {}
+        while len(replies) < len(ids):
+            msg = req.receive(30)
+            assert msg is not None and msg.op is Op.REPLY, msg
+            replies[msg.id] = msg.fields
+        first = replies[ids[0]]
+        assert all(r == first for r in replies.values())
+        assert os.path.exists(first["shm_grad"])
+        req.request(Op.INIT, {"rank": 0}, THETA, timeout_s=30)
+        push = {"rank": 0, "step": 0, "grads": ["a", "b"]}
+        err = None
+        with pytest.raises(RemoteError) as e:
+            req.request(Op.PUSH, {**push, "segment": "00" * 16}, timeout_s=30)
+        err = e.value
+        assert err.code == ErrorCode.STALE_SEGMENT and "rank 0" in str(err) and first["shm_grad"] in str(err)
+        assert req.request(Op.PING, {}, timeout_s=30).fields["version"] == 0
+        ok = req.request(Op.PUSH, {**push, "segment": first["shm_grad_token"]}, timeout_s=30)
+        assert ok.fields["applied"] is True
+        assert req.request(Op.PING, {}, timeout_s=30).fields["version"] == 1
     finally:
         req.close()
         ctx.destroy(0)

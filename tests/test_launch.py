@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.jobs import data64, linear64
-from tests.procs import Procs
+from tests.procs import Procs, child_env
 from tests.reference import replay
 from worker.factories import default_data, default_model
 
@@ -59,15 +60,32 @@ def test_a_failing_child_stops_everything_and_fails(procs: Procs, tmp_path: Path
     _assert_group_gone(child.pid)
 
 
-def test_ctrl_c_stops_every_child(procs: Procs, tmp_path: Path) -> None:
-    child = procs.spawn("launch", [*LAUNCH, "--epochs", "100000", "--checkpoint-dir", str(tmp_path / "ck")])
-    deadline = time.monotonic() + 120
-    while "epoch 1/100000" not in child.output(20000):
-        assert time.monotonic() < deadline and child.proc.poll() is None, child.output()
-        time.sleep(0.2)
-    os.kill(child.pid, signal.SIGINT)
-    assert child.wait(60) == 130, child.output()
-    _assert_group_gone(child.pid)
+def _ignore_sigint() -> None:  # pragma: no cover - runs in the child before exec
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_every_child_even_when_started_in_the_background(procs: Procs, tmp_path: Path,
+                                                                                  sig: int, code: int) -> None:
+    """The launcher is started with SIGINT ignored, as a shell starts ``cmd &`` or ``nohup``: it
+    must still stop on Ctrl-C, and on SIGTERM, whatever the test runner's own dispositions."""
+    argv = [*LAUNCH, "--epochs", "100000", "--checkpoint-dir", str(tmp_path / "ck")]
+    log = open(tmp_path / "launch.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                            env=child_env(), preexec_fn=_ignore_sigint)
+    try:
+        deadline = time.monotonic() + 120
+        while "epoch 1/100000" not in (tmp_path / "launch.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "launch.log").read_text()
+            time.sleep(0.2)
+        os.kill(proc.pid, sig)
+        assert proc.wait(60) == code, (tmp_path / "launch.log").read_text()[-4000:]
+        _assert_group_gone(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
 
 def _assert_group_gone(pgid: int) -> None:

@@ -87,6 +87,8 @@ class Channel:
         self.owner: dict[str, int] = {}  # piece key -> shard
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self.buckets: list[list[str]] = []
+        self.buffers: frozenset[str] = frozenset()
+        self._absent: dict[int, set[str]] = {}  # bucket -> its piece keys with nothing to push this step
         self.stager = Stager()
         self._owner_thread = threading.get_ident()
         self._pending: list[tuple[int, Call]] = []  # (shard, call) of pushes awaiting replies
@@ -102,14 +104,17 @@ class Channel:
 
     # ------------------------------------------------------------------ set-up
     def register(self, tensors: Tensors, buckets: Sequence[Sequence[str]] | None, fields: Mapping[str, Any],
-                 rank: int | None, world_size: int, step: int = 0) -> dict[str, Any]:
+                 rank: int | None, world_size: int, step: int = 0, buffers: Sequence[str] = (),
+                 aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
         """REGISTER every piece with its shard; set up gradient segments the servers offer.
 
         Without ``rank``, the first shard assigns one (kept in :attr:`rank`) and the other
         shards are registered with it. Starts each shard's heartbeat. Called again when the
         client rejoins: the segments of the old registration are dropped. Returns the first
-        shard's reply fields.
+        shard's reply fields. ``buffers``: the tensors that are buffers (pushed as values,
+        never scaled or narrowed); ``aliases``: other names of tied tensors (alias -> name).
         """
+        self.buffers = frozenset(buffers)
         pieces = pieces_of(tensors, self.chunk_bytes)
         self.pieces, self.owner = {}, {}
         for shard in self.shards:
@@ -134,7 +139,13 @@ class Channel:
                 raise PSError(f"server shard {s} ({shard.req.endpoint}) would own no key: use fewer shards")
             mine = {p.key for p in shard.pieces}
             sb = [[p.key for b in bucket for p in self.pieces[b] if p.key in mine] for bucket in self.buckets]
-            f = {**fields, "params": specs, "buckets": [b for b in sb if b]}
+            f = {**fields, "params": specs, "buckets": [b for b in sb if b], "shards": len(self.shards)}
+            bufs = [p.key for p in shard.pieces if p.base in self.buffers]
+            if bufs:
+                f["buffers"] = bufs
+            tied = [[a, k] for a, k in (aliases or {}).items() if any(p.base == k for p in shard.pieces)]
+            if tied:
+                f["aliases"] = tied
             if self.want_shm:
                 f["shm"] = True
             if s > 0 or rank is not None:
@@ -248,6 +259,7 @@ class Channel:
         self._pulled.clear()
         self._queued.clear()
         self._sent.clear()
+        self._absent.clear()
 
     def unbind(self) -> dict[str, torch.Tensor]:
         """Give bound parameters memory of their own again (before the θ segment goes); returns them."""
@@ -342,18 +354,30 @@ class Channel:
         self._total = float(total) if total and samples is not None and total > 0 else None
         self._sent.clear()
 
-    def push_bucket(self, i: int, grads: Tensors) -> None:
-        """Stage bucket ``i`` now and send it (later, if called from another thread)."""
+    def push_bucket(self, i: int, grads: Mapping[str, torch.Tensor | None]) -> None:
+        """Stage bucket ``i`` now and send it (later, if called from another thread).
+
+        ``grads`` maps each name of the bucket to its gradient (a buffer: its value), or to
+        None when this worker has nothing for it this step: the push names it ``absent``
+        (``worker.modelstate``). Sparse or non-contiguous gradients are sent dense.
+        """
         framed: dict[str, torch.Tensor] = {}
+        absent: set[str] = set()
         for name in self.buckets[i]:
-            g = grads[name]
+            g = grads.get(name)
+            if g is None:
+                absent.update(q.key for q in self.pieces[name])
+                continue
+            if g.layout != torch.strided or not g.is_contiguous():
+                g = g.to_dense() if g.layout != torch.strided else g.contiguous()
             for q in self.pieces[name]:
                 shard = self.shards[self.owner[q.key]]
                 if shard.grad_seg is not None:
-                    scale = None if self._total is None else self._step["samples"] / self._total
+                    scale = None if self._total is None or name in self.buffers else self._step["samples"] / self._total
                     self.stager.copy_to(shard.grad_views[q.key], q.of(g), scale)
                 else:
                     framed[name] = g
+        self._absent[i] = absent
         self.stager.record(i, framed)
         self._queued.append(i)
         if threading.get_ident() == self._owner_thread:
@@ -367,12 +391,18 @@ class Channel:
             self._send_bucket(i, grads)
 
     def _send_bucket(self, i: int, grads: Tensors) -> None:
+        absent = self._absent.pop(i, set())
         per_shard: dict[int, dict[str, torch.Tensor | None]] = {}
+        missing: dict[int, list[str]] = {}
         for name in self.buckets[i]:
             for q in self.pieces[name]:
                 s = self.owner[q.key]
                 shm = self.shards[s].grad_seg is not None
-                per_shard.setdefault(s, {})[q.key] = None if shm else q.of(grads[name])
+                if q.key in absent:
+                    missing.setdefault(s, []).append(q.key)
+                    per_shard.setdefault(s, {})
+                else:
+                    per_shard.setdefault(s, {})[q.key] = None if shm else q.of(grads[name])
         # The step's last bucket asks for θ in the same message (PUSH_PULL: one round trip)
         # when θ is wanted and would otherwise need a PULL of its own.
         final = self.pull_each and len(self._sent) == len(self.buckets) - 1
@@ -381,20 +411,24 @@ class Channel:
             shm_theta = shard.theta_seg is not None
             op = Op.PUSH_PULL if final else Op.PUSH
             fields: dict[str, Any] = dict(self._step)
+            keys = [*part, *missing.get(s, ())]
+            if s in missing:
+                fields["absent"] = missing[s]
             if final:
                 if shm_theta:
                     fields["shm"] = True  # θ of all this shard's keys, in shared memory
                     self._pulled.add(s)
                 else:
-                    fields["keys"] = list(part)
+                    fields["keys"] = keys
             if shard.grad_seg is not None:
                 if self._total is not None:
                     fields["total"] = self._total
+                fields["segment"] = shard.grad_seg.token
                 call = shard.caller.start(op, {**fields, "grads": list(part)}, step=fields["step"])
             else:
                 if self.wire is not None:
-                    part = {k: t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire else t
-                            for k, t in part.items()}
+                    part = {k: t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire and
+                            self._piece[k][0] not in self.buffers else t for k, t in part.items()}
                 call = shard.caller.start(op, fields, part, fields["step"])  # the call keeps part until answered
             if final:
                 self._pulls.append((s, call))
@@ -403,7 +437,7 @@ class Channel:
             if self.pull_each and not shm_theta:
                 # θ of this bucket comes back as soon as the bucket's step is applied, while
                 # later buckets are still being pushed (or computed).
-                f = {"rank": self.rank, "step": self._step["step"] + 1, "keys": list(part)}
+                f = {"rank": self.rank, "step": self._step["step"] + 1, "keys": keys}
                 self._pulls.append((s, shard.caller.start(Op.PULL, f, step=f["step"] - 1)))
         self._sent.add(i)
 

@@ -3,14 +3,22 @@
 Example::
 
     with PSClient("tcp://127.0.0.1:5555", rank=0, world_size=2) as ps:
-        load(model, ps.init(dict(model.named_parameters())))
+        model.load_state_dict(ps.init(model))  # parameters and buffers; rank 0's values win
         while True:
             while ps.step < steps:
+                model.zero_grad()
                 loss = loss_fn(model(x[ps.step]), y[ps.step]); loss.backward()
-                load(model, ps.push_pull({n: p.grad for n, p in model.named_parameters()}, ps.step))
+                model.load_state_dict(ps.push_pull(model, ps.step))
             if ps.done():
                 break
-            load(model, ps.pull())  # the server went back to an older step: recompute from there
+            model.load_state_dict(ps.pull())  # the server went back to an older step: recompute from there
+
+Given a module, the client registers its whole ``state_dict()`` (``worker.modelstate``):
+parameters, buffers, and every name of a tied tensor; ``push_pull(model)`` sends each
+parameter's gradient (none for a parameter without one: the server's optimizer skips it,
+as torch.optim does) and the buffers the step changed; θ comes back as a complete state_dict.
+Named tensors work too (``init(dict(model.named_parameters()))``, ``push_pull(grads)``); a
+gradient that is None is sent as absent.
 
 Every call rides out lost connections and server restarts (:mod:`worker.retry`): it fails with
 :class:`common.errors.PSTimeoutError`, naming the server, the operation and the step, once the
@@ -41,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import zmq
+from torch import nn
 
 from common import faults
 from common.errors import ErrorCode, PSError, RemoteError
@@ -48,10 +57,12 @@ from common.protocol import Op
 from common.transport import USE_DEFAULT, Requester, make_context
 from worker.channel import Channel
 from worker.heartbeat import Heartbeat
+from worker.modelstate import ModelState
 
 log = logging.getLogger(__name__)
 
 Tensors = Mapping[str, torch.Tensor]
+Grads = Mapping[str, "torch.Tensor | None"]
 T = TypeVar("T")
 
 
@@ -103,6 +114,9 @@ class PSClient:
         self._register: dict[str, Any] = {}
         self._specs: dict[str, torch.Tensor] = {}  # meta tensors: names, dtypes and shapes registered
         self._buckets: list[list[str]] | None = None
+        self._buffers: list[str] = []
+        self._aliases: dict[str, str] = {}
+        self._state: ModelState | None = None  # the module given to init, if one was
         self._params: dict[str, torch.Tensor] | None = None  # what end_step last loaded θ into
         self._joined = False
         self.rejoins = 0
@@ -117,31 +131,40 @@ class PSClient:
         """The REGISTER reply (of the first shard): world size, sync model, optimizer and lr."""
 
     # ------------------------------------------------------------------ API
-    def init(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
+    def init(self, named_tensors: Tensors | nn.Module, buckets: Sequence[Sequence[str]] | None = None,
+             buffers: Sequence[str] = (), aliases: Mapping[str, str] | None = None,
              **register_fields: Any) -> dict[str, torch.Tensor]:
-        """Register these parameters and agree on initial θ (the lowest rank's values win).
+        """Register these tensors and agree on initial θ (the lowest rank's values win).
 
-        ``buckets`` (lists of names, together covering every tensor once) are pushed
-        separately by :meth:`push_bucket`; without them a step is pushed whole. Blocks until
-        every worker has called ``init``. Returns θ (CPU tensors) and sets :attr:`step` to
-        the server's version, which is non-zero when the server resumed. Without a rank, the
-        server assigns one (the same one on every later registration of this worker id); it
-        is in :attr:`rank` once this returns.
+        ``named_tensors``: a module (its parameters, persistent buffers and tied names, see the
+        module doc), or tensors by name. ``buffers``: the names among them that are buffers
+        (the server keeps their values, not an optimizer's); ``aliases``: other names of tied
+        tensors (alias -> name), written beside them in ``final.safetensors``. ``buckets``
+        (lists of names, together covering every tensor once) are pushed separately by
+        :meth:`push_bucket`; without them a step is pushed whole. Blocks until every worker
+        has called ``init``. Returns θ (CPU tensors; for a module, a complete state_dict) and
+        sets :attr:`step` to the server's version, which is non-zero when the server resumed.
+        Without a rank, the server assigns one (the same one on every later registration of
+        this worker id); it is in :attr:`rank` once this returns.
         """
         self._channel(Op.REGISTER)
+        if isinstance(named_tensors, nn.Module):
+            self._state = ModelState(named_tensors)
+            named_tensors, buffers, aliases = self._state.tensors(), list(self._state.buffers), self._state.aliases
         self.keys = tuple(named_tensors)
-        self._remember(named_tensors, buckets, register_fields)
-        return self._join(named_tensors)
+        self._remember(named_tensors, buckets, register_fields, buffers, aliases)
+        return self._full(self._join(named_tensors))
 
     def register(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None = None,
+                 buffers: Sequence[str] = (), aliases: Mapping[str, str] | None = None,
                  **register_fields: Any) -> int:
-        """Announce this worker and its parameters to every shard (no tensors sent); return its rank.
+        """Announce this worker and its tensors to every shard (no tensors sent); return its rank.
 
         Without a rank yet, the first shard assigns one and the others are told it; after
         that, re-registering sends the rank it got, so a reconnect keeps it.
         """
         self._channel(Op.REGISTER)
-        self._remember(named_tensors, buckets, register_fields)
+        self._remember(named_tensors, buckets, register_fields, buffers, aliases)
         return self._register_again()
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -158,14 +181,15 @@ class PSClient:
                 self.last_loss = r.fields.get("loss", self.last_loss)
                 pieces.update(r.tensors)
             theta = ch._whole(pieces)
-        return {k: theta[k] for k in keys} if keys is not None else theta
+        return {k: theta[k] for k in keys} if keys is not None else self._full(theta)
 
-    def push(self, grads: Tensors, step: int | None = None, samples: float | None = None,
+    def push(self, grads: Grads | nn.Module, step: int | None = None, samples: float | None = None,
              loss: float | None = None) -> bool:
         """Send this worker's gradients of ``step``; True if applied, False if a replay (or a rewind:
         then :attr:`step` is the server's older version, see the module doc)."""
         ch = self._channel(Op.PUSH)
         step = self.step if step is None else step
+        grads = self._grads(grads)
         try:
             self._guard(Op.PUSH, lambda: self._push_all(ch, grads, step, samples, loss, pull=False))
             self._guard(Op.PUSH, lambda: ch.finish(want_theta=False))
@@ -174,19 +198,21 @@ class PSClient:
         self.step = step + 1
         return ch.applied
 
-    def push_pull(self, grads: Tensors, step: int | None = None, samples: float | None = None,
+    def push_pull(self, grads: Grads | nn.Module, step: int | None = None, samples: float | None = None,
                   loss: float | None = None) -> dict[str, torch.Tensor]:
         """Push the gradients of ``step`` and get θ after that step, in one round trip.
 
-        After a rewind (see the module doc) this is θ at :attr:`step`, older than ``step + 1``.
+        ``grads``: by name (None: no gradient), or the module given to :meth:`init`. After a
+        rewind (see the module doc) this is θ at :attr:`step`, older than ``step + 1``.
         """
         ch = self._channel(Op.PUSH_PULL)
         step = self.step if step is None else step
+        grads = self._grads(grads)
         try:
             self._guard(Op.PUSH_PULL, lambda: self._push_all(ch, grads, step, samples, loss))
         except _Rejoined as r:
-            return r.theta
-        return self.end_step()
+            return self._full(r.theta)
+        return self._full(self.end_step())
 
     def done(self) -> bool:
         """Tell the server this worker has finished; wait until every worker has and θ is saved.
@@ -223,7 +249,7 @@ class PSClient:
         step = self.step if step is None else step
         self._channel(Op.PUSH).begin(step, samples, loss, total=total)
 
-    def push_bucket(self, index: int, grads: Tensors) -> None:
+    def push_bucket(self, index: int, grads: Grads) -> None:
         """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""
         self._channel(Op.PUSH).push_bucket(index, grads)
 
@@ -298,18 +324,40 @@ class PSClient:
 
     # ------------------------------------------------------------------ internals
     def _remember(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None,
-                  register_fields: Mapping[str, Any]) -> None:
+                  register_fields: Mapping[str, Any], buffers: Sequence[str] = (),
+                  aliases: Mapping[str, str] | None = None) -> None:
         """What every (re-)registration sends."""
         self._specs = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in named_tensors.items()}
         self._buckets = [list(b) for b in buckets] if buckets else None
         self._register = dict(register_fields)
+        unknown = [b for b in buffers if b not in named_tensors]
+        if unknown:
+            raise PSError(f"buffers {unknown[:5]} are not among the tensors given")
+        self._buffers = list(buffers)
+        self._aliases = dict(aliases or {})
+
+    def _grads(self, grads: Grads | nn.Module) -> Grads:
+        """A push's tensors by name: the module's, if the module given to :meth:`init` is passed."""
+        if isinstance(grads, nn.Module):
+            if self._state is None or grads is not self._state.module:
+                raise PSError(f"worker {self.rank}: push the module given to init(), or gradients by name")
+            return self._state.step_tensors()
+        return grads
+
+    def _full(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """θ as returned to the caller: for a module, with every alias, and remembered as loaded."""
+        if self._state is None or not theta:
+            return theta
+        self._state.remember(theta)
+        return self._state.full(theta)
 
     def _register_again(self) -> int:
         """REGISTER with every shard, with the fields of the last :meth:`register`."""
         ch = self._channel(Op.REGISTER)
         fields: dict[str, Any] = {"world_size": self.world_size, "role": self.role, "worker_id": self.worker_id,
                                   **self._register}
-        self.server_info = ch.register(self._specs, self._buckets, fields, self.rank, self.world_size, self.step)
+        self.server_info = ch.register(self._specs, self._buckets, fields, self.rank, self.world_size, self.step,
+                                       self._buffers, self._aliases)
         if self.rank is None:
             log.info("the server assigned rank %d to worker id %r", ch.rank, self.worker_id)
         assert ch.rank is not None
@@ -352,7 +400,7 @@ class PSClient:
         log.warning("worker %d: rejoined; the server is at step %d", self.rank, self.step)
         raise _Rejoined(theta)
 
-    def _push_all(self, ch: Channel, grads: Tensors, step: int, samples: float | None, loss: float | None,
+    def _push_all(self, ch: Channel, grads: Grads, step: int, samples: float | None, loss: float | None,
                   pull: bool = True) -> None:
         ch.begin(step, samples, loss, pull)
         for i in range(len(ch.buckets)):

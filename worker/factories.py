@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -13,10 +15,18 @@ from common.errors import ConfigError
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
-    """Import ``MODULE:FACTORY`` and return the zero-argument callable it names."""
+    """Import ``MODULE:FACTORY`` and return the zero-argument callable it names.
+
+    ``MODULE`` is looked up in the current directory first, as ``python -m`` would, so a user's
+    own ``mymodel.py`` works the same under ``ps-worker``, ``ps-launch`` (both modes, whose
+    children run as ``python -m worker``) and ``python -m worker``.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"expected MODULE:FACTORY, got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -29,7 +29,7 @@ log = logging.getLogger("launch")
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
-                  if f.name in {"optimizer", "lr", "momentum", "weight_decay", "sync", "staleness",
+                  if f.name in {"optimizer", "lr", "momentum", "weight_decay", "clip_grad_norm", "sync", "staleness",
                                 "checkpoint_every", "log_level", "metrics_port", "status_every",
                                 "on_worker_loss", "nonfinite", "rejoin_deadline", "lease", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
@@ -150,6 +150,9 @@ def run(cfg: LaunchConfig) -> int:
         except KeyboardInterrupt:
             log.warning("interrupted: stopping every process")
             return 130
+        except _Terminated:
+            log.warning("terminated: stopping every process")
+            return 143
         except (RuntimeError, TimeoutError) as e:
             log.error("%s", e)
             return 1
@@ -195,6 +198,25 @@ def _report_example(name: str, ckpt: str) -> None:
         log.info("example %s: %s %.4f", name, metric, value)
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (``kill``, ``systemctl stop``): stop every child, exit 143."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Terminated()
+
+
+def _catch_stop_signals() -> None:
+    """Stop on Ctrl-C and SIGTERM however the launcher was started.
+
+    A shell starts a background job (``&``, ``nohup``) with SIGINT ignored, and a child inherits
+    that; the launcher would then never see Ctrl-C (or a supervisor's SIGINT). Its own handlers
+    are installed whatever it inherited.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ps-launch``."""
     description = "run a zmqps server and K workers as local processes"
@@ -209,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"ps-launch: error: {e}\n")
         return 2
     setup_logging(cfg.log_level, "launch")
+    _catch_stop_signals()
     return run(cfg)
 
 

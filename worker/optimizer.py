@@ -20,6 +20,17 @@ this worker's next step and copies the θ the server sends back into the model, 
 ``zero_grad`` and its settings are not used (a mismatch with the server's is logged). An LR
 scheduler on the local optimizer therefore has no effect.
 
+The server holds the model's whole ``state_dict()`` (``worker.modelstate``): a parameter
+whose ``grad`` is None at ``step()`` (frozen, or not used this step) is sent as absent and the
+server's optimizer leaves it alone, as torch.optim would; buffers (BatchNorm's statistics)
+are rank 0's, as under DDP; tied weights stay tied.
+
+[Note: clipping] ``clip_grad_norm_`` called before ``step()`` clips *this worker's* gradient,
+before the server averages the K of them. Under DDP the same line clips the *averaged*
+gradient (backward has already all-reduced it), so the two differ. For DDP's behaviour, leave
+the local clip out and start the server with ``--clip-grad-norm MAX``: it clips the averaged
+gradient over the whole model before each update.
+
 The endpoint, rank and world size come from the arguments, else from ``PS_SERVER``,
 ``PS_RANK`` and ``PS_WORLD_SIZE`` (as ``ps-worker`` reads them); without a rank the server
 assigns one at registration (data mode), readable as ``opt.rank``.
@@ -86,12 +97,11 @@ class DistributedOptimizer:
         assert cfg.world_size is not None
         self.optimizer = optimizer
         self.model = model
-        self._params = dict(model.named_parameters())
         self.client = PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout,
                                worker_id=cfg.worker_id)  # rank None: the server assigns one
         self._finished = False
         try:
-            theta = self.client.init({k: p.detach().cpu() for k, p in self._params.items()})
+            theta = self.client.init(model)
         except BaseException:
             self.client.close()
             raise
@@ -142,8 +152,7 @@ class DistributedOptimizer:
             if loss is None and result is not None:
                 loss = result
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
-        grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self._params.items()}
-        theta = self.client.push_pull(grads, samples=samples, loss=value)
+        theta = self.client.push_pull(self.model, samples=samples, loss=value)
         self._load(theta)
         return result
 
@@ -175,9 +184,7 @@ class DistributedOptimizer:
         return getattr(inner, name)
 
     def _load(self, theta: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in theta.items():
-                self._params[k].copy_(v)
+        self.model.load_state_dict(theta)
 
     def _check_settings(self) -> None:
         info = self.client.server_info

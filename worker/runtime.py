@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from common import faults
 from common.config import WorkerConfig
@@ -34,6 +33,7 @@ from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
 from worker.factories import build_data, build_model
 from worker.jitter import Stall
+from worker.modelstate import ModelState
 from worker.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -70,19 +70,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_into(model: nn.Module, theta: dict[str, torch.Tensor]) -> None:
-    """Copy θ into the model's parameters in place (across devices)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in theta.items():
-            params[k].copy_(v, non_blocking=False)
-
-
-def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each parameter's gradient; a parameter the loss did not reach gets zeros."""
-    return {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
-
-
 def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Run this worker's part of a data-parallel job; returns when the job is done.
 
@@ -102,21 +89,29 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
     with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id,
                   heartbeat=cfg.heartbeat, chunk_mb=cfg.chunk_mb, shm=cfg.shm, wire_dtype=cfg.wire_dtype,
                   io_threads=cfg.io_threads) as client:
-        params = dict(model.named_parameters())
+        state = ModelState(model)
+        params = state.params
         sizes = {k: p.numel() * p.element_size() for k, p in params.items()}
         blist = buckets(list(params), sizes, int(cfg.bucket_mb * (1 << 20)))
-        theta = client.init({k: p.detach().cpu() for k, p in params.items()}, buckets=blist)
+        if state.buffers:
+            blist.append(list(state.buffers))  # pushed after backward ([Note: buffer values])
+        sparse = state.sparse_names()
+        if sparse:
+            log.info("sparse gradients of %s are sent dense ([Note: sparse gradients])", ", ".join(sparse[:3]))
+        theta = client.init(state.tensors(), buckets=blist, buffers=list(state.buffers), aliases=state.aliases)
         if cfg.rank is None:
             assert client.rank is not None
             set_role(f"worker {client.rank}")
             cfg = dataclasses.replace(cfg, rank=client.rank)
         assert cfg.rank is not None
         stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
-        load_into(model, theta)
+        state.load(theta)
         bound = client.bind(params)
         if bound:
             log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
-        hooks = BucketHooks(params, client.buckets, client.push_bucket) if len(client.buckets) > 1 else None
+        hooks = (BucketHooks(params, client.buckets, client.push_bucket, state.step_tensors)
+                 if len(client.buckets) > 1 else None)
+        targets = state.targets()  # θ goes into the parameters and buffers after each step
         plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
         total = plan.steps_per_epoch * cfg.epochs
         lo, hi = plan.bounds(cfg.rank)
@@ -150,8 +145,9 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                     if hooks is not None:
                         hooks.finish()
                     else:
-                        client.push_bucket(0, gradients(model))
-                    client.end_step(params)
+                        client.push_bucket(0, state.step_tensors())
+                    client.end_step(targets)
+                    state.loaded()
                     samples += len(rows)
                     if client.step == step + 1:
                         progress.update(step, client.last_loss, len(rows) * cfg.world_size)
@@ -162,7 +158,8 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                 if client.done():
                     break
                 log.warning("recomputing from step %d, where the server resumed", client.step)
-                client.pull_into(params)
+                client.pull_into(targets)
+                state.loaded()
         final_loss = client.last_loss
     seconds = time.monotonic() - t0
     log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",

@@ -8,6 +8,14 @@ whole ``nn.Sequential``. The replicas of a stage are that stage's contributors o
 server: with R > 1 the server averages each stage's gradients over its replicas, weighted
 by their rows (pipeline x data parallel on one server).
 
+The stage's keys are its layers' parameters and persistent buffers (``worker.modelstate``); a
+tensor tied across two stages is refused (:func:`check_ties`). [Note: BatchNorm in a pipeline]
+A stage runs its layers on each microbatch separately, so with M > 1 a BatchNorm layer
+normalises each microbatch by that microbatch's statistics and updates its running
+statistics M times per step: the job equals single-process training that runs the batch's
+microbatches one by one (the loss of microbatch i scaled by n_i / n), not the whole batch at
+once. With M = 1, or a model without batch statistics, the two are the same.
+
 Replica r reads shard r of the data, exactly as data-parallel worker r of R would (see
 ``worker/data.py``); every stage of a replica derives the same rows for each step, so only
 stage 0 reads x and only the last stage reads y. Each step: split the rows into
@@ -39,7 +47,8 @@ from worker.pipeline.schedule import Schedule, build, format_actions
 from worker.pipeline.stage import StageExecutor, StageStats
 from worker.pipeline.staging import PinnedStager
 from worker.progress import Progress
-from worker.runtime import LOSSES, gradients, load_into, resolve_device
+from worker.modelstate import ModelState
+from worker.runtime import LOSSES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +135,19 @@ def resolve_partition(cfg: Any, replicas: int, model: nn.Sequential | None = Non
     return choose(model, cfg.partition, cfg.stages, sample)
 
 
+def check_ties(model: nn.Sequential, part: Partition) -> None:
+    """Tied tensors must stay within one stage: a tensor shared by layers of two stages would be
+    two keys on the server, updated apart, and the tie would silently break."""
+    stage_of = {i: s for s, (a, b) in enumerate(part.ranges) for i in range(a, b)}
+    state = ModelState(model)
+    for alias, key in state.aliases.items():
+        sa, sk = stage_of.get(int(alias.split(".", 1)[0])), stage_of.get(int(key.split(".", 1)[0]))
+        if sa != sk:
+            raise ConfigError(f"{alias!r} is the same tensor as {key!r} (tied weights), but they fall in stages "
+                              f"{sk} and {sa} of partition {part.text}: tied weights must stay in one stage "
+                              f"(choose --partition ranges that keep both layers together)")
+
+
 class _Schedules:
     """Built (and validated) schedules by microbatch count; a short last batch may use fewer."""
 
@@ -151,17 +173,18 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
     part = resolve_partition(cfg, replicas, model, data)
     if me.rank == 0 or part.method != "explicit":
         log.info("%s", part.describe())
+    check_ties(model, part)
     a, b = part.ranges[me.stage]
     module = model[a:b]
-    params = {k: p.detach().cpu() for k, p in module.named_parameters()}
-    if not params:
+    state = ModelState(module)
+    if not state.params:
         raise ConfigError(f"stage {me.stage} owns layers [{a}, {b}), which have no parameters")
     schedules = _Schedules(cfg.schedule, me.stages)
     sched = schedules.get(cfg.microbatches)
     total = shards.steps_per_epoch * cfg.epochs
     log.info("stage %d of %d, replica %d of %d: layers [%d, %d) (%s) on %s; %d rows/step in %d microbatch(es), "
              "%d steps; schedule %s: %s", me.stage, me.stages, me.replica, replicas, a, b,
-             ", ".join(params), device, shards.local_batch(me.replica), cfg.microbatches, total, cfg.schedule,
+             ", ".join(state.keys), device, shards.local_batch(me.replica), cfg.microbatches, total, cfg.schedule,
              format_actions(sched.for_stage(me.stage)))
     plan = plan_text(cfg, part)
     loss_fn = LOSSES[cfg.loss]
@@ -173,8 +196,9 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
     start = 0
     linger = 0.0
     try:
-        theta = client.init(params, stage=me.stage, endpoint=links.endpoint, plan=plan)
-        load_into(module, theta)
+        theta = client.init(state.tensors(), buffers=list(state.buffers), aliases=state.aliases,
+                            stage=me.stage, endpoint=links.endpoint, plan=plan)
+        state.load(theta)
         check_plans(me, plan, [p for p in client.peers if p.get("role") == "stage"])
         links.connect(*neighbours(cfg, me, client.peers))
         start = client.step
@@ -193,8 +217,8 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
                     actions = schedules.get(len(parts)).for_stage(me.stage)
                     loss = executor.run(step, actions, xs, ys, [len(p) for p in parts])
                 ts = time.perf_counter()
-                theta = client.push_pull(gradients(module), step, samples=len(rows), loss=loss)
-                load_into(module, theta)
+                theta = client.push_pull(state.step_tensors(), step, samples=len(rows), loss=loss)
+                state.load(theta)
                 executor.stats.sync_s += time.perf_counter() - ts
                 executor.stats.end_step(time.perf_counter() - t_step)
                 progress.update(step, client.last_loss, len(rows) * replicas)
