@@ -421,11 +421,14 @@ class Server(Recovery):
 
         In data mode every worker holds the whole model, so all must register the same keys: a
         worker whose model names its parameters otherwise would train apart from the others.
+        Before θ exists, only workers whose lease runs are compared with: a registration that
+        was wrong (a wrong ``--model``, a stranger) and went silent cannot lock out the job.
         """
         if not buffers <= set(specs):
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"buffers {sorted(buffers - set(specs))[:5]} "
                                                            f"are not among the registered keys")
-        others = [w for w in self.workers.values() if w.rank != rank]
+        now = time.monotonic()
+        others = [w for w in self.workers.values() if w.rank != rank and self.liveness.remaining(w.rank, now) > 0]
         if self.store.initialized:
             known = self.store.specs()
             kinds = self.store.buffers

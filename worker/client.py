@@ -382,15 +382,21 @@ class PSClient:
         return theta
 
     def _guard(self, op: Op, fn: Callable[[], T]) -> T:
-        """Run ``fn``; when a server no longer knows this rank, rejoin and raise :class:`_Rejoined`."""
+        """Run ``fn``; when a server no longer knows this rank, rejoin and raise :class:`_Rejoined`.
+
+        A push refused for naming a shared-memory segment the server did not give this rank
+        (STALE_SEGMENT: this worker acted on the answer of a server that has since restarted)
+        is handled the same way: nothing was applied, and registering again names the right one.
+        """
         try:
             return fn()
         except RemoteError as e:
-            if e.code != ErrorCode.NOT_REGISTERED or not self._joined:
+            if e.code not in (ErrorCode.NOT_REGISTERED, ErrorCode.STALE_SEGMENT) or not self._joined:
                 raise
+            why = ("the server no longer knows this rank (it restarted, or dropped it)"
+                   if e.code == ErrorCode.NOT_REGISTERED else f"the server refused its segment ({e.remote_message})")
         ch = self._channel(op)
-        log.warning("worker %d: the server no longer knows this rank (it restarted, or dropped it) during "
-                    "%s of step %d: registering again", self.rank, op.value, self.step)
+        log.warning("worker %d: %s during %s of step %d: registering again", self.rank, why, op.value, self.step)
         self.rejoins += 1
         ch.reset()
         bound = ch.unbind()

@@ -1,0 +1,73 @@
+"""Registration as confused or careless peers meet it: a real server process, raw requests."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from common.errors import ErrorCode, RemoteError
+from common.protocol import Op
+from common.transport import Requester
+from tests.clients import run_ranks
+from worker.client import PSClient
+
+SPECS = [["w", "float64", [3]], ["b", "float64", [1]]]
+
+
+@pytest.mark.timeout(120)
+def test_data_workers_with_other_parameter_names_are_refused_naming_the_difference(procs) -> None:
+    """An nn.Sequential beside a named module, or a model without a bias, would train apart."""
+    _server, ep = procs.server(2)
+    ctx = zmq.Context()
+    a, b = Requester(ctx, ep, who="a"), Requester(ctx, ep, who="b")
+    try:
+        a.request(Op.REGISTER, {"rank": 0, "world_size": 2, "params": SPECS}, timeout_s=30)
+        other = [["0.weight", "float64", [3]], ["b", "float64", [1]]]
+        with pytest.raises(RemoteError) as e:
+            b.request(Op.REGISTER, {"rank": 1, "world_size": 2, "params": other}, timeout_s=30)
+        assert e.value.code == ErrorCode.SCHEMA_MISMATCH
+        assert "'0.weight'" in str(e.value) and "'w'" in str(e.value) and "rank 1" in str(e.value)
+        with pytest.raises(RemoteError):  # a subset is refused too
+            b.request(Op.REGISTER, {"rank": 1, "world_size": 2, "params": SPECS[:1]}, timeout_s=30)
+        b.request(Op.REGISTER, {"rank": 1, "world_size": 2, "params": SPECS}, timeout_s=30)  # the same keys: fine
+        stages = {"role": "stage", "world_size": 2}
+        with pytest.raises(RemoteError):  # a key registered as a buffer by one and a parameter by another
+            Requester(ctx, ep).request(Op.REGISTER, {**stages, "rank": 1, "params": SPECS, "buffers": ["b"]},
+                                       timeout_s=30)
+    finally:
+        ctx.destroy(0)
+
+
+@pytest.mark.timeout(120)
+def test_a_bogus_registration_does_not_brick_the_rank(procs) -> None:
+    """Before θ exists, a REGISTER naming rank 0 with made-up parameters (a wrong --model, or a
+    stranger) holds rank 0 only for its lease; the real rank 0 then takes over with its own keys
+    and the job trains."""
+    _server, ep = procs.server(2, "--lease", "0.5", "--lr", "0.1")
+    ctx = zmq.Context()
+    stranger = Requester(ctx, ep, who="stranger")
+    stranger.request(Op.REGISTER, {"rank": 0, "world_size": 2, "params": [["made.up", "float32", [7]]]},
+                     timeout_s=30)
+    stranger.close()
+    time.sleep(1.0)  # its lease (0.5 s) lapses: while it runs, the stranger is the reference
+
+    def train(rank: int) -> torch.Tensor:
+        model = torch.nn.Linear(3, 1).double()
+        with PSClient(ep, rank=rank, world_size=2, timeout=30, heartbeat=0.1) as ps:
+            theta = ps.init(model)
+            for step in range(ps.step, 3):
+                model.load_state_dict(theta)
+                model.zero_grad()
+                model(torch.ones(4, 3, dtype=torch.float64)).sum().backward()
+                theta = ps.push_pull(model, step)
+            ps.done()
+        return theta["weight"]
+
+    t0 = time.monotonic()
+    out = run_ranks(train, 2, timeout=90)
+    assert torch.equal(out[0], out[1])
+    assert time.monotonic() - t0 < 60
+    ctx.destroy(0)
