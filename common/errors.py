@@ -30,6 +30,7 @@ class ErrorCode(IntEnum):
     WORKER_LOST = 15  # a worker was lost past --rejoin-deadline: the job has failed
     NONFINITE = 16  # a pushed gradient holds NaN or an infinity (--nonfinite fail): nothing applied
     STALE_SEGMENT = 17  # a push names a shared-memory segment that is not the one the server gave this rank
+    WRITE_FAILED = 18  # the server could not write a checkpoint or final.safetensors: the job failed
 
 
 class PSError(Exception):

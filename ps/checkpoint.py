@@ -41,16 +41,23 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary next to ``path``, fsync it, rename it into place, fsync the directory."""
+    """``write`` a temporary next to ``path``, fsync it, rename it into place, fsync the directory.
+
+    A write that fails (a full disk, a read-only directory) removes its temporary and raises.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.{os.getpid()}.tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -144,6 +151,19 @@ def save_checkpoint(directory: str | Path, step: int, params: Mapping[str, torch
     """Write ``ckpt-<step>.safetensors`` now (atomically) and prune all but the newest :data:`KEEP`."""
     tensors, metadata = checkpoint_contents(step, params, optimizer_state, meta)
     return write_checkpoint(directory, step, lambda f: stfile.write(f, {k: [v] for k, v in tensors.items()}, metadata))
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create ``directory`` if needed and prove a file can be written, synced and removed there.
+
+    Raises:
+        OSError: the directory cannot be created or written (read-only, no permission, full).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    probe = d / f".probe-{os.getpid()}.tmp"  # a crash leaves it to remove_temporaries
+    write_atomic(probe, b"zmqps")
+    probe.unlink()
 
 
 def remove_temporaries(directory: str | Path) -> list[Path]:

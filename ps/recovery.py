@@ -59,6 +59,9 @@ class Recovery:
         self._joining: set[int] = set()
         self.regroup_pending = False
         self._final_written = False
+        self._final_failures = 0
+        self._final_failing_since: float | None = None
+        self._final_retry_at: float | None = None  # [Note: the final write]
 
     def _step_now(self) -> int:
         return self.store.version(self.store.params) if self.store.initialized else 0
@@ -203,28 +206,58 @@ class Recovery:
         return self.store.version(self.workers[rank].keys) + 1
 
     # ------------------------------------------------------------------ the end of a job
-    def _fail(self, why: str) -> None:
-        """Give up: checkpoint what is consistent, answer every parked request WORKER_LOST, stop."""
+    def _fail(self, why: str, code: ErrorCode = ErrorCode.WORKER_LOST) -> None:
+        """Give up: checkpoint what is consistent, answer every parked request with ``code``, stop."""
         step = self._step_now()
         saved = ""
         self._settle()
         if self.store.initialized and step > self.saved_step and self._consistent_cut():
             self._save(step)
-            saved = f"; checkpoint of step {step} written"
-        log.error("job failed at step %d: %s (--on-worker-loss wait)%s", step, why, saved)
+            saved = (f"; checkpoint of step {step} written" if self.saved_step == step else
+                     f"; the newest checkpoint on disk is step {self.saved_step}")
+        log.error("job failed at step %d: %s%s", step, why, saved)
         for w in [*self.waiters, *self.done_waiters]:
-            self._send_frames(w.ident, error_frames(ErrorCode.WORKER_LOST, f"the job failed: {why}", w.req_id))
+            self._send_frames(w.ident, error_frames(code, f"the job failed: {why}", w.req_id))
         self.waiters, self.done_waiters = [], []
         self.failed = why
         self._finished = True
 
     def _finish_if_done(self) -> None:
-        """Once every worker of the job is done: write the final files, then release them all."""
+        """Once every worker of the job is done: write the final files, then release them all.
+
+        [Note: the final write] DONE promises the final checkpoint and ``final.safetensors`` on
+        disk. If writing them fails (a full disk, a read-only directory), nobody is released:
+        θ stays in memory, the write is tried again with a growing pause (the operator can free
+        the disk meanwhile), and after ``--rejoin-deadline`` seconds of failing the job fails -
+        every waiting worker gets WRITE_FAILED and the server exits 1, naming the file and the
+        error. A job never ends "done" without its files.
+        """
         if not self.workers or not all(w.done for w in self.workers.values()):
             return
         if len(self.workers) < self.cfg.workers and not (self.cfg.on_worker_loss == "shrink" and self.groups):
             return
-        self._write_final()
+        if self._final_retry_at is not None and time.monotonic() < self._final_retry_at:
+            return
+        try:
+            self._write_final()
+        except Exception as e:  # noqa: BLE001 - an OSError mostly; whatever it is, the job is not done
+            now = time.monotonic()
+            self._final_failures += 1
+            if self._final_failing_since is None:
+                self._final_failing_since = now
+            failing = now - self._final_failing_since
+            why = (f"cannot write the final checkpoint and final.safetensors in {self.cfg.checkpoint_dir}: "
+                   f"{type(e).__name__}: {e}")
+            if failing > self.cfg.rejoin_deadline:
+                self._fail(f"{why} (failing for {failing:.0f}s, --rejoin-deadline {self.cfg.rejoin_deadline:g}s)",
+                           ErrorCode.WRITE_FAILED)
+                return
+            pause = min(30.0, 2.0 ** min(self._final_failures, 5))
+            self._final_retry_at = now + pause
+            log.error("%s; θ of step %d is kept in memory and the workers wait: trying again in %.0fs "
+                      "(the job fails after %.0fs more)", why, self._step_now(), pause,
+                      self.cfg.rejoin_deadline - failing)
+            return
         version = self._step_now()
         for w in self.done_waiters:
             self._reply(w.ident, w.req_id, {"version": version})
@@ -232,5 +265,8 @@ class Recovery:
         self._finished = True
 
     def _consistent_cut(self) -> bool:
-        """Whether every key group is at the same step (a checkpoint must not split a step)."""
-        return self.groups is None or len({g.step for g in self.groups}) <= 1
+        """Whether θ is at one step in every key group (a checkpoint must not split a step).
+
+        Always so in bsp ([Note: atomic steps]); pipeline stages under async/ssp move apart.
+        """
+        return self.groups is None or len({self.store.version(g.keys) for g in self.groups}) <= 1

@@ -80,6 +80,8 @@ class Server(Recovery):
         self.buffer_keys: set[str] = set()  # registered as buffers ([Note: buffers in θ])
         self.aliases: dict[str, str] = {}  # other state_dict names of θ's tensors (tied weights)
         self._staged: list[Reduced] = []  # key groups done with the step being completed
+        self._ckpt_failures = 0  # periodic checkpoints failed in a row
+        self._ckpt_failure_logged = 0.0
         self.waiters: list[Waiter] = []
         self.last_loss: float | None = None
         self.saved_step = -1
@@ -97,6 +99,11 @@ class Server(Recovery):
 
     # ------------------------------------------------------------------ lifecycle
     def _resume(self) -> None:
+        try:
+            checkpoint.check_writable(self.cfg.checkpoint_dir)
+        except OSError as e:
+            raise ConfigError(f"--checkpoint-dir {self.cfg.checkpoint_dir} is not writable: {e.strerror or e} "
+                              f"(the server writes its checkpoints and final.safetensors there)") from None
         for stale in checkpoint.remove_temporaries(self.cfg.checkpoint_dir):
             log.warning("removed %s, left by a crash while writing", stale)
         found = checkpoint.checkpoints(self.cfg.checkpoint_dir)
@@ -174,13 +181,17 @@ class Server(Recovery):
                 if self.stop_signal is not None:
                     return self._stop_on_signal(self.stop_signal)
                 now = time.monotonic()
+                if self._final_retry_at is not None and now >= self._final_retry_at:
+                    self._finish_if_done()  # [Note: the final write]
                 self._check_liveness(now)
                 if now >= next_status:
                     next_status = now + self.cfg.status_every
                     self._log_status()
             if self.failed:
                 return 1
-            self._write_final()
+            if not self._final_written:  # finished without its files would be a lie ([Note: the final write])
+                log.error("the job ended without its final files")
+                return 1
             return 0
         finally:
             self.close()
@@ -505,6 +516,10 @@ class Server(Recovery):
             log.info("θ initialized from rank(s) %s: %d tensors, %d elements", ranks,
                      len(owner), sum(p.numel() for p in self.store.params.values()))
             self._save(0)  # θ_0 survives a crash: a restarted server never needs the workers' offers again
+            if self.saved_step < 0:  # no restart point at all: fail now, not hours later
+                self._fail(f"cannot write the first checkpoint (θ of step 0) in {self.cfg.checkpoint_dir}; "
+                           f"see the error above", ErrorCode.WRITE_FAILED)
+                return
             self.limits = schema_limits(self.store.specs(), self.limits)
             if self.sock is not None:
                 self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
@@ -718,9 +733,17 @@ class Server(Recovery):
             return
         self.metrics.checkpoint(done.step, done.seconds, done.error is None, done.cloned_bytes)
         if done.error is not None:
-            log.error("checkpoint of step %d failed, training goes on (the newest on disk is step %d): %s: %s",
-                      done.step, self.saved_step, type(done.error).__name__, done.error)
+            self._ckpt_failures += 1
+            now = time.monotonic()
+            if self._ckpt_failures == 1 or now - self._ckpt_failure_logged >= 60.0:  # one line a minute, not a step
+                self._ckpt_failure_logged = now
+                log.error("checkpoint of step %d failed (%d failure(s) in a row), training goes on (the newest on "
+                          "disk is step %d): %s: %s", done.step, self._ckpt_failures, self.saved_step,
+                          type(done.error).__name__, done.error)
             return
+        if self._ckpt_failures:
+            log.warning("checkpoints are written again (step %d), after %d failure(s)", done.step, self._ckpt_failures)
+            self._ckpt_failures = 0
         self.saved_step = max(self.saved_step, done.step)
         log.info("checkpoint %s%s", done.path,
                  f" ({done.cloned_bytes / 2**20:.1f} MiB kept while θ moved on)" if done.cloned_bytes else "")
@@ -744,11 +767,13 @@ class Server(Recovery):
                                     "incarnation": self.incarnation, **self.metrics.ping_fields()})
 
     def _write_final(self) -> None:
+        """Write the last checkpoint and ``final.safetensors``; OSError if either fails (nothing is
+        marked written then: [Note: the final write])."""
         if self._final_written:
             return
-        self._final_written = True
         if not self.store.initialized:
             log.warning("no θ to write: training never started")
+            self._final_written = True
             return
         self._settle()
         version = self.store.version(self.store.params)
@@ -761,6 +786,9 @@ class Server(Recovery):
         last = self._settle()
         if last is not None and last.error is not None:
             raise last.error  # DONE promises both files on disk: the job does not end "done"
+        self._final_written = True
+        if self._final_failures:
+            log.warning("the final files were written after %d failed attempts", self._final_failures)
         loss = "-" if self.last_loss is None else f"{self.last_loss:.6g}"
         peak = status_bytes("VmHWM")
         theta = sum(p.numel() * p.element_size() for p in self.store.params.values())
