@@ -9,8 +9,9 @@ restarts of a container) and the server answers with a rank:
 2. a worker id seen before gets the rank it had (stable across reconnects and restarts, and
    across a server restart: the table is saved in every checkpoint);
 3. otherwise the lowest rank that no registered worker holds and no other id has claimed;
-4. failing that, the lowest rank no registered worker holds (a claim by an id that never
-   came back does not block a new worker forever);
+4. failing that, the lowest rank no live worker holds (a claim by an id that never came back
+   does not block a new worker forever, nor does a rank whose worker died: a container
+   recreated under a new hostname takes its place once the old lease has lapsed);
 5. otherwise every rank is taken: ``BAD_RANK``, and nothing changes.
 
 [Note: choose, then bind] :meth:`RankTable.choose` only computes; the server calls
@@ -51,7 +52,8 @@ class RankTable:
             worker_id: the id the worker sent, or None.
             requested: the rank the worker asked for, or None to let the server choose.
             world: the number of workers K.
-            held: ranks currently registered (a worker holding its own id's rank may re-register).
+            held: ranks held by a live (or finished) worker; a worker holding its own id's rank may
+                re-register.
 
         Raises:
             ProtocolError: BAD_MESSAGE for an unusable id; BAD_RANK when no rank is free.

@@ -380,7 +380,9 @@ class Server(Recovery):
         world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
             raise ProtocolError(ErrorCode.BAD_RANK, f"world size {world} != the server's {self.cfg.workers}")
-        rank = self.ranks.choose(worker_id, f.get("rank"), world, self.workers)  # pure; bound below
+        now = time.monotonic()  # a rank whose holder went silent past its lease is free for a new worker id
+        held = [r for r, w in self.workers.items() if w.done or self.liveness.remaining(r, now) > 0]
+        rank = self.ranks.choose(worker_id, f.get("rank"), world, held)  # pure; bound below
         if not 0 <= rank < world:
             raise ProtocolError(ErrorCode.BAD_RANK, f"rank {rank} outside [0, {world})")
         shards = f.get("shards", 1)

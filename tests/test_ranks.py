@@ -150,3 +150,31 @@ def test_ranks_by_id_across_reconnects_refusals_and_a_server_restart(procs, tmp_
             PSClient(endpoint, None, 2, timeout=30, worker_id="host-new") as n:
         assert a.register(params) == 1  # first to register, still rank 1
         assert n.register(params) == 0  # a new id takes the lowest free rank (host-b's claim yields)
+
+
+def test_a_dead_workers_automatic_rank_goes_to_a_new_worker_id(forkserver, procs, tmp_path: Path) -> None:
+    """A worker with an automatic rank dies (kill -9); its container comes back under a new
+    hostname (a new worker id). Once the dead one's lease lapsed, the new id takes its rank and
+    the job ends at the single-process θ; before, it got BAD_RANK and the job failed."""
+    from tests.faultjob import assert_final, expected, fork_server, wait_log, wait_stopped
+
+    server, ep = fork_server(forkserver, procs, "--lease", "1")
+
+    def worker(wid: str, env: dict | None = None):
+        n = len(procs.children) + 1
+        argv = ["--server", ep, "--world-size", "2", "--worker-id", wid, "--timeout", "60", "--heartbeat", "0.3",
+                "--model", "tests.jobs:linear64", "--data", "tests.jobs:data64", "--epochs", "2", "--progress", "off"]
+        child = forkserver.spawn(wid, "worker", argv, procs.tmp / f"{n:02d}-{wid}.log", env=env)
+        procs.children.append(child)
+        return child
+
+    a = worker("host-a")
+    b = worker("host-b", env={"PS_FAULT": "stop:before-push:5"})
+    wait_stopped(b)
+    b.kill()
+    assert b.wait(30) == -9
+    wait_log(server, r"rank \d lost: nothing heard", timeout=30)
+    c = worker("host-c-recreated")
+    procs.wait_ok([a, c, server], timeout=120)
+    assert "moves from worker id 'host-b' to 'host-c-recreated'" in server.output(tail=10**6)
+    assert_final(tmp_path / "ckpt", expected())
