@@ -138,12 +138,21 @@ class Segment:
 
     @classmethod
     def create(cls, tag: str, nbytes: int) -> "Segment":
-        """A new segment of ``nbytes`` data bytes (zero-filled) with a fresh token."""
+        """A new segment of ``nbytes`` data bytes (zero-filled) with a fresh token.
+
+        Raises:
+            OSError: the directory cannot hold it (nothing is left behind).
+        """
         path = os.path.join(shm_dir(), f"zmqps-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, HEADER + max(nbytes, 1))
+            # Reserved, not sparse: a write into a sparse mapping of a full tmpfs is a SIGBUS in
+            # whichever process writes; a segment the disk cannot hold fails here, cleanly.
+            os.posix_fallocate(fd, 0, HEADER + max(nbytes, 1))
             mm = mmap.mmap(fd, HEADER + max(nbytes, 1))
+        except BaseException:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         token = secrets.token_bytes(TOKEN)

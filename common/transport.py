@@ -25,6 +25,11 @@ HEARTBEAT_IVL_MS = 1000
 """ZMTP heartbeats: every connection sends a PING this often when idle..."""
 HEARTBEAT_TIMEOUT_MS = 5000
 """...and is dropped (then re-established by the connecting side) after this long without traffic."""
+ROUTER_HWM = 1000
+"""Messages a bound socket queues per peer, each way. Inbound, a peer past it is held back (TCP
+backpressure); outbound, replies to a peer that does not read them are dropped past it. A
+worker never has more than a few dozen requests in flight (the server caps parked requests per
+connection), so only a peer that floods and never reads meets it: its cost stays bounded."""
 RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS, CONNECT_TIMEOUT_MS = 100, 2000, 2000
 """A connecting socket retries every 0.1 s, backing off to 2 s; one TCP connect attempt gives up
 after 2 s (the OS default is minutes, which would outlast a short partition)."""
@@ -73,7 +78,7 @@ def make_context(io_threads: int = 1) -> zmq.Context:
 
 
 def bind_router(ctx: zmq.Context, endpoint: str, limits: WireLimits = DEFAULT_LIMITS,
-                curve: Any = USE_DEFAULT) -> tuple[zmq.Socket, str]:
+                curve: Any = USE_DEFAULT, max_frame: int | None = None) -> tuple[zmq.Socket, str]:
     """Bind a ROUTER socket; return it with the endpoint actually bound.
 
     A port of ``0`` or ``*`` lets the OS pick a free one (``tcp://127.0.0.1:0``); the
@@ -89,9 +94,11 @@ def bind_router(ctx: zmq.Context, endpoint: str, limits: WireLimits = DEFAULT_LI
     curve = _curve(curve)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
+    # set before bind: a listening socket copies its options when it binds, so a value set later
+    # never reaches the connections it accepts (``max_frame``: the server's once θ is known)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame or limits.max_message_bytes)
+    sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+    sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     _heartbeats(sock)
     if curve is not None:

@@ -84,7 +84,11 @@ class FastPath:
             del self._grads[rank]
             old.seg.close()
         offsets, nbytes = layout(flat)
-        seg = Segment.create(f"g{rank}", nbytes)
+        try:
+            seg = Segment.create(f"g{rank}", nbytes)
+        except (OSError, OverflowError, ValueError) as e:  # the size is the worker's to say: a full tmpfs, or absurd
+            log.warning("rank %d: no shared memory for its %d bytes of gradients (%s): it sends frames", rank, nbytes, e)
+            return {}
         entry = self._grads[rank] = _GradSegment(seg, seg.views(flat, offsets), identity, flat)
         log.info("rank %d: gradients in shared memory %s (%d bytes)", rank, seg.path, nbytes)
         return entry.fields()

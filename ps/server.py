@@ -141,9 +141,8 @@ class Server(Recovery):
         build_optimizer([warm], self.cfg).step()
         curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
                  if self.cfg.curve_secret_key else None)
-        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve)
-        if self.store.initialized:
-            self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
+        frame = largest_frame(self.store.specs(), self.limits) if self.store.initialized else None
+        self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve, max_frame=frame)
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
         self.metrics.start(self.endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"))
@@ -522,15 +521,18 @@ class Server(Recovery):
                 self._fail(f"cannot write the first checkpoint (θ of step 0) in {self.cfg.checkpoint_dir}; "
                            f"see the error above", ErrorCode.WRITE_FAILED)
                 return
+            # the message caps tighten now; ZeroMQ's frame cap only binds for a restarted server,
+            # which binds knowing θ (a socket's options are copied when it binds)
             self.limits = schema_limits(self.store.specs(), self.limits)
-            if self.sock is not None:
-                self.sock.setsockopt(zmq.MAXMSGSIZE, largest_frame(self.store.specs(), self.limits))
         if self.groups is None:
             self.groups = form_groups(self.workers, self.store.versions, self.store.buffers)
             for g in self.groups:  # accumulate in θ's dtype (gradients may travel narrower)
                 g.dtypes = {k: self.store.params[k].dtype for k in g.keys}
             if self.fast.wanted and not self.store.shared:
-                self.store.move_to(self.fast.alloc_theta)
+                try:
+                    self.store.move_to(self.fast.alloc_theta)
+                except OSError as e:  # /dev/shm too small for θ: θ stays private, replies go as frames
+                    log.warning("θ stays out of shared memory (%s): pulls go as frames", e)
             unused = set(self.store.params) - {k for g in self.groups for k in g.keys}
             if unused:
                 log.warning("θ keys no worker registered (never updated): %s", sorted(unused)[:5])
