@@ -49,6 +49,9 @@ class WireLimits:
 
 
 DEFAULT_LIMITS = WireLimits()
+MAX_TENSOR_BYTES = 1 << 50
+"""No shape may describe more than this (1 PiB, even with a zero dimension): torch itself fails
+on sizes near 2**63, with errors that are not a protocol's to raise."""
 
 
 @dataclass
@@ -173,6 +176,8 @@ def _check_specs(specs: Any, limits: WireLimits) -> list[tuple[str, str, tuple[i
                 or not all(_is_int(d) and d >= 0 for d in shape)):
             raise _bad(f"tensor {name!r}: shape must be a list of at most {limits.max_ndim} "
                        f"non-negative ints, got {str(shape)[:80]}", ErrorCode.BAD_TENSOR)
+        if math.prod(max(d, 1) for d in shape) * ITEMSIZE[dtype] > MAX_TENSOR_BYTES:  # [0, 2**63] too
+            raise _bad(f"tensor {name!r}: shape {str(shape)[:80]} is beyond any tensor's size", ErrorCode.BAD_TENSOR)
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
         out.append((name, dtype, tuple(shape), nbytes))
     return out

@@ -46,6 +46,21 @@ class Liveness:
             self.first_seen = now
         return self.lost.pop(rank, None)
 
+    def pause(self, seconds: float) -> None:
+        """The server itself did not run for ``seconds`` (stopped, or busy in one long step).
+
+        [Note: the server's own stalls] Nobody could renew a lease meanwhile: heartbeats waited
+        unread in the socket. Every lease, absence and deadline is moved on by that time, so a
+        lease lapses only for silence while the server was listening; a 20 s SIGSTOP of the
+        server must not make ``--on-worker-loss shrink`` drop healthy workers.
+        """
+        for rank in self.seen:
+            self.seen[rank] += seconds
+        for absent in self.lost.values():
+            absent.since += seconds
+        if self.first_seen is not None:
+            self.first_seen += seconds
+
     def remaining(self, rank: int, now: float) -> float:
         """Seconds left on ``rank``'s lease; 0 when it lapsed or was never granted."""
         seen = self.seen.get(rank)

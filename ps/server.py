@@ -8,7 +8,6 @@ the client's own deadline bounds the wait. The loop never blocks except in ``pol
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import zmq
 
 from common import faults
 from common.config import ServerConfig
-from common.dtypes import dtype_name
+from common.dtypes import dtype_name, torch_dtype
 from common.errors import ConfigError, ErrorCode, ProtocolError
 from common.malloc import release_free_memory
 from common.partition import base_of, piece_groups
@@ -45,6 +44,11 @@ from ps.snapshot import BackgroundSaver, Saved, checkpoint_snapshot
 from ps.store import ParameterStore
 
 log = logging.getLogger(__name__)
+
+STALL_S = 1.0
+"""A loop turn longer than this means the server itself stalled ([Note: the server's own stalls])."""
+MAX_SAMPLES = float(2**31)
+"""The largest row count a push may weigh its gradient with (``samples``, ``total``)."""
 
 
 @dataclass
@@ -157,6 +161,7 @@ class Server(Recovery):
         assert self.sock is not None
         next_status = time.monotonic() + self.cfg.status_every
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
+        checked = time.monotonic()
         try:
             while not self._finished:
                 if deadline is not None and time.monotonic() > deadline:
@@ -182,6 +187,11 @@ class Server(Recovery):
                 now = time.monotonic()
                 if self._final_retry_at is not None and now >= self._final_retry_at:
                     self._finish_if_done()  # [Note: the final write]
+                gap, checked = now - checked, now
+                if gap > STALL_S:  # [Note: the server's own stalls]
+                    self.liveness.pause(gap)
+                    log.warning("the server did not run for %.1fs (stopped, or busy): the workers' leases are "
+                                "extended by that time", gap)
                 self._check_liveness(now)
                 if now >= next_status:
                     next_status = now + self.cfg.status_every
@@ -298,15 +308,17 @@ class Server(Recovery):
                                 f"{what} must carry exactly the registered keys (or name them absent); "
                                 f"unexpected {extra}, missing {missing}" + (f", both sent and absent {both}" if both
                                                                             else ""))
-        if self.store.initialized:
-            for k, t in tensors.items():
-                p = self.store.params[k]
-                narrow = (grads and k not in self.store.buffers and t.dtype in (torch.float16, torch.bfloat16)
-                          and p.dtype.is_floating_point)
-                if (t.dtype != p.dtype and not narrow) or tuple(t.shape) != tuple(p.shape):
-                    raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
-                                        f"{what}: {k!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
-                                        f"θ has {dtype_name(p.dtype)}{list(p.shape)}")
+        specs = self.store.specs() if self.store.initialized else self.registered_specs  # θ's, or as registered
+        buffers = self.store.buffers if self.store.initialized else self.buffer_keys
+        for k, t in tensors.items():
+            dtype, shape = specs[k]
+            floating = torch_dtype(dtype).is_floating_point
+            narrow = grads and k not in buffers and t.dtype in (torch.float16, torch.bfloat16) and floating
+            if (dtype_name(t.dtype) != dtype and not narrow) or tuple(t.shape) != tuple(shape):
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
+                                    f"{what}: {k!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
+                                    f"{'θ has' if self.store.initialized else 'it was registered as'} "
+                                    f"{dtype}{list(shape)}")
 
     def _requested_keys(self, msg: Message, w: WorkerInfo) -> tuple[str, ...]:
         keys = msg.fields.get("keys")
@@ -592,12 +604,12 @@ class Server(Recovery):
         self._check_tensors(tensors, tuple(k for g in groups for k in g.keys), msg.op.value, grads=True,
                             absent=absent)
         weight = float(f.get("samples", 1.0))
-        if not weight >= 0 or math.isinf(weight):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must be finite and not negative, got {weight}")
+        if not 0 <= weight <= MAX_SAMPLES:  # a weight of 1e308 would overflow the sum into inf and NaN
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"samples must be a count in [0, {MAX_SAMPLES}], got {weight}")
         total = f.get("total")
         if total is not None:
             total = float(total)
-            if not total > 0 or math.isinf(total) or "samples" not in f:
+            if not 0 < total <= MAX_SAMPLES or "samples" not in f:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"total must be finite and positive, and come with "
                                                            f"samples; got total {total}")
             if self.sync.on_arrival:

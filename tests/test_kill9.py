@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -135,3 +136,20 @@ def test_server_stopped_with_sigterm_checkpoints_its_step_and_the_restart_recomp
     assert "resumed from" in again.log.read_text() and "ckpt-000000010" in again.log.read_text()
     for w in workers:
         assert "rejoined; the server is at step 10" in w.log.read_text(), w.output()
+
+
+def test_a_stopped_server_does_not_drop_healthy_workers_under_shrink(forkserver, procs, tmp_path):
+    """[Note: the server's own stalls]: SIGSTOP the server for 4 s (its lease is 1 s). Nobody could
+    renew a lease meanwhile, so nobody is lost: the job ends at the uninterrupted θ with both
+    workers. (Before, the stall made both ranks lapse and a step was applied with one.)"""
+    server, ep = fork_server(forkserver, procs, "--lease", "1", "--on-worker-loss", "shrink", "--log-level", "debug")
+    workers = [fork_worker(forkserver, procs, ep, r, "--stall", "1:0.05") for r in range(WORLD)]
+    wait_log(server, r"step 5 applied", timeout=60)
+    server.kill(signal.SIGSTOP)
+    time.sleep(4.0)
+    server.kill(signal.SIGCONT)
+    procs.wait_ok([*workers, server], timeout=120)
+    log = server.output(tail=10**6)
+    assert "lost" not in log, [line for line in log.splitlines() if "lost" in line]
+    assert "did not run for" in log
+    assert_final(tmp_path / "ckpt", expected())
