@@ -39,7 +39,7 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: (
         {"world_size": INT, "params": SPECS},
         {"rank": INT, "role": STR, "stage": INT, "endpoint": STR, "worker_id": STR, "plan": STR, "shm": BOOL,
-         "buckets": ANY, "buffers": STRLIST, "aliases": ANY, "shards": INT},
+         "buckets": ANY, "buffers": STRLIST, "aliases": ANY, "shards": INT, "steps": INT},
     ),
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
     Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
@@ -71,7 +71,9 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # and a push carries their *values*, not gradients (rank order decides: the lowest rank's, as
 # DDP broadcasts rank 0's). REGISTER ``aliases``: ``[[alias, key], ...]``, other state_dict names
 # of a registered tensor (tied weights), written beside it in ``final.safetensors``. REGISTER
-# ``shards``: how many server shards the worker splits θ over. PUSH ``absent``: keys of the
+# ``shards``: how many server shards the worker splits θ over. REGISTER ``steps``: how many
+# steps the worker's plan runs in all (epochs x steps per epoch); the workers of a job must
+# agree, or the ones that finish first would wait for the others' extra steps. PUSH ``absent``: keys of the
 # pushed buckets this worker has nothing for - a parameter without a gradient (frozen, or not
 # reached by the loss), a buffer its step did not change; a key absent on every worker is left
 # alone by the optimizer, as torch.optim leaves a parameter whose ``grad`` is None. PUSH

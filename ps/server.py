@@ -408,6 +408,7 @@ class Server(Recovery):
         buffers = frozenset(f.get("buffers", ()))
         role = f.get("role", "data")
         self._check_schema(rank, role, specs, buffers)
+        self._check_steps(rank, f.get("steps"))
         aliases = self._aliases(f.get("aliases"), specs)
         keys = tuple(specs)
         buckets = self._buckets(f.get("buckets"), keys)
@@ -480,6 +481,20 @@ class Server(Recovery):
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
                                 f"rank {rank} registers other keys than {whose} (data mode: every worker holds the "
                                 f"same model): it has {extra} that {whose} lacks, lacks {missing}")
+
+    def _check_steps(self, rank: int, steps: int | None) -> None:
+        """Every worker of a job must plan the same number of steps (``--epochs``, batch, data):
+        otherwise the ones that finish first wait at DONE for steps that never come, and the job
+        fails at the rejoin deadline blaming a worker that was still training."""
+        if steps is None:
+            return
+        now = time.monotonic()
+        for w in self.workers.values():
+            theirs = w.request.get("steps")
+            if w.rank != rank and theirs is not None and theirs != steps and self.liveness.remaining(w.rank, now) > 0:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                    f"rank {rank} plans {steps} steps but rank {w.rank} plans {theirs}: give every "
+                                    f"worker the same --epochs, --batch-size and data")
 
     def _aliases(self, raw: Any, specs: Mapping[str, Any]) -> dict[str, str]:
         """Validate REGISTER's ``aliases``: ``[[alias, key], ...]`` naming registered tensors."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -71,3 +72,22 @@ def test_a_bogus_registration_does_not_brick_the_rank(procs) -> None:
     assert torch.equal(out[0], out[1])
     assert time.monotonic() - t0 < 60
     ctx.destroy(0)
+
+
+@pytest.mark.timeout(120)
+def test_workers_planning_different_epochs_are_refused_at_once_naming_both(procs) -> None:
+    """Workers with different --epochs used to hang for the rejoin deadline plus their timeout
+    (360 s by default) and then blame the rank that was still training."""
+    server, ep = procs.server(2)
+    job = ("--model", "tests.jobs:linear64", "--data", "tests.jobs:data64", "--progress", "off")
+    w0 = procs.worker(ep, 0, 2, *job, "--epochs", "2")
+    w1 = procs.worker(ep, 1, 2, *job, "--epochs", "3")
+    deadline = time.monotonic() + 60  # the one that registers second is refused at once
+    while w0.proc.poll() is None and w1.proc.poll() is None:
+        assert time.monotonic() < deadline, (w0.output(), w1.output())
+        time.sleep(0.1)
+    refused = w0 if w0.proc.poll() is not None else w1
+    assert refused.proc.returncode == 1, refused.output()
+    out = refused.output()
+    assert re.search(r"rank \d plans (20|30) steps but rank \d plans (20|30)", out), out
+    assert "give every worker the same --epochs" in out

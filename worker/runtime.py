@@ -98,7 +98,9 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         sparse = state.sparse_names()
         if sparse:
             log.info("sparse gradients of %s are sent dense ([Note: sparse gradients])", ", ".join(sparse[:3]))
-        theta = client.init(state.tensors(), buckets=blist, buffers=list(state.buffers), aliases=state.aliases)
+        steps = ShardPlan(len(data), cfg.world_size, cfg.batch_size, 0).steps_per_epoch * cfg.epochs
+        theta = client.init(state.tensors(), buckets=blist, buffers=list(state.buffers), aliases=state.aliases,
+                            steps=steps)
         if cfg.rank is None:
             assert client.rank is not None
             set_role(f"worker {client.rank}")

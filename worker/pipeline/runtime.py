@@ -197,7 +197,7 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
     linger = 0.0
     try:
         theta = client.init(state.tensors(), buffers=list(state.buffers), aliases=state.aliases,
-                            stage=me.stage, endpoint=links.endpoint, plan=plan)
+                            stage=me.stage, endpoint=links.endpoint, plan=plan, steps=total)
         state.load(theta)
         check_plans(me, plan, [p for p in client.peers if p.get("role") == "stage"])
         links.connect(*neighbours(cfg, me, client.peers))
