@@ -85,6 +85,9 @@ OPTIONS: dict[str, Option] = {
                              group="server"),
     "metrics_port": Option("--metrics-port", int, "serve Prometheus metrics over HTTP on this port "
                            "(0: the OS picks; the URL is logged and in PING replies)", group="metrics"),
+    "metrics_bind": Option("--metrics-bind", str, "address the Prometheus endpoint listens on: 127.0.0.1 "
+                           "keeps it on this host; 0.0.0.0 lets other hosts scrape it, unauthenticated and "
+                           "unencrypted even when CURVE is on", group="metrics"),
     "metrics_log": Option("--metrics-log", str, "append one JSON line per applied update to this file "
                           "(ps-plot turns it into a PNG)", group="metrics"),
     "status_every": Option("--status-every", float, "seconds between the server's one-line status logs",
@@ -199,6 +202,7 @@ class ServerConfig:
     shm: str = "auto"
     io_threads: int = 1
     metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
     metrics_log: str | None = None
     status_every: float = 10.0
     on_worker_loss: str = "wait"
@@ -350,6 +354,7 @@ class LaunchConfig(JobFields):
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     metrics_port: int | None = None
+    metrics_bind: str | None = None
     metrics_log: str | None = None
     status_every: float = 10.0
     example: str | None = None

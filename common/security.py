@@ -97,11 +97,14 @@ def keygen(directory: str | os.PathLike[str], name: str, force: bool = False) ->
     if not force and (public.exists() or secret.exists()):
         raise ConfigError(f"{public} or {secret} already exists (pass --force to replace it)")
     d.mkdir(parents=True, exist_ok=True)
+    for path in (public, secret):  # --force: new files, not new bytes in an old file with its old mode
+        path.unlink(missing_ok=True)
     old = os.umask(0o077)
     try:
         zmq.auth.create_certificates(str(d), name)
     finally:
         os.umask(old)
+    os.chmod(secret, 0o600)
     os.chmod(public, 0o644)
     return public, secret
 

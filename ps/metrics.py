@@ -21,6 +21,7 @@ the standard ``process_*`` metrics (resident memory, CPU seconds, open files) of
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -110,8 +111,9 @@ class ServerMetrics:
         self._last: tuple[float, int, float, float, float] = (time.monotonic(), 0, 0.0, 0.0, 0.0)
 
     # ------------------------------------------------------------------ outputs
-    def start(self, host: str) -> None:
-        """Open the JSONL log and start the HTTP endpoint, as configured."""
+    def start(self) -> None:
+        """Open the JSONL log and start the HTTP endpoint (on ``--metrics-bind``), as configured."""
+        host = self.cfg.metrics_bind
         if self.cfg.metrics_log:
             self._log = open(self.cfg.metrics_log, "a", buffering=1, encoding="utf-8")
             self._write({"ev": "start", "sync": self.cfg.sync, "staleness": self.cfg.staleness,
@@ -121,6 +123,11 @@ class ServerMetrics:
             shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
             self.url = f"http://{shown}:{self._httpd.server_port}/metrics"
             log.info("Prometheus metrics on %s", self.url)
+            if not _loopback(host):
+                log.warning("the metrics endpoint listens on %s: anyone who can reach it reads the job's metrics "
+                            "(steps, loss, ranks)%s; --metrics-bind 127.0.0.1 keeps it on this host", host or "*",
+                            ", unauthenticated: CURVE protects the training socket only"
+                            if self.cfg.curve_secret_key else "")
 
     def close(self, version: int | None = None, loss: float | None = None) -> None:
         """Write the ``end`` record, close the log and stop the HTTP endpoint."""
@@ -220,3 +227,13 @@ class ServerMetrics:
         return (f"{(self.updates - updates) / dt:.1f} updates/s, {(self.samples - samples) / dt:.0f} samples/s, "
                 f"staleness mean {mean:.2f} max {top}, lead max {self.max_lead}, "
                 f"in {(self.bytes_in - bin_) / dt / 1e6:.2f} MB/s, out {(self.bytes_out - bout) / dt / 1e6:.2f} MB/s")
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

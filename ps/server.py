@@ -149,7 +149,7 @@ class Server(Recovery):
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve, max_frame=frame)
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
-        self.metrics.start(self.endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"))
+        self.metrics.start()
         if self.cfg.ready_file:
             checkpoint.write_atomic(Path(self.cfg.ready_file), (self.endpoint + "\n").encode())
         return self.endpoint

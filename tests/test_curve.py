@@ -3,7 +3,9 @@ tampered message are refused and logged, and none of them gets θ or changes it.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,15 @@ def test_pipeline_peer_links_use_curve_and_the_job_is_exact(forkserver, procs, t
     logs = [c.output(tail=10**6) for c in job.stages]
     assert all("CURVE on" in text and re.search(r"peer inbox tcp://\S+#curve=[0-9a-f]{64}", text) for text in logs)
     assert "refused" not in job.server.output(tail=10**6)
+
+
+def test_keygen_force_writes_a_secret_only_its_owner_reads(tmp_path):
+    """``ps-keygen --force`` over a world-readable secret leaves a 0600 one (it used to keep the mode)."""
+    from common.keygen import main as keygen_main
+
+    assert keygen_main([str(tmp_path), "w"]) == 0
+    secret = tmp_path / "w.key_secret"
+    os.chmod(secret, 0o644)
+    assert keygen_main([str(tmp_path), "w", "--force"]) == 0
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "w.key").st_mode) == 0o644

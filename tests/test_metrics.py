@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -68,7 +70,7 @@ def test_the_metrics_endpoint_serves_prometheus_text_during_a_job(procs, tmp_pat
 def test_the_jsonl_log_records_pushes_and_updates(tmp_path):
     log = tmp_path / "m.jsonl"
     m = ServerMetrics(ServerConfig(workers=2, metrics_log=str(log)))
-    m.start("127.0.0.1")
+    m.start()
     m.push(0, 0, 0, 0, 40.0, 1.5)
     m.push(1, 0, 0, 0, 40.0, 0.5)
     m.update(1, 1.0)
@@ -113,3 +115,23 @@ def test_ps_plot_reports_a_bad_log(tmp_path, capsys):
     bad.write_text('{"t": 1, "ev": "start"}\nnot json\n')
     assert plot.main([str(bad), "-o", str(tmp_path / "x.png")]) == 1
     assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
+
+
+def test_the_metrics_endpoint_stays_on_this_host_unless_told_and_says_what_it_exposes(procs):
+    """The Prometheus endpoint binds 127.0.0.1 by default (it used to follow --bind 0.0.0.0, open to
+    any host, even under CURVE); ``--metrics-bind 0.0.0.0`` opens it, with a warning."""
+    server, _ep = procs.server(1, "--metrics-port", "0", bind="tcp://0.0.0.0:0")
+    deadline = time.monotonic() + 30
+    while "Prometheus metrics on" not in server.output():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)
+    port = int(re.search(r"Prometheus metrics on http://127\.0\.0\.1:(\d+)/metrics", server.output()).group(1))
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    local = [line.split()[3] for line in listening.splitlines()]  # the local address column
+    assert local == [f"127.0.0.1:{port}"], listening
+    assert "the metrics endpoint listens on" not in server.output()
+    server2, _ = procs.server(1, "--metrics-port", "0", "--metrics-bind", "0.0.0.0")
+    deadline = time.monotonic() + 30
+    while "the metrics endpoint listens on 0.0.0.0" not in server2.output():
+        assert time.monotonic() < deadline, server2.output()
+        time.sleep(0.05)

@@ -30,7 +30,7 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "clip_grad_norm", "sync", "staleness",
-                                "checkpoint_every", "log_level", "metrics_port", "status_every",
+                                "checkpoint_every", "log_level", "metrics_port", "metrics_bind", "status_every",
                                 "on_worker_loss", "nonfinite", "rejoin_deadline", "lease", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
