@@ -227,6 +227,10 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
     except ProtocolError as e:
         e.req_id = req_id
         raise
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, OverflowError) as e:
+        # a value no rule above foresaw (torch or numpy refused it): a protocol error all the same
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"undecodable message: {type(e).__name__}: {str(e)[:200]}",
+                            req_id) from None
 
 
 def _decode_body(op: Op, req_id: int, header: dict[str, Any], frames: Sequence[Frame],

@@ -42,6 +42,7 @@ from ps.recovery import Recovery
 from ps.optim import build_optimizer
 from ps.snapshot import BackgroundSaver, Saved, checkpoint_snapshot
 from ps.store import ParameterStore
+from ps.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Server(Recovery):
         self.buffer_keys: set[str] = set()  # registered as buffers ([Note: buffers in θ])
         self.aliases: dict[str, str] = {}  # other state_dict names of θ's tensors (tied weights)
         self._staged: list[Reduced] = []  # key groups done with the step being completed
+        self._throttle = Throttle()  # lines a peer can cause: rejected and failed messages
         self._ckpt_failures = 0  # periodic checkpoints failed in a row
         self._ckpt_failure_logged = 0.0
         self.waiters: list[Waiter] = []
@@ -267,10 +269,16 @@ class Server(Recovery):
             self._screen(ident, msg)
             handler(self, ident, msg)
         except ProtocolError as e:
-            log.warning("rejected a message from %s: %s: %s", ident.hex()[:16], e.code.name, e)
+            held = self._throttle.allow((ident, e.code))
+            if held is not None:
+                log.warning("rejected a message from %s: %s: %s%s", ident.hex()[:16], e.code.name, e,
+                            f" ({held} more like it not shown)" if held else "")
             self._send_frames(ident, error_frames(e.code, str(e), req_id or e.req_id))
         except Exception as e:  # a bug must not take the server down; the client sees INTERNAL
-            log.exception("internal error while handling a message")
+            held = self._throttle.allow(("internal", type(e).__name__))
+            if held is not None:
+                log.exception("internal error while handling a message%s",
+                              f" ({held} more like it not shown)" if held else "")
             self._send_frames(ident, error_frames(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", req_id))
 
     def _send_frames(self, ident: bytes, frames: list[Any], track: bool = False) -> zmq.MessageTracker | None:

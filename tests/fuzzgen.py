@@ -19,7 +19,8 @@ from common.protocol import Op
 from common.wire import encode
 
 FIELDS = ("rank", "step", "world_size", "params", "keys", "samples", "loss", "min_version", "role", "stage",
-          "micro", "code", "message", "endpoint", "worker_id", "tensors", "plan")
+          "micro", "code", "message", "endpoint", "worker_id", "tensors", "plan", "total", "absent", "segment",
+          "buffers", "aliases", "shards", "steps", "grads", "shm")
 DTYPES = ("float64", "float32", "bfloat16", "int8", "bool", "uint8", "complex64", "", 7)
 
 
@@ -35,7 +36,7 @@ def _value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 3:
         return rng.choice([2**63, -(2**63), 2**64 - 1, 10**12])
     if kind == 4:
-        return rng.choice([0.5, float("nan"), float("inf"), -1e308])
+        return rng.choice([0.5, float("nan"), float("inf"), -1e308, 1e308, 2.0**31 + 1])
     if kind == 5:
         return "x" * rng.randrange(0, 40)
     if kind == 6:
@@ -60,7 +61,8 @@ def _nested(depth: int) -> Any:
 
 def _specs(rng: random.Random) -> list[list[Any]]:
     return [[rng.choice(["weight", "bias", "w", "", "x" * 2000]), rng.choice(DTYPES),
-             [rng.choice([0, 1, 10, -1, 2**40]) for _ in range(rng.randrange(4))]] for _ in range(rng.randrange(4))]
+             [rng.choice([0, 1, 10, -1, 2**40, 2**63 - 1, 2**62]) for _ in range(rng.randrange(4))]]
+            for _ in range(rng.randrange(4))]
 
 
 def _header(rng: random.Random) -> dict[str, Any]:
