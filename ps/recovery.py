@@ -33,6 +33,7 @@ from common.protocol import Op
 from common.watch import HEARTBEAT_SUFFIX
 from common.wire import Message, error_frames
 from ps.aggregate import KeyGroup
+from ps.checkpoint import checkpoint_path
 from ps.liveness import Liveness
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,11 @@ class Recovery:
         self._settle()
         if self.store.initialized and step > self.saved_step and self._consistent_cut():
             self._save(step)
-            saved = (f"; checkpoint of step {step} written" if self.saved_step == step else
-                     f"; the newest checkpoint on disk is step {self.saved_step}")
+        if self.saved_step == step:
+            saved = f"; checkpoint of step {step} written"
+        elif self.saved_step >= 0:
+            saved = (f"; the newest good checkpoint is {checkpoint_path(self.cfg.checkpoint_dir, self.saved_step)} "
+                     f"(step {self.saved_step}): a restart resumes there")
         log.error("job failed at step %d: %s%s", step, why, saved)
         for w in [*self.waiters, *self.done_waiters]:
             self._send_frames(w.ident, error_frames(code, f"the job failed: {why}", w.req_id))

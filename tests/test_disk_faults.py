@@ -89,18 +89,30 @@ def test_a_full_disk_at_the_end_keeps_theta_and_the_job_completes_once_space_is_
     _no_temporaries(disk)
 
 
-def test_a_disk_that_stays_full_fails_the_job_with_every_process_naming_it(forkserver, procs, disk):
-    server, ep = fork_server(forkserver, procs, *SERVER, "--rejoin-deadline", "4")
+def test_a_disk_that_stays_full_fails_the_job_and_a_restart_after_the_fix_finishes_exactly(forkserver, procs, disk):
+    """The disk fills from a periodic checkpoint on and is not freed: the job fails, every process
+    exiting non-zero and naming the error and the newest good checkpoint. Started again once the
+    disk is fixed (as systemd's Restart=on-failure would), it resumes there and ends exactly."""
+    args = (*SERVER, "--rejoin-deadline", "4", "--checkpoint-every", "5")
+    server, ep = fork_server(forkserver, procs, *args)
     workers = [fork_worker(forkserver, procs, ep, r, "--stall", "1:0.1") for r in range(2)]
-    wait_log(server, r"checkpoint .*ckpt-000000000\.safetensors", timeout=60)
-    _fill(disk)
+    wait_log(server, r"checkpoint .*ckpt-000000005\.safetensors", timeout=60)
+    filler = _fill(disk)
     assert server.wait(90) == 1, server.output()
-    assert "job failed at step 20: cannot write the final checkpoint" in server.output(tail=10**6)
+    log = server.output(tail=10**6)
+    assert "job failed at step 20: cannot write the final checkpoint" in log
+    assert "the newest good checkpoint is" in log and "ckpt-0000000" in log
     for w in workers:
         assert w.wait(60) != 0, w.output()
         assert "WRITE_FAILED" in w.output(tail=10**6) and "No space left on device" in w.output(tail=10**6)
     assert not (disk / "final.safetensors").exists()
     _no_temporaries(disk)
+    filler.unlink()
+    server, ep = fork_server(forkserver, procs, *args, bind=ep)
+    workers = [fork_worker(forkserver, procs, ep, r) for r in range(2)]
+    procs.wait_ok([*workers, server], timeout=120)
+    assert "resumed from" in server.output(tail=10**6)
+    assert_final(disk, expected())
 
 
 def test_failing_periodic_checkpoints_are_logged_once_a_minute_and_training_goes_on(forkserver, procs, disk):

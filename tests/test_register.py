@@ -91,3 +91,30 @@ def test_workers_planning_different_epochs_are_refused_at_once_naming_both(procs
     out = refused.output()
     assert re.search(r"rank \d plans (20|30) steps but rank \d plans (20|30)", out), out
     assert "give every worker the same --epochs" in out
+
+
+@pytest.mark.timeout(120)
+def test_an_init_must_match_its_registration_and_absurd_sample_counts_are_refused(procs) -> None:
+    """Before θ exists an INIT's shapes were not checked against its REGISTER (θ could take a
+    wrong shape and the honest rank was refused); ``samples=1e308`` overflowed the sum into NaN."""
+    _server, ep = procs.server(1, "--nonfinite", "fail")
+    ctx = zmq.Context()
+    try:
+        req = Requester(ctx, ep, who="w")
+        req.request(Op.REGISTER, {"rank": 0, "world_size": 1, "params": SPECS}, timeout_s=30)
+        wrong = {"w": torch.zeros(4, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+        with pytest.raises(RemoteError) as e:
+            req.request(Op.INIT, {"rank": 0}, wrong, timeout_s=30)
+        assert e.value.code == ErrorCode.SCHEMA_MISMATCH and "it was registered as float64[3]" in str(e.value)
+        good = {"w": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+        req.request(Op.INIT, {"rank": 0}, good, timeout_s=30)
+        grads = {"w": torch.ones(3, dtype=torch.float64), "b": torch.ones(1, dtype=torch.float64)}
+        for samples in (1e308, 2.0**31 + 1):
+            with pytest.raises(RemoteError) as e:
+                req.request(Op.PUSH, {"rank": 0, "step": 0, "samples": samples}, grads, timeout_s=30)
+            assert e.value.code == ErrorCode.BAD_MESSAGE and "samples must be a count" in str(e.value)
+        req.request(Op.PUSH, {"rank": 0, "step": 0, "samples": 7.0}, grads, timeout_s=30)
+        theta = req.request(Op.PULL, {"rank": 0, "step": 1}, timeout_s=30).tensors
+        assert torch.isfinite(theta["w"]).all()
+    finally:
+        ctx.destroy(0)
