@@ -76,6 +76,11 @@ OPTIONS: dict[str, Option] = {
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
+    "resume": Option("--resume", str, "a job already in --checkpoint-dir: auto resumes an unfinished one (as "
+                     "after a crash) and refuses to start on a finished one; always resumes either (a finished "
+                     "job trains further when the workers get more --epochs); never moves its files into "
+                     "previous-TIME/ inside the folder and starts a new job", ("auto", "always", "never"),
+                     group="checkpoints"),
     "checkpoint_every": Option("--checkpoint-every", int, "checkpoint every N steps, written in the background "
                                "while training goes on (0: only at the end)",
                                group="checkpoints"),
@@ -193,6 +198,7 @@ class ServerConfig:
     sync: str = "bsp"
     staleness: int = 0
     checkpoint_dir: str = "checkpoints"
+    resume: str = "auto"
     checkpoint_every: int = 0
     ready_file: str | None = None
     max_message_mb: int = 4096
@@ -348,6 +354,7 @@ class LaunchConfig(JobFields):
     sync: str = "bsp"
     staleness: int = 0
     checkpoint_dir: str | None = None
+    resume: str = "auto"
     checkpoint_every: int = 0
     metrics_port: int | None = None
     metrics_log: str | None = None

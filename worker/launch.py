@@ -30,7 +30,7 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "clip_grad_norm", "sync", "staleness",
-                                "checkpoint_every", "log_level", "metrics_port", "status_every",
+                                "checkpoint_every", "resume", "log_level", "metrics_port", "status_every",
                                 "on_worker_loss", "nonfinite", "rejoin_deadline", "lease", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
@@ -87,7 +87,8 @@ def _wait_ready(server: Child, ready: Path) -> str:
         if ready.exists() and ready.read_text().strip():
             return ready.read_text().strip()
         if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.proc.returncode} before listening")
+            raise RuntimeError(f"the server exited with status {server.proc.returncode} before listening "
+                               f"(its log above says why)")
         time.sleep(0.05)
     raise TimeoutError(f"the server did not report its endpoint within {READY_TIMEOUT_S:.0f}s")
 
