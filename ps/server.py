@@ -408,8 +408,10 @@ class Server(Recovery):
         self._admit(ident, rank)
         if old is not None and old.keys != keys and old.identity == ident:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
-        if old is not None:
-            log.info("rank %d re-registered", rank)
+        if old is not None:  # a copy of the same registration was answered above, without a word
+            log.info("rank %d registered again (%s)", rank,
+                     "same connection" if old.identity == ident else "a new connection: the worker restarted or "
+                                                                     "rejoined")
         elif self.groups is not None:
             self._joining.add(rank)
             self.regroup_pending = True
