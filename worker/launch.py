@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -147,6 +148,8 @@ def run(cfg: LaunchConfig) -> int:
             code = _supervise(children)
             if code == 0 and cfg.example:
                 _report_example(cfg.example, ckpt)
+            elif code == 0 and cfg.model is None and cfg.data is None:
+                _next_steps(cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl"))
             return code
         except KeyboardInterrupt:
             log.warning("interrupted: stopping every process")
@@ -197,6 +200,32 @@ def _report_example(name: str, ckpt: str) -> None:
     theta = load_file(os.path.join(ckpt, "final.safetensors"))
     for metric, value in load_example(name).evaluate(theta).items():
         log.info("example %s: %s %.4f", name, metric, value)
+
+
+def _losses(metrics_log: str) -> tuple[float, float] | None:
+    """The server's first and last loss in a metrics log (None if it holds none)."""
+    losses = []
+    try:
+        with open(metrics_log, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("ev") == "update" and isinstance(rec.get("loss"), (int, float)):
+                    losses.append(float(rec["loss"]))
+    except OSError:
+        return None
+    return (losses[0], losses[-1]) if losses else None
+
+
+def _next_steps(metrics_log: str) -> None:
+    """After the default job: why its loss does not fall, and what to run next."""
+    seen = _losses(metrics_log)
+    trend = "" if seen is None else f" (here {seen[0]:.3g} at the first step, {seen[1]:.3g} at the last)"
+    log.info("the default job fits nn.Linear(10, 1) to random targets: there is nothing to learn, so its loss "
+             "stays near 1%s. Next: ps-launch --example digits trains an MLP that learns (about 97%% held-out "
+             "accuracy); --model MODULE:FACTORY --data MODULE:FACTORY trains your own (README: 'Your model')", trend)
 
 
 class _Terminated(Exception):

@@ -113,6 +113,9 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                  if len(client.buckets) > 1 else None)
         targets = state.targets()  # θ goes into the parameters and buffers after each step
         plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
+        uneven = plan.uneven()
+        if uneven and cfg.rank == 0:  # one line per job
+            log.warning("%s", uneven)
         total = plan.steps_per_epoch * cfg.epochs
         lo, hi = plan.bounds(cfg.rank)
         log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
