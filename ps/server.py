@@ -136,6 +136,7 @@ class Server(Recovery):
         self.ranks.load(meta.get("worker_ids"))
         self.sync.load_state(meta.get("consistency"))
         self.resumed_from = f"{path} (step {self.saved_step})"
+        self.metrics.resumed(self.saved_step, path.stat().st_mtime)
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
