@@ -82,14 +82,21 @@ class Child:
             self.thread.join(timeout=5)
 
 
+class _ServerRefused(RuntimeError):
+    """The server exited before listening (its log says why); a configuration error (2) stays 2."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the server exited with status {code} before listening (its log above says why)")
+        self.code = code
+
+
 def _wait_ready(server: Child, ready: Path) -> str:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if ready.exists() and ready.read_text().strip():
             return ready.read_text().strip()
         if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.proc.returncode} before listening "
-                               f"(its log above says why)")
+            raise _ServerRefused(server.proc.returncode)
         time.sleep(0.05)
     raise TimeoutError(f"the server did not report its endpoint within {READY_TIMEOUT_S:.0f}s")
 
@@ -157,6 +164,9 @@ def run(cfg: LaunchConfig) -> int:
         except _Terminated:
             log.warning("terminated: stopping every process")
             return 143
+        except _ServerRefused as e:
+            log.error("%s", e)
+            return 2 if e.code == 2 else 1
         except (RuntimeError, TimeoutError) as e:
             log.error("%s", e)
             return 1
