@@ -59,8 +59,7 @@ def _bool(text: str) -> bool:
 OPTIONS: dict[str, Option] = {
     # server
     "bind": Option("--bind", str, "endpoint the server binds (port 0 lets the OS choose)", group="server"),
-    "workers": Option("--workers", int, "number of workers K (ps-launch: 2 in data mode, stages x replicas "
-                      "in pipeline mode)", group="server"),
+    "workers": Option("--workers", int, "number of workers K", group="server"),
     "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
                         ("sgd", "momentum", "adam"), group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
@@ -68,7 +67,7 @@ OPTIONS: dict[str, Option] = {
                              "before each update, as torch.nn.utils.clip_grad_norm_ does after DDP's "
                              "allreduce (bsp: over the whole model; async/ssp: over each push; needs one "
                              "server shard)", group="optimizer"),
-    "momentum": Option("--momentum", float, "momentum (default 0 for sgd, 0.9 for momentum)", group="optimizer"),
+    "momentum": Option("--momentum", float, "momentum", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
     "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
                    "each push on arrival with lr/K; ssp lets a worker run at most --staleness steps ahead",
@@ -76,6 +75,11 @@ OPTIONS: dict[str, Option] = {
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
+    "resume": Option("--resume", str, "a job already in --checkpoint-dir: auto resumes an unfinished one (as "
+                     "after a crash) and refuses to start on a finished one; always resumes either (a finished "
+                     "job trains further when the workers get more --epochs); never moves its files into "
+                     "previous-TIME/ inside the folder and starts a new job", ("auto", "always", "never"),
+                     group="checkpoints"),
     "checkpoint_every": Option("--checkpoint-every", int, "checkpoint every N steps, written in the background "
                                "while training goes on (0: only at the end)",
                                group="checkpoints"),
@@ -96,14 +100,14 @@ OPTIONS: dict[str, Option] = {
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
     "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",
                    group="worker"),
-    "worker_id": Option("--worker-id", str, "id the server keys an assigned rank by, stable across restarts "
-                        "(default: HOSTNAME-PID)", group="worker"),
+    "worker_id": Option("--worker-id", str, "id the server keys an assigned rank by, stable across restarts",
+                        group="worker"),
     "world_size": Option("--world-size", int, "number of workers K", group="worker"),
     "mode": Option("--mode", str, "data parallel or pipeline stages", ("data", "pipeline"), group="worker"),
-    "model": Option("--model", str, "MODULE:FACTORY returning an nn.Module (default: nn.Linear(10, 1))",
+    "model": Option("--model", str, "MODULE:FACTORY returning an nn.Module",
                     group="job"),
-    "data": Option("--data", str, "MODULE:FACTORY returning a map-style dataset of (x, y) "
-                   "(default: 1000 random samples)", group="job"),
+    "data": Option("--data", str, "MODULE:FACTORY returning a map-style dataset of (x, y)",
+                   group="job"),
     "loss": Option("--loss", str, "loss function", ("mse", "cross_entropy"), group="job"),
     "epochs": Option("--epochs", int, "epochs", group="job"),
     "batch_size": Option("--batch-size", int, "global batch size B (each worker uses B/K rows)", group="job"),
@@ -125,8 +129,7 @@ OPTIONS: dict[str, Option] = {
     "wire_dtype": Option("--wire-dtype", str, "dtype of floating-point gradients on the wire (auto: as computed)",
                          ("auto", "float16", "bfloat16"), group="performance"),
     # pipeline
-    "stages": Option("--stages", int, "pipeline: number of stages P (default: the number of --partition "
-                     "ranges, else 2 for ps-launch and the world size for ps-worker)", group="pipeline"),
+    "stages": Option("--stages", int, "pipeline: number of stages P", group="pipeline"),
     "replicas": Option("--replicas", int, "pipeline: replicas R of every stage; ps-launch starts P x R "
                        "stage workers (pipeline x data parallel)", group="pipeline"),
     "partition": Option("--partition", str, "pipeline: layer ranges a:b,b:c,... of the nn.Sequential, or auto "
@@ -139,9 +142,9 @@ OPTIONS: dict[str, Option] = {
                         "(port 0 lets the OS choose)", group="pipeline"),
     "peer_advertise": Option("--peer-advertise", str, "pipeline: host name neighbours dial when --peer-bind "
                              "is a wildcard address", group="pipeline"),
-    "peer_prev": Option("--peer-prev", str, "pipeline: endpoint of the previous stage (default: from the "
-                        "server)", group="pipeline"),
-    "peer_next": Option("--peer-next", str, "pipeline: endpoint of the next stage (default: from the server)",
+    "peer_prev": Option("--peer-prev", str, "pipeline: endpoint of the previous stage",
+                        group="pipeline"),
+    "peer_next": Option("--peer-next", str, "pipeline: endpoint of the next stage",
                         group="pipeline"),
     "stall": Option("--stall", str, "inject jitter: before each step, sleep SECONDS with probability P "
                     "(P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
@@ -168,8 +171,8 @@ OPTIONS: dict[str, Option] = {
     "curve_secret_key": Option("--curve-secret-key", str, "CURVE: this process's certificate "
                                "(NAME.key_secret from ps-keygen)", group="security"),
     "curve_authorized_keys": Option("--curve-authorized-keys", str, "CURVE: directory of the public keys (*.key) "
-                                    "allowed to connect (workers: to a stage's peer inbox; default: the "
-                                    "directory of --curve-server-key)", group="security"),
+                                    "allowed to connect (workers: to a stage's peer inbox)",
+                                    group="security"),
     "curve_server_key": Option("--curve-server-key", str, "CURVE: the server's public key (SERVER.key)",
                                group="security"),
     # common
@@ -196,6 +199,7 @@ class ServerConfig:
     sync: str = "bsp"
     staleness: int = 0
     checkpoint_dir: str = "checkpoints"
+    resume: str = "auto"
     checkpoint_every: int = 0
     ready_file: str | None = None
     max_message_mb: int = 4096
@@ -352,6 +356,7 @@ class LaunchConfig(JobFields):
     sync: str = "bsp"
     staleness: int = 0
     checkpoint_dir: str | None = None
+    resume: str = "auto"
     checkpoint_every: int = 0
     metrics_port: int | None = None
     metrics_bind: str | None = None
@@ -476,20 +481,70 @@ C = TypeVar("C")
 
 KNOWN_ENV: frozenset[str] = frozenset(opt.env for opt in OPTIONS.values())
 
+NONE_MEANS: dict[str, str] = {
+    "workers": "required", "world_size": "required", "rank": "assigned by the server (data mode)",
+    "model": "nn.Linear(10, 1)", "data": "1000 random samples", "momentum": "0 for sgd, 0.9 for momentum",
+    "clip_grad_norm": "off", "metrics_port": "off", "metrics_log": "off", "ready_file": "none",
+    "stages": "the number of --partition ranges, else the world size", "stall": "off", "fault": "off",
+    "worker_id": "HOSTNAME-PID", "peer_advertise": "the host of --peer-bind", "peer_prev": "from the server",
+    "peer_next": "from the server", "example": "none", "curve_secret_key": "off (no CURVE)",
+    "curve_authorized_keys": "off; workers: the directory of --curve-server-key",
+    "curve_server_key": "off (no CURVE)",
+}
+"""What an option left at None means, as ``--help`` and the README's table show its default."""
+
+_NONE_MEANS_BY_ROLE: dict[tuple[str, str], str] = {
+    ("LaunchConfig", "workers"): "2 (pipeline: stages x replicas)",
+    ("LaunchConfig", "checkpoint_dir"): "runs/launch-TIME",
+    ("LaunchConfig", "metrics_log"): "metrics.jsonl in the checkpoint directory",
+    ("LaunchConfig", "stages"): "the number of --partition ranges, else 2",
+}
+
+
+def default_text(cls: type, name: str) -> str:
+    """The default of option ``name`` in role ``cls`` as a person reads it (never ``None``)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is dataclasses.MISSING or f.default is None:
+        return _NONE_MEANS_BY_ROLE.get((cls.__name__, name), NONE_MEANS.get(name, "none"))
+    return str(f.default)
+
+
+START_HERE = "start here"
+"""The help group listed first: the options a first run of each program needs."""
+
+ESSENTIALS: dict[str, tuple[str, ...]] = {
+    "ServerConfig": ("bind", "workers", "checkpoint_dir", "resume", "optimizer", "lr"),
+    "WorkerConfig": ("server", "world_size", "rank", "model", "data", "loss", "epochs", "batch_size"),
+    "LaunchConfig": ("workers", "example", "model", "data", "loss", "epochs", "batch_size", "optimizer", "lr",
+                     "checkpoint_dir"),
+}
+GROUP_ORDER = ("job", "worker", "server", "optimizer", "consistency", "checkpoints", "pipeline", "metrics",
+               "faults", "performance", "security", "general", "testing")
+
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser for ``cls``: one flag per field, grouped, with env names in help."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    """An argparse parser for ``cls``: one flag per field, grouped, with env names in help.
+
+    The help starts with a short usage line and the role's :data:`ESSENTIALS` (group
+    ``start here``); every other option follows under its group, in :data:`GROUP_ORDER`.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, usage=f"{prog} [OPTIONS]",
                                      argument_default=argparse.SUPPRESS,
                                      epilog="Every option can also be set by the PS_* variable shown, or as "
                                             "a key of a TOML file given by --config (e.g. batch_size = 64). "
                                             "Precedence: command line > environment > config file > default.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    first = [n for n in ESSENTIALS.get(cls.__name__, ()) if n in fields]
+    rest = sorted((n for n in fields if n not in first),
+                  key=lambda n: GROUP_ORDER.index(OPTIONS[n].group) if OPTIONS[n].group in GROUP_ORDER
+                  else len(GROUP_ORDER))
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(cls):
+    for name in [*first, *rest]:
+        f = fields[name]
         opt = OPTIONS[f.name]
-        group = groups.setdefault(opt.group, parser.add_argument_group(opt.group))
-        default = f.default if f.default is not dataclasses.MISSING else None
-        text = f"{opt.help} [{opt.env}; default: {default}]"
+        title = START_HERE if name in first else opt.group
+        group = groups.setdefault(title, parser.add_argument_group(title))
+        text = f"{opt.help} [{opt.env}; default: {default_text(cls, f.name)}]"
         if opt.kind is _bool:
             group.add_argument(opt.flag, dest=f.name, action="store_const", const=True, help=text)
         else:

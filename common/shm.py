@@ -165,8 +165,11 @@ class Segment:
         """Map an existing segment; None when it is not there or not the one meant."""
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except FileNotFoundError:  # the usual case of a worker on another host or in another container
+            log.debug("shared memory %s is not on this machine (the server runs elsewhere): using frames", path)
+            return None
         except OSError as e:
-            log.info("shared memory %s not usable here (%s): using frames", path, e)
+            log.warning("shared memory %s not usable here (%s): using frames", path, e.strerror or e)
             return None
         try:
             size = os.fstat(fd).st_size

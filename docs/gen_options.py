@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import OPTIONS, LaunchConfig, ServerConfig, WorkerConfig  # noqa: E402
+from common.config import OPTIONS, LaunchConfig, ServerConfig, WorkerConfig, default_text  # noqa: E402
 
 ROLES = {"server": ServerConfig, "worker": WorkerConfig, "launch": LaunchConfig}
 
@@ -22,7 +22,7 @@ def table() -> str:
             for f in dataclasses.fields(cls):
                 if f.name == name:
                     users.append(role)
-                    d = "—" if f.default is None else str(f.default)
+                    d = default_text(cls, name)
                     if d not in defaults:
                         defaults.append(d)
         choices = f" ({', '.join(opt.choices)})" if opt.choices else ""

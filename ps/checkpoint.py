@@ -101,14 +101,19 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return with_aliases(params, record.get("aliases") or {})
 
 
-def save_final(directory: str | Path, params: Mapping[str, Sequence[torch.Tensor]]) -> Path:
+def save_final(directory: str | Path, params: Mapping[str, Sequence[torch.Tensor]], step: int | None = None) -> Path:
     """Write ``final.safetensors`` (θ by state_dict name); return its path.
 
     ``params`` maps each name to the tensor's parts along dim 0 (one part for a whole tensor;
     see ``common.partition.piece_groups``): each part is written from its own memory.
+    ``step`` (θ's version) goes into the metadata: it tells a later server that the job in
+    the folder finished at that step (``ps.jobdir``).
     """
     path = Path(directory) / "final.safetensors"
-    _write_tensors(path, params, {"format": "zmqps-final-1"})
+    meta = {"format": "zmqps-final-1"}
+    if step is not None:
+        meta["step"] = str(step)
+    _write_tensors(path, params, meta)
     return path
 
 

@@ -14,7 +14,9 @@ Names (all prefixed ``zmqps_``): ``version``, ``step``, ``updates_total``, ``pus
 ``bytes_sent_total``, ``staleness`` (histogram, in updates), ``lead_steps`` (histogram),
 ``worker_last_seen_seconds`` {rank} (age), ``worker_clock`` {rank}, ``worker_done`` {rank},
 ``workers_registered``, ``info`` {sync, staleness, optimizer, lr}, ``checkpoint_step`` (the
-newest checkpoint on disk), ``checkpoint_seconds`` (cut → file on disk), ``checkpoint_failures_total``,
+newest checkpoint on disk), ``checkpoint_timestamp_seconds`` (when it reached the disk, Unix
+time: its age is ``time() - zmqps_checkpoint_timestamp_seconds``), ``checkpoint_seconds`` (cut → file
+on disk), ``checkpoint_failures_total``,
 ``checkpoint_kept_bytes_total`` (θ and slots copied to keep background checkpoints exact); and
 the standard ``process_*`` metrics (resident memory, CPU seconds, open files) of the server.
 """
@@ -90,6 +92,8 @@ class ServerMetrics:
         self.p_lead = Histogram("zmqps_lead_steps", "steps a push was ahead of the slowest other worker",
                                 buckets=STALENESS_BUCKETS, registry=r)
         self.p_ckpt_step = Gauge("zmqps_checkpoint_step", "step of the newest checkpoint on disk", registry=r)
+        self.p_ckpt_time = Gauge("zmqps_checkpoint_timestamp_seconds", "when the newest checkpoint on disk "
+                                 "was written (Unix time)", registry=r)
         self.p_ckpt_seconds = Histogram("zmqps_checkpoint_seconds", "time from a checkpoint's cut to its file "
                                         "on disk", buckets=LATENCY_BUCKETS, registry=r)
         self.p_ckpt_failed = Counter("zmqps_checkpoint_failures", "checkpoint writes that failed", registry=r)
@@ -178,12 +182,18 @@ class ServerMetrics:
         """A checkpoint of ``step`` reached the disk (``ok``) or failed, ``seconds`` after its cut."""
         if ok:
             self.p_ckpt_step.set(step)
+            self.p_ckpt_time.set(time.time())
             self.p_ckpt_seconds.observe(seconds)
         else:
             self.p_ckpt_failed.inc()
         self.p_ckpt_kept.inc(kept_bytes)
         self._write({"ev": "checkpoint", "step": step, "seconds": round(seconds, 6), "ok": ok,
                      "kept_bytes": kept_bytes})
+
+    def resumed(self, step: int, written_at: float) -> None:
+        """The server resumed from the checkpoint of ``step``, written at ``written_at`` (Unix time)."""
+        self.p_ckpt_step.set(step)
+        self.p_ckpt_time.set(written_at)
 
     def step(self, slowest_clock: int) -> None:
         """The slowest live worker's clock."""

@@ -2,10 +2,10 @@
 
 Two panels against wall-clock seconds since each run's first applied gradient: the
 server's mean loss at every update, and throughput (samples applied per second, in 30 bins
-over the run). Several
-logs are drawn on the same axes, labelled by their consistency model (or file name), which
-is how ``benchmarks/consistency.py`` compares bsp, ssp and async. Needs matplotlib
-(``pip install zmqps[plot]``).
+over the run). Several logs are drawn on the same axes, each labelled by its run (the folder
+of a ``metrics.jsonl``, as ``ps-launch`` writes it, else the file name) and its consistency
+model, e.g. ``launch-20261130-203744: bsp``; ``benchmarks/consistency.py`` passes its own
+labels to compare bsp, ssp and async. Needs matplotlib (``pip install zmqps[plot]``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def read_log(path: str | Path, label: str | None = None) -> Series:
     return series
 
 
+def run_name(path: str | Path) -> str:
+    """A run's name: the folder of ``metrics.jsonl`` (``ps-launch``'s runs), else the file's stem."""
+    p = Path(path)
+    return (p.parent.name or p.stem) if p.stem == "metrics" else p.stem
+
+
+def legend_labels(logs: Sequence[str | Path]) -> list[str]:
+    """``RUN: MODE`` for each log, distinct: runs of one name are told apart by their whole path."""
+    labels = [f"{run_name(p)}: {read_log(p).label}" for p in logs]
+    return [f"{p}: {read_log(p).label}" if labels.count(lab) > 1 else lab for p, lab in zip(logs, labels)]
+
+
 def throughput(series: Series, bins: int = BINS) -> tuple[list[float], list[float]]:
     """Samples per second in ``bins`` equal time bins over the run: (bin starts, rates)."""
     if not series.t:
@@ -79,10 +91,13 @@ def plot(logs: Sequence[str | Path], out: str | Path, title: str = "", labels: S
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("ps-plot needs matplotlib: pip install 'zmqps[plot]'") from e
+        from common.install import install_hint
+
+        raise RuntimeError(f"ps-plot needs matplotlib: {install_hint('plot')}") from e
     fig, (ax_loss, ax_rate) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    labels = list(labels) if labels else legend_labels(logs)
     for i, path in enumerate(logs):
-        s = read_log(path, labels[i] if labels else None)
+        s = read_log(path, labels[i])
         pts = [(t, v) for t, v in zip(s.t, s.loss) if v is not None]
         if pts:
             ax_loss.plot([p[0] for p in pts], [p[1] for p in pts], label=s.label, lw=1)

@@ -28,7 +28,7 @@ from common.protocol import Op
 from common.security import Curve
 from common.transport import bind_router, make_context, send_zero_copy
 from common.wire import Message, WireLimits, decode, encode, error_frames
-from ps import checkpoint
+from ps import checkpoint, jobdir
 from ps.aggregate import Contribution, KeyGroup, Reduced
 from ps.fastpath import FastPath
 from ps.finite import nonfinite_keys
@@ -95,6 +95,7 @@ class Server(Recovery):
         self.sock: zmq.Socket | None = None
         self._finished = False
         self.stop_signal: int | None = None  # set by request_stop (a signal handler)
+        self.resumed_from = ""  # the checkpoint θ came from, for errors ([Note: used folders])
         self.fast = FastPath(cfg)
         self.ranks = RankTable()
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done)
@@ -105,16 +106,30 @@ class Server(Recovery):
 
     # ------------------------------------------------------------------ lifecycle
     def _resume(self) -> None:
+        """Say what ``--checkpoint-dir`` holds and resume it or not ([Note: used folders])."""
         try:
             checkpoint.check_writable(self.cfg.checkpoint_dir)
         except OSError as e:
             raise ConfigError(f"--checkpoint-dir {self.cfg.checkpoint_dir} is not writable: {e.strerror or e} "
                               f"(the server writes its checkpoints and final.safetensors there)") from None
+        jobdir.claim(self.cfg.checkpoint_dir)
+        try:
+            self._resume_claimed()
+        except BaseException:
+            jobdir.release(self.cfg.checkpoint_dir)
+            raise
+
+    def _resume_claimed(self) -> None:
         for stale in checkpoint.remove_temporaries(self.cfg.checkpoint_dir):
             log.warning("removed %s, left by a crash while writing", stale)
-        found = checkpoint.checkpoints(self.cfg.checkpoint_dir)
-        if not found:
+        folder = jobdir.survey(self.cfg.checkpoint_dir)
+        mlog = self.cfg.metrics_log
+        inside = [Path(mlog)] if mlog and Path(mlog).resolve().parent == folder.path.resolve() else []
+        decision = jobdir.decide(folder, self.cfg.resume, inside)
+        log.info("%s", decision.message)
+        if not decision.resume:
             return
+        found = checkpoint.checkpoints(self.cfg.checkpoint_dir)
         why: list[str] = []
         for path in found:  # newest first; a damaged file costs the steps since the one before it
             try:
@@ -133,6 +148,8 @@ class Server(Recovery):
         self.limits = schema_limits(self.store.specs(), self.limits)
         self.ranks.load(meta.get("worker_ids"))
         self.sync.load_state(meta.get("consistency"))
+        self.resumed_from = f"{path} (step {self.saved_step})"
+        self.metrics.resumed(self.saved_step, path.stat().st_mtime)
         log.info("resumed from %s at step %d", path, self.saved_step)
 
     def bind(self) -> str:
@@ -245,6 +262,7 @@ class Server(Recovery):
         self.metrics.close(self.store.version(self.store.params) if self.store.initialized else None,
                            self.last_loss)
         self.fast.close()
+        jobdir.release(self.cfg.checkpoint_dir)
 
     def _log_status(self) -> None:
         version = self.store.version(self.store.params) if self.store.initialized else 0
@@ -424,8 +442,10 @@ class Server(Recovery):
         self._admit(ident, rank)
         if old is not None and old.keys != keys and old.identity == ident:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank} re-registered with different keys")
-        if old is not None:
-            log.info("rank %d re-registered", rank)
+        if old is not None:  # a copy of the same registration was answered above, without a word
+            log.info("rank %d registered again (%s)", rank,
+                     "same connection" if old.identity == ident else "a new connection: the worker restarted or "
+                                                                     "rejoined")
         elif self.groups is not None:
             self._joining.add(rank)
             self.regroup_pending = True
@@ -468,13 +488,14 @@ class Server(Recovery):
         else:
             known = {k: self.registered_specs[k] for o in others for k in o.keys}
             kinds = frozenset(self.buffer_keys)
+        origin = self._theta_origin()
         for k, spec in specs.items():
             if self.store.initialized and k not in known:
-                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: key {k!r} is not in θ")
+                raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: key {k!r} is not in θ{origin}")
             if k in known and known[k] != spec:
                 raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: {k!r} registered as "
                                                                f"{spec[0]}{list(spec[1])}, θ has "
-                                                               f"{known[k][0]}{list(known[k][1])}")
+                                                               f"{known[k][0]}{list(known[k][1])}{origin}")
             if k in known and (k in kinds) != (k in buffers):
                 what = ("a buffer", "a parameter") if k in buffers else ("a parameter", "a buffer")
                 raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, f"rank {rank}: {k!r} registered as {what[0]}, "
@@ -488,7 +509,18 @@ class Server(Recovery):
             whose = f"rank {peers[0].rank}" if peers else "θ"
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH,
                                 f"rank {rank} registers other keys than {whose} (data mode: every worker holds the "
-                                f"same model): it has {extra} that {whose} lacks, lacks {missing}")
+                                f"same model): it has {extra} that {whose} lacks, lacks {missing}"
+                                f"{origin if not peers else ''}")
+
+    def _theta_origin(self) -> str:
+        """For schema errors: where θ came from, when it was resumed (another model in a used folder)."""
+        if not (self.store.initialized and self.resumed_from):
+            return ""
+        keys = sorted(self.store.params)
+        shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        return (f"; θ ({len(keys)} tensors: {shown}) was resumed from {self.resumed_from}, a job of another "
+                f"model: start the server with another --checkpoint-dir, or with --resume never to move that "
+                f"job aside")
 
     def _check_steps(self, rank: int, steps: int | None) -> None:
         """Every worker of a job must plan the same number of steps (``--epochs``, batch, data):
@@ -821,7 +853,7 @@ class Server(Recovery):
         if version > self.saved_step:
             self._save(version, background=True)
         path = checkpoint.save_final(self.cfg.checkpoint_dir,
-                                     piece_groups(checkpoint.with_aliases(self.store.params, self.aliases)))
+                                     piece_groups(checkpoint.with_aliases(self.store.params, self.aliases)), version)
         last = self._settle()
         if last is not None and last.error is not None:
             raise last.error  # DONE promises both files on disk: the job does not end "done"

@@ -99,6 +99,26 @@ def write_file(path: str | Path, tensors: Mapping[str, Sequence[torch.Tensor]],
         return write(f, tensors, metadata)
 
 
+def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """A safetensors file's tensor entries (dtype, shape, byte range) and its ``__metadata__``,
+    without reading any tensor.
+
+    Raises ValueError (naming the file) when the header cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    meta = header.pop("__metadata__", None)
+    return header, dict(meta) if isinstance(meta, dict) else {}
+
+
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a safetensors file and its ``__metadata__``.
 

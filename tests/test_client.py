@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -102,8 +103,12 @@ def test_checkpoints_every_n_and_resume_on_restart(procs: Procs) -> None:
     assert names == ["ckpt-000000003.safetensors", "ckpt-000000006.safetensors",
                      "ckpt-000000007.safetensors", "final.safetensors"]
     assert torch.allclose(load_file(str(ckpt / "final.safetensors"))["w"], torch.full((2,), -0.07, dtype=torch.float64))
-    # a new server on the same directory resumes at step 7 with the same θ
-    server2, endpoint2 = procs.server(1, ckpt=ckpt)
+    # a new server on the same directory refuses the finished job unless asked to resume it
+    # (tests/test_used_folder.py); asked, it resumes at step 7 with the same θ
+    refused = procs.spawn("server again", [sys.executable, "-m", "ps", "--workers", "1", "--bind", "tcp://127.0.0.1:0",
+                                           "--checkpoint-dir", str(ckpt)])
+    assert refused.wait(60) == 2 and "holds a finished job" in refused.output()
+    server2, endpoint2 = procs.server(1, "--resume", "always", ckpt=ckpt)
     with PSClient(endpoint2, 0, 1, timeout=60) as ps:
         theta = ps.init({"w": torch.zeros(2, dtype=torch.float64)})
         assert ps.step == 7

@@ -34,9 +34,11 @@ def _free_endpoint() -> str:
 @pytest.mark.parametrize("shm", ["auto", "off"])
 def test_workers_started_before_the_server_train_exactly(procs: Procs, shm: str) -> None:
     ep = _free_endpoint()
-    workers = [procs.worker(ep, k, 2, *JOB, "--shm", shm) for k in range(2)]
+    workers = [procs.worker(ep, k, 2, *JOB, "--shm", shm, "--log-level", "debug") for k in range(2)]
     deadline = time.monotonic() + 120
-    while not all(re.search(r"sending register of step 0 again", w.output()) for w in workers):
+    # the first line of the wait names the server; the resends themselves are debug-level
+    while not all(re.search(rf"INFO .*waiting for the server at {ep}: no answer to register of step 0", w.output())
+                  and re.search(r"DEBUG .*sending register of step 0 again", w.output()) for w in workers):
         assert time.monotonic() < deadline, "the workers never resent REGISTER"
         assert all(w.proc.poll() is None for w in workers), [w.output() for w in workers]
         time.sleep(0.1)
@@ -47,6 +49,9 @@ def test_workers_started_before_the_server_train_exactly(procs: Procs, shm: str)
     for k in want:
         assert (got[k] - want[k]).abs().max().item() <= 1e-9, k
     log = server.output(200_000)
-    assert "not usable here" not in "".join(w.output(200_000) for w in workers)
+    logs = "".join(w.output(200_000) for w in workers)
+    assert "not usable here" not in logs
+    assert not re.search(r"(INFO|WARNING|ERROR) .*(again|re-registered|Errno)", logs), logs  # a healthy start
+    assert re.search(rf"INFO .*the server at {ep} answered after \d+s", logs)
     if shm == "auto":
         assert "a copy of its registration, answered as before" in log  # the copies did arrive

@@ -48,6 +48,19 @@ class ShardPlan:
         """b_k, worker k's share of the global batch."""
         return self.batch // self.world + (1 if k < self.batch % self.world else 0)
 
+    def uneven(self) -> str | None:
+        """What the split of an indivisible global batch is (None when K divides B), for a warning."""
+        extra = self.batch % self.world
+        if not extra:
+            return None
+        big, small = self.local_batch(0), self.local_batch(self.world - 1)
+        first = "rank 0" if extra == 1 else f"ranks 0-{extra - 1}"
+        rest = f"rank {extra}" if extra == self.world - 1 else f"ranks {extra}-{self.world - 1}"
+        verb = "takes" if extra == 1 else "take"
+        return (f"--batch-size {self.batch} is not a multiple of the {self.world} workers: {first} {verb} {big} "
+                f"rows per step, {rest} {small} (each gradient is weighted by its rows, so a step is still the "
+                f"mean over {self.batch} rows; a multiple of {self.world} gives equal shares)")
+
     @property
     def steps_per_epoch(self) -> int:
         """S, the same for every worker."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -30,7 +31,8 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
                   if f.name in {"optimizer", "lr", "momentum", "weight_decay", "clip_grad_norm", "sync", "staleness",
-                                "checkpoint_every", "log_level", "metrics_port", "metrics_bind", "status_every",
+                                "checkpoint_every", "resume", "log_level", "metrics_port", "metrics_bind",
+                                "status_every",
                                 "on_worker_loss", "nonfinite", "rejoin_deadline", "lease", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
@@ -81,13 +83,21 @@ class Child:
             self.thread.join(timeout=5)
 
 
+class _ServerRefused(RuntimeError):
+    """The server exited before listening (its log says why); a configuration error (2) stays 2."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the server exited with status {code} before listening (its log above says why)")
+        self.code = code
+
+
 def _wait_ready(server: Child, ready: Path) -> str:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if ready.exists() and ready.read_text().strip():
             return ready.read_text().strip()
         if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.proc.returncode} before listening")
+            raise _ServerRefused(server.proc.returncode)
         time.sleep(0.05)
     raise TimeoutError(f"the server did not report its endpoint within {READY_TIMEOUT_S:.0f}s")
 
@@ -146,6 +156,8 @@ def run(cfg: LaunchConfig) -> int:
             code = _supervise(children)
             if code == 0 and cfg.example:
                 _report_example(cfg.example, ckpt)
+            elif code == 0 and cfg.model is None and cfg.data is None:
+                _next_steps(cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl"))
             return code
         except KeyboardInterrupt:
             log.warning("interrupted: stopping every process")
@@ -153,6 +165,9 @@ def run(cfg: LaunchConfig) -> int:
         except _Terminated:
             log.warning("terminated: stopping every process")
             return 143
+        except _ServerRefused as e:
+            log.error("%s", e)
+            return 2 if e.code == 2 else 1
         except (RuntimeError, TimeoutError) as e:
             log.error("%s", e)
             return 1
@@ -196,6 +211,32 @@ def _report_example(name: str, ckpt: str) -> None:
     theta = load_file(os.path.join(ckpt, "final.safetensors"))
     for metric, value in load_example(name).evaluate(theta).items():
         log.info("example %s: %s %.4f", name, metric, value)
+
+
+def _losses(metrics_log: str) -> tuple[float, float] | None:
+    """The server's first and last loss in a metrics log (None if it holds none)."""
+    losses = []
+    try:
+        with open(metrics_log, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("ev") == "update" and isinstance(rec.get("loss"), (int, float)):
+                    losses.append(float(rec["loss"]))
+    except OSError:
+        return None
+    return (losses[0], losses[-1]) if losses else None
+
+
+def _next_steps(metrics_log: str) -> None:
+    """After the default job: why its loss does not fall, and what to run next."""
+    seen = _losses(metrics_log)
+    trend = "" if seen is None else f" (here {seen[0]:.3g} at the first step, {seen[1]:.3g} at the last)"
+    log.info("the default job fits nn.Linear(10, 1) to random targets: there is nothing to learn, so its loss "
+             "stays near 1%s. Next: ps-launch --example digits trains an MLP that learns (about 97%% held-out "
+             "accuracy); --model MODULE:FACTORY --data MODULE:FACTORY trains your own (README: 'Your model')", trend)
 
 
 class _Terminated(Exception):

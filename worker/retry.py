@@ -10,8 +10,12 @@ send a request again whenever what was in flight could have been lost:
 * the server refused it with a retryable code (RANK_HELD), after an exponential backoff;
 * without heartbeats, whenever a backoff period passes without a reply.
 
-ZeroMQ itself reconnects, with its own backoff (``common.transport``). A call fails with a
-typed error naming the server, the operation and the step: :class:`PSTimeoutError` once the
+ZeroMQ itself reconnects, with its own backoff (``common.transport``). Resending is routine and
+logged at debug level only (a worker started before its server resends REGISTER several times).
+What a person needs to know is that the worker is waiting, and for whom: once the server has
+shown no sign of life for :attr:`RetryPolicy.report_after_s`, one line names the endpoint, the
+call and how long so far; another every :attr:`RetryPolicy.report_every_s`; and one when the
+server answers again. A call fails with a typed error naming the server, the operation and the step: :class:`PSTimeoutError` once the
 server has shown no sign of life for ``deadline_s`` (or, while it answers heartbeats, has not
 moved for ``hold_s + deadline_s``); :class:`AuthenticationError` as soon as a handshake is
 refused; :class:`RemoteError` for any other error reply.
@@ -52,6 +56,9 @@ class RetryPolicy:
             ``hold_s + deadline_s`` without progress.
         backoff_s: the first wait before a retry; it doubles up to ``backoff_max_s``.
         poll_s: how often the call looks at its socket, monitor and heartbeat.
+        report_after_s: a silence this long (at least 2.5 heartbeat intervals) is a wait worth a
+            log line naming the server; shorter ones are normal start-up.
+        report_every_s: how often a wait that goes on is reported again.
     """
 
     deadline_s: float = 60.0
@@ -59,6 +66,8 @@ class RetryPolicy:
     backoff_s: float = 0.2
     backoff_max_s: float = 5.0
     poll_s: float = 0.05
+    report_after_s: float = 3.0
+    report_every_s: float = 15.0
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
@@ -121,6 +130,8 @@ class Caller:
         self._generation = self.watch.generation
         self._seen_incarnation: str | None = None
         self._last_life = time.monotonic()
+        self._waiting_since: float | None = None  # a reported wait: when the silence began
+        self._reported_at = 0.0
 
     # ------------------------------------------------------------------ API
     def call(self, op: Op, fields: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
@@ -195,6 +206,7 @@ class Caller:
         now = time.monotonic()
         if msg is not None:
             self._last_life = now
+            self._report_wait(c, now, now)
             target = next((x for x in self._calls if msg.id in x.ids), None)
             if target is None and msg.op is Op.ERROR and msg.id == 0:  # see transport's [Note: id 0]
                 target = c
@@ -234,9 +246,30 @@ class Caller:
             if stalled > p.hold_s + p.deadline_s:
                 raise PSTimeoutError(self.req.endpoint, c.op.value, p.hold_s + p.deadline_s,
                                      f"{self.who} at step {c.step}: the server answers but made no progress")
+        self._report_wait(c, last_life, now)
         if now - last_life > p.deadline_s:
             raise PSTimeoutError(self.req.endpoint, c.op.value, p.deadline_s,
                                  f"{self.who} at step {c.step}: no sign of life from the server")
+
+    def _report_wait(self, c: Call, last_life: float, now: float) -> None:
+        """Say that the server is silent, once it has been for a while, and again now and then."""
+        p = self.policy
+        after = max(p.report_after_s, 2.5 * self.beat.interval) if self.beat is not None else p.report_after_s
+        silent = now - last_life
+        if silent < after:
+            if self._waiting_since is not None:
+                log.info("%s: the server at %s answered after %.0fs", self.who, self.req.endpoint,
+                         now - self._waiting_since)
+                self._waiting_since = None
+            return
+        if self._waiting_since is None:
+            self._waiting_since, self._reported_at = last_life, now
+            log.info("%s: waiting for the server at %s: no answer to %s for %.0fs (giving up after %.0fs "
+                     "without one)", self.who, self.req.endpoint, c.what, silent, p.deadline_s)
+        elif now - self._reported_at >= p.report_every_s:
+            self._reported_at = now
+            log.info("%s: still waiting for the server at %s: %.0fs without an answer (%s; giving up at %.0fs)",
+                     self.who, self.req.endpoint, silent, c.what, p.deadline_s)
 
     def _answer(self, c: Call, msg: Message, now: float) -> None:
         if msg.op is not Op.ERROR:
@@ -256,7 +289,10 @@ class Caller:
         c.ids.add(self.req.send(c.op, c.fields, c.tensors))
         c.retry_at = None
         self.resends += 1
-        (log.debug if reason == "retry" else log.info)("%s: sending %s again (%s)", self.who, c.what, reason)
+        # a resend after a backoff is routine (see _report_wait for what a person is told); one
+        # after a new connection or a server restart is worth a line
+        (log.debug if reason in ("retry", "no reply yet") else log.info)("%s: sending %s again (%s)", self.who,
+                                                                          c.what, reason)
 
     def _incarnation(self) -> str | None:
         """The server process a request goes to, as far as this client knows."""

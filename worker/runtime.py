@@ -115,13 +115,19 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                  if len(client.buckets) > 1 else None)
         targets = state.targets()  # θ goes into the parameters and buffers after each step
         plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)
+        uneven = plan.uneven()
+        if uneven and cfg.rank == 0:  # one line per job
+            log.warning("%s", uneven)
         total = plan.steps_per_epoch * cfg.epochs
         lo, hi = plan.bounds(cfg.rank)
         log.info("model %s on %s; shard rows [%d, %d) of %d, %d rows/step, %d steps/epoch x %d epochs = %d steps",
                  type(model).__name__, device, lo, hi, plan.n, plan.local_batch(cfg.rank),
                  plan.steps_per_epoch, cfg.epochs, total)
         start = client.step
-        if start:
+        if start >= total > 0:
+            log.warning("the server is at step %d, the end of this job's %d steps: nothing left to train "
+                        "(more --epochs train it further)", start, total)
+        elif start:
             log.info("resuming at step %d of %d", start, total)
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
         with progress:
@@ -165,6 +171,6 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         final_loss = client.last_loss
     seconds = time.monotonic() - t0
     log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",
-             total - start, cfg.epochs, seconds, "-" if final_loss is None else f"{final_loss:.6g}",
+             max(0, total - start), cfg.epochs, seconds, "-" if final_loss is None else f"{final_loss:.6g}",
              samples / seconds if seconds else 0.0)
-    return TrainResult(total - start, start, final_loss, seconds, samples)
+    return TrainResult(max(0, total - start), start, final_loss, seconds, samples)

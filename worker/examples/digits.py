@@ -2,7 +2,7 @@
 
 The split is fixed (its own generator, seed 1234): 1,437 training rows, the last 360 of the
 permutation held out for testing. Pixels are scaled from 0..16 to 0..1. Needs scikit-learn
-(``pip install zmqps[examples]``).
+(``pip install 'zmqps[examples]'``; ``make setup`` installs it in a checkout).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def _split() -> tuple[TensorDataset, TensorDataset]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ConfigError("the digits example needs scikit-learn: pip install 'zmqps[examples]'") from e
+        from common.install import install_hint
+
+        raise ConfigError(f"the digits example needs scikit-learn: {install_hint('examples')}") from e
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
