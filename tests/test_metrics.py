@@ -130,7 +130,7 @@ def test_the_metrics_endpoint_stays_on_this_host_unless_told_and_says_what_it_ex
     local = [line.split()[3] for line in listening.splitlines()]  # the local address column
     assert local == [f"127.0.0.1:{port}"], listening
     assert "the metrics endpoint listens on" not in server.output()
-    server2, _ = procs.server(1, "--metrics-port", "0", "--metrics-bind", "0.0.0.0")
+    server2, _ = procs.server(1, "--metrics-port", "0", "--metrics-bind", "0.0.0.0", ckpt=procs.tmp / "ckpt2")
     deadline = time.monotonic() + 30
     while "the metrics endpoint listens on 0.0.0.0" not in server2.output():
         assert time.monotonic() < deadline, server2.output()
