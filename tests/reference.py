@@ -3,6 +3,9 @@
     g_k = mean loss gradient over worker k's rows;  g = Σ n_k g_k / Σ n_k  (= 1/K Σ g_k when
     every n_k is equal);  θ ← optimizer(θ, g)
 
+A parameter that no worker's loss reaches in a step has no gradient, and the optimizer skips
+it (DESIGN.md); one that some workers' losses reach counts as zero for the others.
+
 Shards, batch split and shuffling follow DESIGN.md and the table in ``worker/data.py``'s
 docstring; they are re-derived here so that a bug there cannot hide in both places.
 """
@@ -83,9 +86,12 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
                     continue
                 model.zero_grad()
                 loss_fn(model(x_all[rows]), y_all[rows]).backward()
-                grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+                grads.append({name: None if p.grad is None else p.grad.clone()
+                              for name, p in model.named_parameters()})
                 weights.append(float(len(rows)))
             for name, p in model.named_parameters():
-                p.grad = sum(w * g[name] for w, g in zip(weights, grads)) / sum(weights)
+                # a parameter no worker's loss reached keeps no gradient: the optimizer skips it
+                got = [(w, g[name]) for w, g in zip(weights, grads) if g[name] is not None]
+                p.grad = sum(w * g for w, g in got) / sum(weights) if got else None
             opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common.partition import merge_files
-from tests.nemesis.schedule import Schedule
+from tests.nemesis.models import SLOW_ENV
+from tests.nemesis.schedule import SLOW_BACKWARD_S, Schedule
 from tests.reference import replay, steps_per_epoch, worker_rows
 from tests.reference_pipeline import replay_pipeline
 
@@ -41,7 +42,8 @@ def server_args(s: Schedule, bind: str, ckpt: Path, ready: Path, curve: tuple[Pa
     job = s.job
     args = ["--bind", bind, "--workers", str(s.workers), "--ready-file", str(ready), "--checkpoint-dir", str(ckpt),
             "--lease", str(LEASE_S), "--rejoin-deadline", str(REJOIN_DEADLINE_S), "--sync", s.sync,
-            "--optimizer", job.optimizer, "--lr", str(job.lr), "--checkpoint-every", str(job.checkpoint_every),
+            "--optimizer", job.optimizer, "--lr", str(job.lr), "--weight-decay", str(job.weight_decay),
+            "--checkpoint-every", str(job.checkpoint_every),
             "--shm", "off" if s.mode == "bsp-frames" else "auto", "--status-every", "5"]
     if s.sync == "ssp":
         args += ["--staleness", "1"]
@@ -70,15 +72,21 @@ def worker_args(s: Schedule, rank: int, servers: str, curve: tuple[Path, Path] |
     return args
 
 
+def worker_env(s: Schedule) -> dict[str, str]:
+    """Environment of the workers (the pause of :func:`tests.nemesis.models.slow_mlp64`)."""
+    return {SLOW_ENV: str(SLOW_BACKWARD_S)} if s.job.model.endswith(":slow_mlp64") else {}
+
+
 def reference(s: Schedule) -> dict[str, torch.Tensor]:
     """θ of the uninterrupted job, computed in this process."""
     job = s.job
     model, data = factory(job.model), factory(job.data)
     if s.pipeline:
         return replay_pipeline(model, data, replicas=job.replicas, batch=job.batch, epochs=job.epochs,  # type: ignore[arg-type]
-                               seed=job.seed, loss=job.loss, optimizer=job.optimizer, lr=job.lr)
+                               seed=job.seed, loss=job.loss, optimizer=job.optimizer, lr=job.lr,
+                               weight_decay=job.weight_decay)
     return replay(model, data, s.workers, batch=job.batch, epochs=job.epochs, seed=job.seed,  # type: ignore[arg-type]
-                  loss=job.loss, optimizer=job.optimizer, lr=job.lr)
+                  loss=job.loss, optimizer=job.optimizer, lr=job.lr, weight_decay=job.weight_decay)
 
 
 def final_theta(ckpts: list[Path]) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common.security import keygen
 from tests.forkserver import ForkedChild, ForkServer
-from tests.nemesis import jobs
+from tests.nemesis import jobs, triage
 from tests.nemesis.proxy import FaultProxy
 from tests.nemesis.schedule import Fault, Schedule
 
@@ -52,6 +52,9 @@ MAX_RESTARTS = 3
 DEADLINE_S = 75.0
 """The hard deadline of a run, on top of its start gaps and the expected training time."""
 TICK_S = 0.02
+GRACE_S = 5.0
+"""Once the job is over (every worker, or every server, exited 0), how long a process the nemesis
+killed and restarted may take to exit 0 on its own before it is retired (see :meth:`Run.retire`)."""
 LOG_TAIL = 4000
 DECISIVE = re.compile(r" (ERROR|WARNING|CRITICAL) |Traceback|Error:")
 """Log lines worth showing first in a failure (repeats of one line are shown once)."""
@@ -66,11 +69,13 @@ class NemesisFailure(AssertionError):
     """
 
     def __init__(self, schedule: Schedule, what: str, details: str = "", kind: str = "product",
-                 result: "Result | None" = None) -> None:
+                 result: "Result | None" = None, hints: list[str] | None = None) -> None:
         self.schedule, self.what, self.kind, self.result = schedule, what, kind, result
+        self.hints = hints or []
         head = f"NEMESIS seed={schedule.seed} {schedule.text()}"
         replay = REPLAY.format(seed=schedule.seed)
-        super().__init__(f"{head}\n{kind} failure: {what}\nreplay: {replay}\n{details}".rstrip())
+        hint = f"\nhints: {'; '.join(self.hints)}" if self.hints else ""
+        super().__init__(f"{head}\n{kind} failure: {what}{hint}\nreplay: {replay}\n{details}".rstrip())
 
 
 @dataclass
@@ -116,10 +121,14 @@ class Slot:
     ready: Path | None = None
     children: list[ForkedChild] = field(default_factory=list)
     restart_at: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
     planned: bool = False  # the current exit was the nemesis's kill (its restart is not "unplanned")
+    kills: int = 0
     unplanned: int = 0
     stopped_until: float | None = None
     gave_up: bool = False
+    retired: str = ""  # why the run stopped caring about it (the job ended without it)
+    started: float = 0.0  # when the current incarnation started
 
     @property
     def child(self) -> ForkedChild | None:
@@ -131,7 +140,7 @@ class Slot:
 
     def finished(self) -> bool:
         c = self.child
-        return c is not None and c.poll() == 0 and self.restart_at is None
+        return bool(self.retired) or (c is not None and c.poll() == 0 and self.restart_at is None)
 
 
 class Run:
@@ -145,6 +154,7 @@ class Run:
         self.ckpts: list[Path] = []
         self._n = 0
         self._conts: list[tuple[float, Slot]] = []
+        self._ended: float | None = None
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -173,7 +183,8 @@ class Run:
             self.slots[name] = Slot(name, "ps", jobs.server_args(s, bind, ckpt, ready, curve), ready=ready)
         for k in range(s.workers):
             curve = (curve_server[0], worker_keys[k]) if curve_server is not None else None
-            self.slots[f"worker {k}"] = Slot(f"worker {k}", "worker", jobs.worker_args(s, k, ",".join(dial), curve))
+            self.slots[f"worker {k}"] = Slot(f"worker {k}", "worker", jobs.worker_args(s, k, ",".join(dial), curve),
+                                             env=jobs.worker_env(s))
 
     # ------------------------------------------------------------------ processes
     def spawn(self, slot: Slot) -> None:
@@ -182,8 +193,9 @@ class Run:
         if slot.ready is not None and slot.ready.exists():
             slot.ready.unlink()
         logfile = self.tmp / f"{self._n:02d}-{slot.name.replace(' ', '_')}.log"
-        slot.children.append(self.fs.spawn(slot.name, slot.entry, slot.args, logfile))
+        slot.children.append(self.fs.spawn(slot.name, slot.entry, slot.args, logfile, env=slot.env))
         slot.restart_at = None
+        slot.started = time.monotonic()
         log.debug("seed %d: started %s (pid %d)", self.s.seed, slot.name, slot.children[-1].pid)
 
     def kill(self, slot: Slot, gap: float, now: float) -> None:
@@ -193,6 +205,7 @@ class Run:
         c.kill(signal.SIGKILL)
         c.wait(30)
         slot.planned = True
+        slot.kills += 1
         slot.restart_at = now + gap
 
     def supervise(self, now: float) -> None:
@@ -203,9 +216,10 @@ class Run:
                 slot.stopped_until = None
                 if slot.child is not None:
                     slot.child.kill(signal.SIGCONT)
+        self.retire(now)
         for slot in self.slots.values():
             c = slot.child
-            if c is None or slot.gave_up:
+            if c is None or slot.gave_up or slot.retired:
                 continue
             code = c.poll()
             if code is None or code == 0:
@@ -226,10 +240,54 @@ class Run:
                 slot.planned = False
                 self.spawn(slot)
 
+    def ended_at(self) -> float | None:
+        """When the job ended: every worker, or every server, exited 0 (None while it runs)."""
+        for group in ("ps", "worker"):
+            slots = [x for x in self.slots.values() if x.entry == group]
+            if all(x.child is not None and x.child.poll() == 0 and x.restart_at is None for x in slots):
+                return self._ended if self._ended is not None else time.monotonic()
+        return None
+
+    def retire(self, now: float) -> None:
+        """Once the job has ended, stop waiting for processes the nemesis killed.
+
+        A worker killed after its DONE reached the server, or a server killed after it released
+        the workers, is restarted by the supervisor into a job that is over: nobody will ever
+        answer it (the barrier promises that a process which exited 0 is never needed again, not
+        that a late restart finds anyone). Such a process is retired: a pending restart is
+        cancelled at once, a running one is stopped if it has not exited 0 within
+        :data:`GRACE_S`. A process the nemesis never killed is not retired: the run waits for
+        its exit 0 (or fails at the deadline).
+        """
+        end = self.ended_at()
+        if end is None:
+            return
+        self._ended = end
+        for slot in self.slots.values():
+            if slot.retired or slot.kills == 0 or slot.finished():
+                continue
+            if slot.restart_at is not None or (slot.child is not None and slot.child.poll() is not None):
+                slot.restart_at = None
+                slot.retired = "killed; not restarted, the job had ended"
+            elif now - max(end, slot.started) > GRACE_S:
+                assert slot.child is not None
+                slot.child.kill(signal.SIGCONT)
+                slot.child.stop()
+                slot.retired = f"restarted into a job that had ended; stopped after {GRACE_S:g}s"
+            else:
+                continue
+            self.result.faults["retired"] += 1
+            self.result.notes.append(f"{slot.name}: {slot.retired}")
+
     def inject(self, f: Fault, now: float) -> None:
-        """Apply one process fault now (or count it as skipped)."""
+        """Apply one process fault now (or count it as skipped).
+
+        Skipped: the target is not running (stopped, waiting for its restart), or any process
+        already exited 0 (the job is ending: a fault there tests nothing the job still needs).
+        """
         slot = self.slots[f.target]
-        if not slot.running() or slot.stopped_until is not None or slot.restart_at is not None:
+        ending = any(x.child is not None and x.child.poll() == 0 for x in self.slots.values())
+        if ending or not slot.running() or slot.stopped_until is not None or slot.restart_at is not None:
             self.result.faults["skipped"] += 1
             return
         if f.kind == "kill":
@@ -367,7 +425,9 @@ class Run:
 
     def failure(self, what: str, kind: str = "product") -> NemesisFailure:
         """A :class:`NemesisFailure` with the decisive lines and every process's log tail."""
-        return NemesisFailure(self.s, what, self.logs(), kind, self.result)
+        texts = {name: [c.output(tail=10**7) for c in slot.children] for name, slot in self.slots.items()}
+        found = triage.hints(self.s, what, texts) if kind == "product" else []
+        return NemesisFailure(self.s, what, self.logs(), kind, self.result, found)
 
     def logs(self) -> str:
         """Notes, the ERROR/Traceback lines of every log, then each incarnation's tail."""

@@ -50,6 +50,13 @@ EXACT_MODES = ("bsp-shm", "bsp-frames", "gpipe", "1f1b", "pipe-replicas", "shard
 """Modes whose final θ is compared with the single-process reference (async and ssp are not
 deterministic: their runs check exactly-once counts instead)."""
 
+DATA_MODELS = ("tests.jobs:linear64", "tests.jobs:mlp64", "tests.nemesis.models:slow_mlp64",
+               "tests.nemesis.models:spare_mlp64")
+"""Data-parallel models: the float64 test models, one whose backward pauses between buckets
+and one with a head no loss reaches (:mod:`tests.nemesis.models`)."""
+SLOW_BACKWARD_S = 0.03
+"""The pause in :func:`tests.nemesis.models.slow_mlp64`'s backward, in the workers."""
+
 STARTS = ("server-first", "workers-first", "late-worker", "server-restart")
 MAX_STOP_S = 3.0
 
@@ -88,6 +95,7 @@ class Job:
     bucket_mb: float
     checkpoint_every: int
     seed: int = 0
+    weight_decay: float = 0.0
     stages: int = 0
     replicas: int = 0
     microbatches: int = 0
@@ -96,7 +104,8 @@ class Job:
     def text(self) -> str:
         """A compact form for the one-liner."""
         name = self.model.split(":")[1]
-        parts = [name, self.optimizer, f"e{self.epochs}", f"b{self.batch}", f"ckpt{self.checkpoint_every}",
+        optimizer = self.optimizer + (f"+wd{self.weight_decay:g}" if self.weight_decay else "")
+        parts = [name, optimizer, f"e{self.epochs}", f"b{self.batch}", f"ckpt{self.checkpoint_every}",
                  f"seed{self.seed}"]
         if self.stages:
             parts += [f"P{self.stages}", f"R{self.replicas}", f"M{self.microbatches}"]
@@ -184,20 +193,23 @@ def _job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
                   microbatches=rng.choice((1, 2, 4)), partition=partition, seed=rng.randrange(1000))
         return job, stages * replicas, 0.04 * epochs * 5 + 0.3
     workers = 2 if mode == "shards" else rng.choice((2, 3))
-    if rng.random() < 0.5:
-        model, data, loss, rows = "tests.jobs:linear64", "tests.jobs:data64", "mse", 1000
-    else:
-        model, data, loss, rows = "tests.jobs:mlp64", "tests.jobs:class_data64", "cross_entropy", 600
+    model = rng.choice(DATA_MODELS)
+    data, loss, rows = (("tests.jobs:data64", "mse", 1000) if model == "tests.jobs:linear64"
+                        else ("tests.jobs:class_data64", "cross_entropy", 600))
     # 10 steps an epoch with K = 2; with K = 3, 11 steps whose last batch is short but never empty
     batch = rows // 10 if workers == 2 else {1000: 99, 600: 57}[rows]
     optimizer = rng.choice(("sgd", "momentum", "adam"))
     epochs = rng.randint(1, 2)
     stall = rng.choice((0.05, 0.1, 0.15))
     bucket = rng.choice((16.0, 0.0, 0.0003)) if mode != "async" and mode != "ssp" else 16.0
+    if model == "tests.nemesis.models:slow_mlp64" and mode not in ("async", "ssp"):
+        bucket = 0.0003  # the pause in backward is between buckets only when there are several
     job = Job(model=model, data=data, loss=loss, optimizer=optimizer, lr=0.01, epochs=epochs, batch=batch,
-              stall=stall, bucket_mb=bucket, checkpoint_every=rng.choice((0, 1, 3)), seed=rng.randrange(1000))
+              stall=stall, bucket_mb=bucket, checkpoint_every=rng.choice((0, 1, 3)), seed=rng.randrange(1000),
+              weight_decay=rng.choice((0.0, 0.0, 0.01)))
     steps = epochs * (10 if workers == 2 else 11)
-    return job, workers, steps * (stall + 0.03) + 0.5
+    pause = SLOW_BACKWARD_S if model.endswith(":slow_mlp64") else 0.0
+    return job, workers, steps * (stall + pause + 0.03) + 0.5
 
 
 def _targets(mode: str, workers: int) -> tuple[list[str], list[str]]:

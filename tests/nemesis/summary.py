@@ -51,7 +51,8 @@ class Summary:
             self._faults(e.result)
             if e.result.theta_compared:
                 self.theta[e.schedule.mode] += 1
-        self.failures.append((e.schedule.seed, e.schedule.mode, e.kind, e.what.splitlines()[0][:160]))
+        hint = f"[{e.hints[0].split(' ')[0]}] " if e.hints else ""
+        self.failures.append((e.schedule.seed, e.schedule.mode, e.kind, hint + e.what.splitlines()[0][:160]))
 
     def table(self) -> str:
         """The summary as text."""
@@ -70,6 +71,9 @@ class Summary:
             lines.append(f"proxy {kind}: {sum(ops.values())} ("
                          + ", ".join(f"{op}={n}" for op, n in sorted(ops.items())) + ")")
         if self.failures:
+            by_hint = Counter(what.split("] ")[0].lstrip("[") if what.startswith("[") else "?"
+                              for _, _, _, what in self.failures)
+            lines.append("failures by first hint: " + ", ".join(f"{h}={n}" for h, n in by_hint.most_common()))
             lines.append("failures:")
             for seed, mode, kind, what in self.failures:
                 lines.append(f"  seed {seed:>4} {mode:<14} {kind:<8} {what}")
