@@ -256,15 +256,15 @@ class Run:
         answer it (the barrier promises that a process which exited 0 is never needed again, not
         that a late restart finds anyone). Such a process is retired: a pending restart is
         cancelled at once, a running one is stopped if it has not exited 0 within
-        :data:`GRACE_S`. A process the nemesis never killed is not retired: the run waits for
-        its exit 0 (or fails at the deadline).
+        :data:`GRACE_S`. Only a process that had done its part is retired (:meth:`done_its_part`);
+        for any other the run waits for its exit 0 (or fails at the deadline).
         """
         end = self.ended_at()
         if end is None:
             return
         self._ended = end
         for slot in self.slots.values():
-            if slot.retired or slot.kills == 0 or slot.finished():
+            if slot.retired or slot.kills == 0 or slot.finished() or not self.done_its_part(slot):
                 continue
             if slot.restart_at is not None or (slot.child is not None and slot.child.poll() is not None):
                 slot.restart_at = None
@@ -278,6 +278,15 @@ class Run:
                 continue
             self.result.faults["retired"] += 1
             self.result.notes.append(f"{slot.name}: {slot.retired}")
+
+    def done_its_part(self, slot: Slot) -> bool:
+        """Whether ``slot`` had finished its part of the job before the nemesis killed it: a
+        worker whose DONE a server logged, a server incarnation that wrote the final θ."""
+        if slot.entry == "worker":
+            k = slot.name.split()[-1]
+            servers = [c for x in self.slots.values() if x.entry == "ps" for c in x.children]
+            return any(f"rank {k} finished" in c.output(tail=10**7) for c in servers)
+        return any(c.poll() not in (None, 0) and "workers done after" in c.output(tail=10**7) for c in slot.children)
 
     def inject(self, f: Fault, now: float) -> None:
         """Apply one process fault now (or count it as skipped).
@@ -435,14 +444,16 @@ class Run:
         if self.result.notes:
             parts.append("notes: " + "; ".join(self.result.notes))
         parts.append("faults: " + ", ".join(f"{k}={n}" for k, n in sorted(self.result.faults.items())))
-        decisive: dict[str, None] = {}
+        decisive: dict[str, str] = {}
         for slot in self.slots.values():
             for c in slot.children:
                 for line in c.output(tail=10**7).splitlines():
-                    if DECISIVE.search(line):
-                        decisive.setdefault(f"[{slot.name} pid {c.pid}] {re.sub(r'^[0-9:]+ ', '', line)}")
+                    if DECISIVE.search(line):  # one line per pattern (numbers aside) and process
+                        text = re.sub(r"^[0-9:]+ ", "", line)
+                        decisive.setdefault(f"{slot.name}:{re.sub(r'[0-9.]+', '#', text)}",
+                                            f"[{slot.name} pid {c.pid}] {text}")
         if decisive:
-            parts.append("decisive lines:\n" + "\n".join(list(decisive)[-60:]))
+            parts.append("decisive lines:\n" + "\n".join(list(decisive.values())[-60:]))
         for slot in self.slots.values():
             for c in slot.children:
                 status = c.poll()

@@ -53,8 +53,9 @@ deterministic: their runs check exactly-once counts instead)."""
 DATA_MODELS = ("tests.jobs:linear64", "tests.jobs:mlp64", "tests.nemesis.models:slow_mlp64",
                "tests.nemesis.models:spare_mlp64")
 """Data-parallel models: the float64 test models, one whose backward pauses between buckets
-and one with a head no loss reaches (:mod:`tests.nemesis.models`)."""
-SLOW_BACKWARD_S = 0.03
+(drawn twice as often: a kill lands in that pause only some of the time) and one with a head
+no loss reaches (:mod:`tests.nemesis.models`)."""
+SLOW_BACKWARD_S = 0.06
 """The pause in :func:`tests.nemesis.models.slow_mlp64`'s backward, in the workers."""
 
 STARTS = ("server-first", "workers-first", "late-worker", "server-restart")
@@ -193,7 +194,7 @@ def _job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
                   microbatches=rng.choice((1, 2, 4)), partition=partition, seed=rng.randrange(1000))
         return job, stages * replicas, 0.04 * epochs * 5 + 0.3
     workers = 2 if mode == "shards" else rng.choice((2, 3))
-    model = rng.choice(DATA_MODELS)
+    model = rng.choices(DATA_MODELS, weights=(1, 1, 2, 1))[0]
     data, loss, rows = (("tests.jobs:data64", "mse", 1000) if model == "tests.jobs:linear64"
                         else ("tests.jobs:class_data64", "cross_entropy", 600))
     # 10 steps an epoch with K = 2; with K = 3, 11 steps whose last batch is short but never empty
