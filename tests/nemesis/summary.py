@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tests.nemesis.runner import NemesisFailure, Result
 
-KINDS = ("kill", "restart", "stop", "start-kill", "unplanned-restart", "skipped")
+KINDS = ("kill", "restart", "stop", "start-kill", "unplanned-restart", "retired", "skipped")
 
 
 @dataclass
