@@ -31,7 +31,8 @@ import zmq
 from tests.forkserver import ForkServer
 from tests.nemesis.proxy import FaultProxy, ProxyRates
 from tests.nemesis.runner import NemesisFailure, run
-from tests.nemesis.schedule import MODES, PIPE_MODES, Schedule
+from tests.nemesis.schedule import MODES, PIPE_MODES, Schedule, parse_seeds
+from tests.nemesis.triage import repeated_registers
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,16 @@ def test_proxy_duplicates_delays_and_reorders_but_never_drops(zctx):
     assert faults.get("delay:push", 0) > 0 and faults.get("reorder:push", 0) > 0
     assert faults.get("duplicate:reply", 0) > 0
     assert seen_up != sorted(seen_up)  # something was overtaken
+
+
+def test_seed_ranges_and_the_repeated_register_hint():
+    assert parse_seeds("0-3,7, 9-10") == [0, 1, 2, 3, 7, 9, 10]
+    log_text = "\n".join([
+        "rank 0: gradients in shared memory /dev/shm/a-g0", "rank 0 re-registered",
+        "rank 0: gradients in shared memory /dev/shm/b-g0",  # the same connection again: a new segment
+        "rank 1: gradients in shared memory /dev/shm/c-g1", "rank 1: a new connection takes over",
+        "rank 1: gradients in shared memory /dev/shm/d-g1"])  # a restarted worker: expected
+    assert repeated_registers(log_text) == {0: 1}
 
 
 def test_a_failure_names_the_seed_the_schedule_and_the_replay():

@@ -58,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           e.result.wall_s if e.result else 0.0, e.what.splitlines()[0][:300], tmp / "FAILURE.txt")
                 continue
             summary.add(result)
-            log.info("seed %d ok in %.1fs: %s%s", seed, result.wall_s, s.text(),
-                     f" max|Δθ|={result.max_delta:.2g}" if result.theta_compared else "")
+            log.info("seed %d ok in %.1fs: %s%s%s", seed, result.wall_s, s.text(),
+                     f" max|Δθ|={result.max_delta:.2g}" if result.theta_compared else "",
+                     f" ({'; '.join(result.notes)})" if result.notes else "")
     finally:
         fs.close()
     log.info("nemesis: %d seed(s) in %.0fs, logs under %s\n%s", len(seeds), time.monotonic() - t0, base,

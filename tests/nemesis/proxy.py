@@ -31,8 +31,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
-
 import msgpack
 import zmq
 
@@ -238,7 +236,3 @@ class FaultProxy:
     def counts(self) -> dict[str, int]:
         """Faults injected so far (a copy; read it once the proxy has stopped)."""
         return dict(self.faults)
-
-    def identities(self) -> Iterator[bytes]:
-        """The identities seen so far."""
-        return iter(list(self._backs))

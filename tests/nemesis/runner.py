@@ -49,7 +49,7 @@ RESTART_SEC = 0.5
 """The supervisor's delay before restarting a process that exited non-zero on its own."""
 MAX_RESTARTS = 3
 """Restarts of one process for exits the nemesis did not cause; beyond them it stays down."""
-DEADLINE_S = 75.0
+DEADLINE_S = 45.0
 """The hard deadline of a run, on top of its start gaps and the expected training time."""
 TICK_S = 0.02
 GRACE_S = 5.0
