@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -31,7 +31,7 @@ TOL = 1e-9
 LEASE_S, HEARTBEAT_S, WORKER_TIMEOUT_S, REJOIN_DEADLINE_S = 1.5, 0.3, 60, 60
 
 
-def factory(spec: str) -> Callable[[], object]:
+def factory(spec: str) -> Callable[[], Any]:
     """``module:name`` -> the callable."""
     mod, name = spec.split(":")
     return getattr(importlib.import_module(mod), name)
@@ -82,10 +82,10 @@ def reference(s: Schedule) -> dict[str, torch.Tensor]:
     job = s.job
     model, data = factory(job.model), factory(job.data)
     if s.pipeline:
-        return replay_pipeline(model, data, replicas=job.replicas, batch=job.batch, epochs=job.epochs,  # type: ignore[arg-type]
+        return replay_pipeline(model, data, replicas=job.replicas, batch=job.batch, epochs=job.epochs,
                                seed=job.seed, loss=job.loss, optimizer=job.optimizer, lr=job.lr,
                                weight_decay=job.weight_decay)
-    return replay(model, data, s.workers, batch=job.batch, epochs=job.epochs, seed=job.seed,  # type: ignore[arg-type]
+    return replay(model, data, s.workers, batch=job.batch, epochs=job.epochs, seed=job.seed,
                   loss=job.loss, optimizer=job.optimizer, lr=job.lr, weight_decay=job.weight_decay)
 
 
@@ -120,7 +120,7 @@ def expected_counts(s: Schedule) -> tuple[dict[int, int], int]:
     """(steps per rank, non-empty pushes over all ranks) of a data-parallel job."""
     job = s.job
     data = factory(job.data)()
-    n = len(data)  # type: ignore[arg-type]
+    n = len(data)
     per_epoch = steps_per_epoch(n, s.workers, job.batch)
     pushes = sum(len(worker_rows(n, s.workers, job.batch, e, t, k, False, job.seed)) > 0
                  for e in range(job.epochs) for t in range(per_epoch) for k in range(s.workers))

@@ -7,11 +7,13 @@ else): the same seed always gives the same plan, on any machine. The plan choose
   covers every mode: data-parallel bsp with ``--shm auto`` and with ``--shm off``, ``--sync
   async``, ``--sync ssp --staleness 1``, pipeline gpipe, pipeline 1f1b, pipeline with 2
   replicas, two server shards, and CURVE;
-* the **job** - K, the model, optimizer, epochs, buckets, ``--checkpoint-every``, and a
-  per-step stall (``--stall 1:SECONDS``) that stretches the job so that faults land while it
-  trains;
-* the **start order** - the server first, the workers first (the server 0-2 s later), one
-  worker seconds late, or the server killed -9 and restarted before any worker arrives;
+* the **job** - K, the model (:data:`DATA_MODELS`: the float64 test models, one whose
+  backward pauses between gradient buckets, one with a head no loss reaches), optimizer,
+  weight decay, epochs, buckets, ``--checkpoint-every``, and a per-step stall (``--stall
+  1:SECONDS``) that stretches the job so that faults land while it trains;
+* the **start order** - the server first (the workers 0-1 s later), the workers first (the
+  server 0-2 s later), one worker seconds late, or the server killed -9 and restarted on the
+  same endpoint (same checkpoint directory) before any worker arrives;
 * **process faults** at times after the start (seconds): ``kill`` (SIGKILL, then the
   supervisor restarts it with the same command line after ``gap`` seconds, as systemd's
   ``Restart=on-failure`` would) and ``stop`` (SIGSTOP for ``gap`` seconds, then SIGCONT);
@@ -107,7 +109,7 @@ class Job:
         name = self.model.split(":")[1]
         optimizer = self.optimizer + (f"+wd{self.weight_decay:g}" if self.weight_decay else "")
         parts = [name, optimizer, f"e{self.epochs}", f"b{self.batch}", f"ckpt{self.checkpoint_every}",
-                 f"seed{self.seed}"]
+                 f"torchseed{self.seed}"]
         if self.stages:
             parts += [f"P{self.stages}", f"R{self.replicas}", f"M{self.microbatches}"]
         else:
@@ -154,7 +156,7 @@ class Schedule:
 
     def text(self) -> str:
         """The plan on one line."""
-        start = self.start if self.start == "server-first" else f"{self.start}+{self.start_gap:.2f}s"
+        start = f"{self.start}+{self.start_gap:.2f}s"
         if self.start == "late-worker":
             start = f"late-worker(worker {self.late_rank})+{self.start_gap:.2f}s"
         faults = "; ".join(f.text() for f in self.faults) or "none"
