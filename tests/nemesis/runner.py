@@ -198,15 +198,21 @@ class Run:
         slot.started = time.monotonic()
         log.debug("seed %d: started %s (pid %d)", self.s.seed, slot.name, slot.children[-1].pid)
 
-    def kill(self, slot: Slot, gap: float, now: float) -> None:
-        """SIGKILL ``slot``; the supervisor restarts it ``gap`` seconds later."""
+    def kill(self, slot: Slot, gap: float, now: float) -> bool:
+        """SIGKILL ``slot``; the supervisor restarts it ``gap`` seconds later.
+
+        Returns False when the process exited 0 on its own just before the signal (nothing to
+        restart: the kill came too late).
+        """
         c = slot.child
         assert c is not None
         c.kill(signal.SIGKILL)
-        c.wait(30)
+        if c.wait(30) == 0:
+            return False
         slot.planned = True
         slot.kills += 1
         slot.restart_at = now + gap
+        return True
 
     def supervise(self, now: float) -> None:
         """Restart what exited non-zero (systemd ``Restart=on-failure``); resume stopped processes."""
@@ -300,8 +306,7 @@ class Run:
             self.result.faults["skipped"] += 1
             return
         if f.kind == "kill":
-            self.kill(slot, f.gap, now)
-            self.result.faults["kill"] += 1
+            self.result.faults["kill" if self.kill(slot, f.gap, now) else "skipped"] += 1
         else:
             assert slot.child is not None
             slot.child.kill(signal.SIGSTOP)
@@ -347,7 +352,8 @@ class Run:
             self._start(servers)
             first = servers[0]
             self.wait_ready(first, deadline)
-            self.kill(first, s.start_gap, time.monotonic())
+            if not self.kill(first, s.start_gap, time.monotonic()):
+                raise self.failure("the server exited 0 before any worker started")
             self.result.faults["start-kill"] += 1
             self._pause(s.start_gap + 0.05, deadline)
             self.wait_ready(first, deadline)
