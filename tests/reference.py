@@ -92,7 +92,8 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
                 _set_buffers(model, start)
                 model.zero_grad(set_to_none=True)
                 loss_fn(model(x_all[rows]), y_all[rows]).backward()
-                grads.append({name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()})
+                grads.append({name: None if p.grad is None else p.grad.clone()
+                              for name, p in model.named_parameters()})
                 weights.append(float(len(rows)))
                 if i == 0:  # the lowest rank's buffers
                     after = {k: b.clone() for k, b in model.named_buffers()}

@@ -1,0 +1,266 @@
+"""Fault schedules: everything a nemesis run does, drawn from one seed, printable in one line.
+
+``Schedule.generate(seed)`` is a pure function of the seed (``random.Random(seed)``, nothing
+else): the same seed always gives the same plan, on any machine. The plan chooses
+
+* the **mode** - ``MODES[seed % len(MODES)]``, so any run of ``len(MODES)`` consecutive seeds
+  covers every mode: data-parallel bsp with ``--shm auto`` and with ``--shm off``, ``--sync
+  async``, ``--sync ssp --staleness 1``, pipeline gpipe, pipeline 1f1b, pipeline with 2
+  replicas, two server shards, and CURVE;
+* the **job** - K, the model (:data:`DATA_MODELS`: the float64 test models, one whose
+  backward pauses between gradient buckets, one with a head no loss reaches), optimizer,
+  weight decay, epochs, buckets, ``--checkpoint-every``, and a per-step stall (``--stall
+  1:SECONDS``) that stretches the job so that faults land while it trains;
+* the **start order** - the server first (the workers 0-1 s later), the workers first (the
+  server 0-2 s later), one worker seconds late, or the server killed -9 and restarted on the
+  same endpoint (same checkpoint directory) before any worker arrives;
+* **process faults** at times after the start (seconds): ``kill`` (SIGKILL, then the
+  supervisor restarts it with the same command line after ``gap`` seconds, as systemd's
+  ``Restart=on-failure`` would) and ``stop`` (SIGSTOP for ``gap`` seconds, then SIGCONT);
+* the **proxy's** fault rates (:class:`tests.nemesis.proxy.ProxyRates`), or none for CURVE.
+
+[Note: what is excluded] Only faults zmqps claims to survive are drawn (README "Faults and
+recovery", docs/ARCHITECTURE.md "Faults, recovery and security"):
+
+* a killed server needs a checkpoint to resume from: runs that kill it use
+  ``--checkpoint-every`` 1-3; a killed worker needs its lease to lapse before its restart takes
+  the rank: every run uses ``--lease 1.5`` and ``--heartbeat 0.3``;
+* pipeline: "a failed stage fails the job ... (no re-formation)" and "pipeline stages do not
+  rewind" after a server restart from an older checkpoint, so no stage and no server is killed
+  once training runs (the server is only killed before any stage arrives);
+* two shards: a shard restarted alone comes back at another step than its sibling, which is a
+  documented error ("restart every shard from the same checkpoint step"), so shard servers are
+  not killed once training runs; workers are;
+* SIGSTOP lasts at most 3 s: under the ZMTP heartbeat timeout (5 s), the worker ``--timeout``
+  and the pipeline neighbour timeout, so a stop is a slow process, not a lost connection;
+* CURVE traffic cannot be read or replayed by a proxy: CURVE runs get process faults and start
+  orders only;
+* the proxy never drops a message (clients resend only after a reconnect or a restart).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+from tests.nemesis.proxy import ProxyRates
+
+MODES = ("bsp-shm", "bsp-frames", "async", "ssp", "gpipe", "1f1b", "pipe-replicas", "shards", "curve")
+DATA_MODES = ("bsp-shm", "bsp-frames", "async", "ssp", "shards", "curve")
+PIPE_MODES = ("gpipe", "1f1b", "pipe-replicas")
+EXACT_MODES = ("bsp-shm", "bsp-frames", "gpipe", "1f1b", "pipe-replicas", "shards", "curve")
+"""Modes whose final θ is compared with the single-process reference (async and ssp are not
+deterministic: their runs check exactly-once counts instead)."""
+
+DATA_MODELS = ("tests.jobs:linear64", "tests.jobs:mlp64", "tests.nemesis.models:slow_mlp64",
+               "tests.nemesis.models:spare_mlp64")
+"""Data-parallel models: the float64 test models, one whose backward pauses between buckets
+(drawn twice as often: a kill lands in that pause only some of the time) and one with a head
+no loss reaches (:mod:`tests.nemesis.models`)."""
+SLOW_BACKWARD_S = 0.06
+"""The pause in :func:`tests.nemesis.models.slow_mlp64`'s backward, in the workers."""
+
+STARTS = ("server-first", "workers-first", "late-worker", "server-restart")
+MAX_STOP_S = 3.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One process fault: at ``at`` seconds after the start, ``kind`` (kill, stop) ``target``.
+
+    ``gap``: for ``kill`` the supervisor's restart delay, for ``stop`` how long it stays stopped.
+    ``target`` is a process slot: ``server``, ``server1`` (second shard), ``worker 0``...
+    """
+
+    at: float
+    kind: str
+    target: str
+    gap: float
+
+    def text(self) -> str:
+        """E.g. ``1.20s kill worker 1 (restart +0.40s)``."""
+        what = f"restart +{self.gap:.2f}s" if self.kind == "kill" else f"for {self.gap:.2f}s"
+        return f"{self.at:.2f}s {self.kind} {self.target} ({what})"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is trained and how (the options a run's command lines are built from)."""
+
+    model: str
+    data: str
+    loss: str
+    optimizer: str
+    lr: float
+    epochs: int
+    batch: int
+    stall: float
+    bucket_mb: float
+    checkpoint_every: int
+    seed: int = 0
+    weight_decay: float = 0.0
+    stages: int = 0
+    replicas: int = 0
+    microbatches: int = 0
+    partition: str = ""
+
+    def text(self) -> str:
+        """A compact form for the one-liner."""
+        name = self.model.split(":")[1]
+        optimizer = self.optimizer + (f"+wd{self.weight_decay:g}" if self.weight_decay else "")
+        parts = [name, optimizer, f"e{self.epochs}", f"b{self.batch}", f"ckpt{self.checkpoint_every}",
+                 f"torchseed{self.seed}"]
+        if self.stages:
+            parts += [f"P{self.stages}", f"R{self.replicas}", f"M{self.microbatches}"]
+        else:
+            parts += [f"stall{self.stall:.2f}", f"bucket{self.bucket_mb:g}"]
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One nemesis run, fully determined by its seed (see the module doc)."""
+
+    seed: int
+    mode: str
+    workers: int
+    job: Job
+    start: str
+    start_gap: float
+    late_rank: int
+    faults: tuple[Fault, ...]
+    proxy: ProxyRates | None
+    expected_s: float = field(default=0.0)
+    """Roughly how long the job trains without faults (fault times are drawn below it)."""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def shards(self) -> int:
+        """Server processes (shards) in the run."""
+        return 2 if self.mode == "shards" else 1
+
+    @property
+    def sync(self) -> str:
+        """``--sync`` of the run."""
+        return {"async": "async", "ssp": "ssp"}.get(self.mode, "bsp")
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the workers are pipeline stages."""
+        return self.mode in PIPE_MODES
+
+    @property
+    def exact(self) -> bool:
+        """Whether θ is compared with the reference (else exactly-once counts are checked)."""
+        return self.mode in EXACT_MODES
+
+    def text(self) -> str:
+        """The plan on one line."""
+        start = f"{self.start}+{self.start_gap:.2f}s"
+        if self.start == "late-worker":
+            start = f"late-worker(worker {self.late_rank})+{self.start_gap:.2f}s"
+        faults = "; ".join(f.text() for f in self.faults) or "none"
+        net = self.proxy.text() if self.proxy is not None else "no-proxy"
+        return (f"mode={self.mode} K={self.workers} job={self.job.text()} start={start} "
+                f"faults=[{faults}] net={net}")
+
+    # ------------------------------------------------------------------ generation
+    @classmethod
+    def generate(cls, seed: int) -> "Schedule":
+        """The schedule of ``seed`` (a pure function of it)."""
+        rng = random.Random(seed)
+        mode = MODES[seed % len(MODES)]
+        job, workers, expected = _job(rng, mode)
+        start = rng.choice(STARTS)
+        late_rank = rng.randrange(workers)
+        start_gap = {"server-first": rng.uniform(0.0, 1.0), "workers-first": rng.uniform(0.0, 2.0),
+                     "late-worker": rng.uniform(2.0, 5.0), "server-restart": rng.uniform(0.1, 1.0)}[start]
+        faults = _faults(rng, mode, workers, expected)
+        if any(f.kind == "kill" and f.target.startswith("server") for f in faults) and job.checkpoint_every == 0:
+            job = replace(job, checkpoint_every=rng.randint(1, 3))
+        proxy = None if mode == "curve" else _rates(rng)
+        return cls(seed, mode, workers, job, start, start_gap, late_rank, faults, proxy, expected)
+
+
+def _job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
+    """The job of ``mode``: (job, K, expected seconds of training)."""
+    if mode in PIPE_MODES:
+        replicas = 2 if mode == "pipe-replicas" else 1
+        stages = 2 if replicas == 2 else rng.choice((2, 3))
+        model, partition = (("tests.pipeline_jobs:seed_pipe64", "0:1,1:2") if stages == 2
+                            else ("tests.pipeline_jobs:tuple_pipe64", "0:3,3:5,5:6"))
+        epochs = rng.randint(6, 10)
+        job = Job(model=model, data="tests.pipeline_jobs:data246", loss="mse",
+                  optimizer=rng.choice(("sgd", "momentum")), lr=0.05, epochs=epochs, batch=60, stall=0.0,
+                  bucket_mb=0.0, checkpoint_every=rng.choice((0, 1, 2)), stages=stages, replicas=replicas,
+                  microbatches=rng.choice((1, 2, 4)), partition=partition, seed=rng.randrange(1000))
+        return job, stages * replicas, 0.04 * epochs * 5 + 0.3
+    workers = 2 if mode == "shards" else rng.choice((2, 3))
+    model = rng.choices(DATA_MODELS, weights=(1, 1, 2, 1))[0]
+    data, loss, rows = (("tests.jobs:data64", "mse", 1000) if model == "tests.jobs:linear64"
+                        else ("tests.jobs:class_data64", "cross_entropy", 600))
+    # 10 steps an epoch with K = 2; with K = 3, 11 steps whose last batch is short but never empty
+    batch = rows // 10 if workers == 2 else {1000: 99, 600: 57}[rows]
+    optimizer = rng.choice(("sgd", "momentum", "adam"))
+    epochs = rng.randint(1, 2)
+    stall = rng.choice((0.05, 0.1, 0.15))
+    bucket = rng.choice((16.0, 0.0, 0.0003)) if mode != "async" and mode != "ssp" else 16.0
+    if model == "tests.nemesis.models:slow_mlp64" and mode not in ("async", "ssp"):
+        bucket = 0.0003  # the pause in backward is between buckets only when there are several
+    job = Job(model=model, data=data, loss=loss, optimizer=optimizer, lr=0.01, epochs=epochs, batch=batch,
+              stall=stall, bucket_mb=bucket, checkpoint_every=rng.choice((0, 1, 3)), seed=rng.randrange(1000),
+              weight_decay=rng.choice((0.0, 0.0, 0.01)))
+    steps = epochs * (10 if workers == 2 else 11)
+    pause = SLOW_BACKWARD_S if model.endswith(":slow_mlp64") else 0.0
+    return job, workers, steps * (stall + pause + 0.03) + 0.5
+
+
+def _targets(mode: str, workers: int) -> tuple[list[str], list[str]]:
+    """(processes that may be killed once training runs, processes that may be stopped)."""
+    ranks = [f"worker {k}" for k in range(workers)]
+    servers = ["server", "server1"] if mode == "shards" else ["server"]
+    if mode in PIPE_MODES:
+        return [], servers + ranks
+    if mode == "shards":
+        return ranks, servers + ranks
+    return servers + ranks, servers + ranks
+
+
+def _faults(rng: random.Random, mode: str, workers: int, expected: float) -> tuple[Fault, ...]:
+    """0-3 process faults during training, never overlapping on one process."""
+    killable, stoppable = _targets(mode, workers)
+    busy: dict[str, float] = {}
+    out = []
+    for _ in range(rng.choice((0, 1, 1, 2, 2, 3))):
+        kind = "kill" if killable and rng.random() < 0.5 else "stop"
+        target = rng.choice(killable if kind == "kill" else stoppable)
+        at = round(rng.uniform(0.2, max(0.4, expected)), 2)
+        gap = round(rng.uniform(0.1, 1.0) if kind == "kill" else rng.uniform(0.5, MAX_STOP_S), 2)
+        if at < busy.get(target, 0.0):
+            continue  # that process is still down or stopped from an earlier fault: draw no other
+        busy[target] = at + gap + 2.0
+        out.append(Fault(at, kind, target, gap))
+    return tuple(sorted(out, key=lambda f: f.at))
+
+
+def _rates(rng: random.Random) -> ProxyRates:
+    """The proxy's fault rates: a clean network one time in five."""
+    if rng.random() < 0.2:
+        return ProxyRates()
+    return ProxyRates(duplicate=round(rng.uniform(0.0, 0.08), 3), delay=round(rng.uniform(0.0, 0.15), 3),
+                      reorder=round(rng.uniform(0.0, 0.5), 2), delay_ms=(2.0, round(rng.uniform(20.0, 300.0))))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-299``, ``5``, ``1,4,9-12`` -> the seeds."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            seeds.extend(range(int(lo), int(hi) + 1))
+        else:
+            seeds.append(int(part))
+    return seeds
