@@ -610,7 +610,18 @@ class Server(Recovery):
     def _ready(self, w: Waiter) -> bool:
         if self.groups is None or not self.store.initialized:
             return False
+        if w.op is Op.INIT and self._stage_missing(w.rank):
+            return False
         return self.sync.ready(w.rank, w.step, w.keys)
+
+    def _stage_missing(self, rank: int) -> bool:
+        """Whether a pipeline stage's INIT must wait: another stage was lost and has not registered
+        again, so the peer table would name an endpoint nobody listens on. A stage restarted
+        after a crash binds a new one; its neighbours get it once it is back."""
+        me = self.workers.get(rank)
+        if me is None or me.role != "stage":
+            return False
+        return any(r in self.liveness.lost for r, w in self.workers.items() if w.role == "stage" and r != rank)
 
     def _wake(self) -> None:
         still = []

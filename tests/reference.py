@@ -89,7 +89,7 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
                 rows = worker_rows(n, world, batch, epoch, t, k, shuffle, seed)
                 if len(rows) == 0:
                     continue
-                _set_buffers(model, start)
+                set_buffers(model, start)
                 model.zero_grad(set_to_none=True)
                 loss_fn(model(x_all[rows]), y_all[rows]).backward()
                 grads.append({name: None if p.grad is None else p.grad.clone()
@@ -106,11 +106,12 @@ def replay(model_factory: Callable[[], nn.Module], data_factory: Callable[[], ob
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-            _set_buffers(model, after if after is not None else start)
+            set_buffers(model, after if after is not None else start)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _set_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+def set_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the model's buffers (by name)."""
     with torch.no_grad():
         for k, b in model.named_buffers():
             b.copy_(values[k])

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tests.reference import setup, steps_per_epoch, worker_rows
+from tests.reference import set_buffers, setup, steps_per_epoch, worker_rows
 
 
 def replay_pipeline(model_factory: Callable[[], nn.Module], data_factory: Callable[[], object], replicas: int = 1,
@@ -44,17 +44,12 @@ def replay_pipeline(model_factory: Callable[[], nn.Module], data_factory: Callab
             start = {k: b.clone() for k, b in model.named_buffers()}
             after = None
             for r, mine in enumerate(per):
-                _set(model, start)
+                set_buffers(model, start)
                 for part in torch.tensor_split(mine, min(microbatches, len(mine))) if len(mine) else ():
                     (loss_fn(model(x_all[part]), y_all[part]) * (len(part) / len(rows))).backward()
                 if r == 0:
                     after = {k: b.clone() for k, b in model.named_buffers()}
             opt.step()
-            _set(model, after if after is not None else start)
+            set_buffers(model, after if after is not None else start)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-
-def _set(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for k, b in model.named_buffers():
-            b.copy_(values[k])

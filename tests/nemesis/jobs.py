@@ -29,6 +29,8 @@ from tests.reference_pipeline import replay_pipeline
 
 TOL = 1e-9
 LEASE_S, HEARTBEAT_S, WORKER_TIMEOUT_S, REJOIN_DEADLINE_S = 1.5, 0.3, 60, 60
+STAGE_TIMEOUT_S = 8
+"""A stage's ``--timeout``: a neighbour that died is noticed this soon (a SIGSTOP is ≤ 3 s)."""
 
 
 def factory(spec: str) -> Callable[[], Any]:
@@ -55,8 +57,9 @@ def server_args(s: Schedule, bind: str, ckpt: Path, ready: Path, curve: tuple[Pa
 def worker_args(s: Schedule, rank: int, servers: str, curve: tuple[Path, Path] | None) -> list[str]:
     """``ps-worker`` arguments of ``rank`` (``curve``: the server's public key and this worker's secret key)."""
     job = s.job
+    timeout = STAGE_TIMEOUT_S if s.pipeline else WORKER_TIMEOUT_S
     args = ["--server", servers, "--rank", str(rank), "--world-size", str(s.workers),
-            "--timeout", str(WORKER_TIMEOUT_S), "--heartbeat", str(HEARTBEAT_S), "--progress", "off",
+            "--timeout", str(timeout), "--heartbeat", str(HEARTBEAT_S), "--progress", "off",
             "--device", "cpu", "--model", job.model, "--data", job.data, "--loss", job.loss,
             "--batch-size", str(job.batch), "--epochs", str(job.epochs), "--seed", str(job.seed),
             "--shm", "off" if s.mode == "bsp-frames" else "auto"]

@@ -25,9 +25,11 @@ recovery", docs/ARCHITECTURE.md "Faults, recovery and security"):
 * a killed server needs a checkpoint to resume from: runs that kill it use
   ``--checkpoint-every`` 1-3; a killed worker needs its lease to lapse before its restart takes
   the rank: every run uses ``--lease 1.5`` and ``--heartbeat 0.3``;
-* pipeline: "a failed stage fails the job ... (no re-formation)" and "pipeline stages do not
-  rewind" after a server restart from an older checkpoint, so no stage and no server is killed
-  once training runs (the server is only killed before any stage arrives);
+* pipeline: a killed stage, or a server restarted from an older checkpoint, makes every stage
+  stop with an error ([Note: stages restart together] in ``worker/pipeline/runtime.py``): its
+  neighbours time out (``--timeout`` is short for stages, :data:`tests.nemesis.jobs.STAGE_TIMEOUT_S`)
+  and the supervisor starts them all again, at the server's step; stages and the server are
+  killed like any process;
 * two shards: a shard restarted alone comes back at another step than its sibling, which is a
   documented error ("restart every shard from the same checkpoint step"), so shard servers are
   not killed once training runs; workers are;
@@ -219,8 +221,6 @@ def _targets(mode: str, workers: int) -> tuple[list[str], list[str]]:
     """(processes that may be killed once training runs, processes that may be stopped)."""
     ranks = [f"worker {k}" for k in range(workers)]
     servers = ["server", "server1"] if mode == "shards" else ["server"]
-    if mode in PIPE_MODES:
-        return [], servers + ranks
     if mode == "shards":
         return ranks, servers + ranks
     return servers + ranks, servers + ranks

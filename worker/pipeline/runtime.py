@@ -135,6 +135,22 @@ def resolve_partition(cfg: Any, replicas: int, model: nn.Sequential | None = Non
     return choose(model, cfg.partition, cfg.stages, sample)
 
 
+def _rewound(me: Place, step: int, server_step: int) -> PSError:
+    """The server went back to an older step (it restarted from a checkpoint).
+
+    [Note: stages restart together] A data-parallel worker just recomputes from the server's
+    step; a stage cannot alone - its neighbours are at other points of their schedules, with
+    activations and δ of the abandoned steps in flight. So the stage stops with this error (a
+    non-zero exit), as its neighbours do when they next hear from the server or time out
+    waiting for it, and its supervisor (systemd's Restart=on-failure, Kubernetes) starts it
+    again: every stage then resumes at the server's step, and the job ends at the θ an
+    uninterrupted run reaches, since a step's update is applied only when every stage pushed it.
+    """
+    return PSError(f"stage {me.stage} (rank {me.rank}): the server went back to step {server_step} (it restarted "
+                   f"from a checkpoint) while this stage was at step {step}; the stages of a pipeline restart "
+                   f"together: exiting so that this stage is started again")
+
+
 def check_ties(model: nn.Sequential, part: Partition) -> None:
     """Tied tensors must stay within one stage: a tensor shared by layers of two stages would be
     two keys on the server, updated apart, and the tie would silently break."""
@@ -218,11 +234,14 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
                     loss = executor.run(step, actions, xs, ys, [len(p) for p in parts])
                 ts = time.perf_counter()
                 theta = client.push_pull(state.step_tensors(), step, samples=len(rows), loss=loss)
+                if client.step != step + 1:
+                    raise _rewound(me, step, client.step)
                 state.load(theta)
                 executor.stats.sync_s += time.perf_counter() - ts
                 executor.stats.end_step(time.perf_counter() - t_step)
                 progress.update(step, client.last_loss, len(rows) * replicas)
-        client.done()
+        if not client.done():
+            raise _rewound(me, total, client.step)
         linger = cfg.timeout
     except (PSError, RuntimeError) as e:
         if isinstance(e, StageError):
