@@ -27,6 +27,7 @@ class Op(str, Enum):
     ACTIVATION = "activation"  # pipeline: stage s sends activations of a microbatch to stage s+1
     GRADIENT = "gradient"  # pipeline: stage s+1 sends δ of a microbatch back to stage s
     ABORT = "abort"  # pipeline: a stage failed; its neighbours stop now instead of at their timeout
+    REWIND = "rewind"  # a server shard goes back to a checkpointed step another shard restarted from
     REPLY = "reply"  # success answer to a request; fields depend on the request
     ERROR = "error"  # failure answer: ``code`` (an ErrorCode) and ``message``; nothing changed
 
@@ -53,6 +54,7 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
     Op.GRADIENT: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
     Op.ABORT: ({"stage": INT, "message": STR}, {"rank": INT, "step": INT, "micro": INT, "action": STR}),
+    Op.REWIND: ({"rank": INT, "step": INT}, {}),
     Op.REPLY: ({}, {"*": ANY}),
     Op.ERROR: ({"code": INT, "message": STR}, {}),
 }

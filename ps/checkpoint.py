@@ -132,6 +132,14 @@ def checkpoint_contents(step: int, params: Mapping[str, torch.Tensor], optimizer
     return tensors, {"format": FORMAT, "zmqps": json.dumps(record)}
 
 
+def step_of(path: Path) -> int:
+    """The step of a ``ckpt-<step>.safetensors`` file, from its name."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint file")
+    return int(m.group(1))
+
+
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     """Where ``ckpt-<step>`` lives."""
     return Path(directory) / f"ckpt-{step:09d}.safetensors"

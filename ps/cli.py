@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -51,8 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = Server(cfg)
             server.bind()
         global _server
-        _server = server
-        return server.serve()
+        while True:
+            _server = server
+            code = server.serve()
+            if server.rewind_to is None:
+                return code
+            # [Note: shards rewind together]: a new server, at that step, where this one listened
+            cfg = dataclasses.replace(cfg, bind=server.bound, resume="auto")
+            server = Server(cfg, rewind_to=server.rewind_to)
+            server.bind()
     except ConfigError as e:
         log.error("%s", e)
         return 2

@@ -69,7 +69,7 @@ class Waiter:
 class Server(Recovery):
     """The parameter server. ``bind()`` then ``serve()``; returns 0 when every worker is done."""
 
-    def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, ctx: zmq.Context | None = None, rewind_to: int | None = None) -> None:
         self.cfg = cfg
         self._own_ctx = ctx is None
         self.ctx = ctx or make_context(cfg.io_threads)
@@ -92,6 +92,7 @@ class Server(Recovery):
         self.last_loss: float | None = None
         self.saved_step = -1
         self.endpoint = ""
+        self.bound = ""
         self.sock: zmq.Socket | None = None
         self._finished = False
         self.stop_signal: int | None = None  # set by request_stop (a signal handler)
@@ -102,11 +103,13 @@ class Server(Recovery):
                                                    for r, w in list(self.workers.items())])
         self.sync = make_consistency(cfg, self.store, self.workers, self.metrics)
         self._init_recovery()
-        self._resume()
+        self.rewind_to: int | None = None  # set by REWIND: serve() returns, and ps.cli starts over at it
+        self._resume(rewind_to)
 
     # ------------------------------------------------------------------ lifecycle
-    def _resume(self) -> None:
-        """Say what ``--checkpoint-dir`` holds and resume it or not ([Note: used folders])."""
+    def _resume(self, rewind_to: int | None = None) -> None:
+        """Say what ``--checkpoint-dir`` holds and resume it or not ([Note: used folders]);
+        ``rewind_to``: resume that checkpoint, dropping newer ones ([Note: shards rewind together])."""
         try:
             checkpoint.check_writable(self.cfg.checkpoint_dir)
         except OSError as e:
@@ -114,6 +117,11 @@ class Server(Recovery):
                               f"(the server writes its checkpoints and final.safetensors there)") from None
         jobdir.claim(self.cfg.checkpoint_dir)
         try:
+            if rewind_to is not None:
+                for newer in checkpoint.checkpoints(self.cfg.checkpoint_dir):
+                    if checkpoint.step_of(newer) > rewind_to:
+                        newer.unlink()
+                        log.warning("removed %s: this shard goes back to step %d with the others", newer.name, rewind_to)
             self._resume_claimed()
         except BaseException:
             jobdir.release(self.cfg.checkpoint_dir)
@@ -166,6 +174,7 @@ class Server(Recovery):
                  if self.cfg.curve_secret_key else None)
         frame = largest_frame(self.store.specs(), self.limits) if self.store.initialized else None
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve, max_frame=frame)
+        self.bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the address itself (port 0 resolved)
         log.info("listening on %s for %d worker(s), sync=%s, optimizer=%s lr=%g",
                  self.endpoint, self.cfg.workers, self.cfg.sync, self.cfg.optimizer, self.cfg.lr)
         self.metrics.start()
@@ -217,6 +226,8 @@ class Server(Recovery):
                     self._log_status()
             if self.failed:
                 return 1
+            if self.rewind_to is not None:
+                return 0  # ps.cli starts a new server at that step
             if not self._final_written:  # finished without its files would be a lie ([Note: the final write])
                 log.error("the job ended without its final files")
                 return 1
@@ -404,15 +415,15 @@ class Server(Recovery):
     def _on_register(self, ident: bytes, msg: Message) -> None:
         """[Note: idempotent register] A worker resends REGISTER until it is answered (it may
         start long before the server), so one registration can arrive many times. A copy from
-        the same connection with the same fields is answered with the first answer, word for
-        word, and changes nothing; whichever copy's answer the worker acts on, it agrees with
-        the server on its rank and its shared-memory segment."""
+        the same connection with the same fields is answered with the first answer (only
+        ``initialized`` says what holds now) and changes nothing; whichever copy's answer the
+        worker acts on, it agrees with the server on its rank and its shared-memory segment."""
         f = msg.fields
         same = next((w for w in self.workers.values() if w.identity == ident and w.request == f), None)
         if same is not None:
             self._renew(same.rank)
             log.debug("rank %d: a copy of its registration, answered as before", same.rank)
-            self._reply(ident, msg.id, same.reply)
+            self._reply(ident, msg.id, {**same.reply, "initialized": self.store.initialized})  # θ may exist now
             return
         world, worker_id = f["world_size"], f.get("worker_id")
         if world != self.cfg.workers:
@@ -635,6 +646,9 @@ class Server(Recovery):
                 if w.op is Op.INIT:
                     fields["peers"] = self._peer_table()
                     fields.update(self.fast.theta_fields(w.keys))
+                    # the steps this shard could go back to ([Note: shards rewind together])
+                    fields["restorable"] = sorted({*map(checkpoint.step_of, checkpoint.checkpoints(
+                        self.cfg.checkpoint_dir)), self.store.version(self.store.params)})
                 self._reply(w.ident, w.req_id, fields, w.keys, shm=w.shm)
                 self.metrics.request(w.op.value, time.monotonic() - w.t0)
             else:
@@ -840,6 +854,37 @@ class Server(Recovery):
         self._park(Waiter(ident, msg.id, Op.DONE, w.rank, (), step=0))
         self._finish_if_done()
 
+    def _on_rewind(self, ident: bytes, msg: Message) -> None:
+        """[Note: shards rewind together] Shards checkpoint on their own. When one restarts from
+        its newest checkpoint, the others are a step or two ahead, and a worker that rejoins finds
+        the shards at different steps. It then asks every shard ahead to go back to the oldest
+        one's step: a shard that has a checkpoint of that step starts over from it (``ps.cli``
+        builds a new server in the same process, on the same endpoint: a new incarnation, so the
+        workers register again), dropping its newer checkpoints; the steps in between are
+        recomputed, exactly, as after any restart. The step is the newest one every shard can
+        restore (each INIT reply lists its checkpoints' steps and its own, ``restorable``); a
+        shard without it refuses, naming it.
+        """
+        self._worker(msg)
+        step = msg.fields["step"]
+        version = self.store.version(self.store.params) if self.store.initialized else 0
+        if not self.store.initialized or step >= version:
+            self._reply(ident, msg.id, {"version": version})
+            return
+        path = checkpoint.checkpoint_path(self.cfg.checkpoint_dir, step)
+        if not path.exists():
+            newest = checkpoint.latest_checkpoint(self.cfg.checkpoint_dir)
+            raise ProtocolError(ErrorCode.BAD_STEP,
+                                f"another server shard restarted from step {step}, but this one (at step {version}) "
+                                f"has no checkpoint of step {step} to go back to (newest: "
+                                f"{newest.name if newest else 'none'}); restart every shard from one step")
+        log.warning("rank %d asks this shard to go back from step %d to step %d, where another shard restarted: "
+                    "starting over from %s", msg.fields["rank"], version, step, path.name)
+        self._reply(ident, msg.id, {"version": step})
+        self._settle()
+        self.rewind_to = step
+        self._finished = True
+
     def _on_ping(self, ident: bytes, msg: Message) -> None:
         self._heartbeat(ident, msg.fields.get("rank"))
         version = self.store.version(self.store.params) if self.store.initialized else 0
@@ -886,4 +931,5 @@ class Server(Recovery):
         Op.PUSH_PULL: _on_push,
         Op.DONE: _on_done,
         Op.PING: _on_ping,
+        Op.REWIND: _on_rewind,
     }

@@ -83,6 +83,7 @@ def test_copies_of_a_registration_share_one_segment_and_a_push_naming_another_is
             replies[msg.id] = msg.fields
         first = replies[ids[0]]
         assert all(r == first for r in replies.values())
+        assert first["initialized"] is False
         assert os.path.exists(first["shm_grad"])
         req.request(Op.INIT, {"rank": 0}, THETA, timeout_s=30)
         push = {"rank": 0, "step": 0, "grads": ["a", "b"]}
@@ -94,6 +95,8 @@ def test_copies_of_a_registration_share_one_segment_and_a_push_naming_another_is
         assert req.request(Op.PING, {}, timeout_s=30).fields["version"] == 0
         ok = req.request(Op.PUSH, {**push, "segment": first["shm_grad_token"]}, timeout_s=30)
         assert ok.fields["applied"] is True
+        again = req.request(Op.REGISTER, reg, timeout_s=30).fields  # a rejoin: the same segment, θ now there
+        assert again == {**first, "initialized": True}
         assert req.request(Op.PING, {}, timeout_s=30).fields["version"] == 1
     finally:
         req.close()

@@ -153,3 +153,37 @@ def test_a_stopped_server_does_not_drop_healthy_workers_under_shrink(forkserver,
     assert "lost" not in log, [line for line in log.splitlines() if "lost" in line]
     assert "did not run for" in log
     assert_final(tmp_path / "ckpt", expected())
+
+
+def test_a_killed_shard_restarts_and_the_other_goes_back_to_its_step(forkserver, procs, tmp_path):
+    """Two server shards checkpoint on their own. Shard A dies right after applying step 9 and
+    comes back from its newest checkpoint, a step or two behind shard B. The rejoining workers
+    find the shards at different steps and ask B back to A's step ([Note: shards rewind
+    together]); B starts over from its own checkpoint of that step, and the job ends at the
+    uninterrupted θ (the files of both shards merged)."""
+    from common.partition import merge_files
+
+    def shard(name: str, env: dict | None = None, bind: str = "tcp://127.0.0.1:0"):
+        n = len(procs.children) + 1
+        ready = procs.tmp / f"ready-{n}"
+        argv = ["--bind", bind, "--workers", str(WORLD), "--ready-file", str(ready), "--checkpoint-dir",
+                str(tmp_path / name), "--checkpoint-every", "1", *SERVER]
+        child = forkserver.spawn(name, "ps", argv, procs.tmp / f"{n:02d}-{name}.log", env=env)
+        procs.children.append(child)
+        wait_log(child, r"listening on", timeout=60)
+        return child, ready.read_text().strip()
+
+    a, ep_a = shard("shard-a", env={"PS_FAULT": "stop:after-apply:9"})
+    b, ep_b = shard("shard-b")
+    workers = [fork_worker(forkserver, procs, f"{ep_a},{ep_b}", r) for r in range(WORLD)]
+    wait_stopped(a)
+    a.kill()
+    assert a.wait(30) == -9
+    a2, _ = shard("shard-a", bind=ep_a)
+    procs.wait_ok([*workers, a2, b], timeout=180)
+    assert "asks this shard to go back from step" in b.output(tail=10**6)
+    got = merge_files([tmp_path / "shard-a" / "final.safetensors", tmp_path / "shard-b" / "final.safetensors"])
+    want = expected()
+    assert set(got) == set(want)
+    for k in want:
+        assert (got[k] - want[k]).abs().max().item() <= 1e-9, k

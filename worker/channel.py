@@ -45,6 +45,17 @@ Tensors = Mapping[str, torch.Tensor]
 WIRE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class ShardsApart(PSError):
+    """The server shards answered INIT at different steps: one restarted from an older checkpoint."""
+
+    def __init__(self, rank: int | None, by_endpoint: Mapping[str, int], versions: Mapping[int, int],
+                 target: int | None) -> None:
+        super().__init__(f"worker {rank}: the server shards are at different steps "
+                         + ", ".join(f"{ep} at {v}" for ep, v in by_endpoint.items()))
+        self.versions = dict(versions)
+        self.target = target  # the newest step every shard can go back to; None: there is none
+
+
 @dataclass
 class Shard:
     """One server: its requester and caller, its pieces, and its shared-memory segments (if any)."""
@@ -229,6 +240,7 @@ class Channel:
             calls.append((s, shard.caller.start(Op.INIT, f, cpu, step)))
         out = self._alloc_full()
         versions: dict[int, int] = {}
+        restorable: dict[int, set[int]] = {}
         peers: list[dict[str, Any]] = []
         for s, c in calls:
             shard = self.shards[s]
@@ -242,13 +254,27 @@ class Channel:
                     pieces = shard.caller.call(Op.PULL, {"rank": self.rank, "step": 0}, step=step).tensors
             self._scatter(pieces, out)
             versions[s] = int(reply.fields["version"])
+            restorable[s] = {int(x) for x in reply.fields.get("restorable") or () if isinstance(x, int)}
             if s == 0:
                 peers = list(reply.fields.get("peers") or [])
         if len(set(versions.values())) > 1:
-            raise PSError(f"worker {self.rank}: the server shards are at different steps "
-                          + ", ".join(f"{self.shards[s].req.endpoint} at {v}" for s, v in versions.items())
-                          + ": restart every shard from the same checkpoint step")
+            common = set.intersection(*(restorable[s] | {versions[s]} for s in versions))
+            common = {x for x in common if x <= min(versions.values())}
+            raise ShardsApart(self.rank, {self.shards[s].req.endpoint: v for s, v in versions.items()}, versions,
+                              max(common) if common else None)
         return out, versions[0], peers
+
+    def rewind(self, versions: Mapping[int, int], target: int, step: int = 0) -> None:
+        """Ask every shard past ``target`` to go back to it ([Note: shards rewind together] in ``ps.server``).
+
+        Raises:
+            RemoteError: a shard cannot (the message names why).
+        """
+        for s, v in versions.items():
+            if v > target:
+                log.warning("worker %s: server shard %s is at step %d, another restarted behind it: asking it "
+                            "to go back to step %d", self.rank, self.shards[s].req.endpoint, v, target)
+                self.shards[s].caller.call(Op.REWIND, {"rank": self.rank, "step": target}, step=step)
 
     def reset(self) -> None:
         """Forget the step in progress and every call in flight (before rejoining)."""

@@ -55,11 +55,14 @@ from common import faults
 from common.errors import ErrorCode, PSError, RemoteError
 from common.protocol import Op
 from common.transport import USE_DEFAULT, Requester, make_context
-from worker.channel import Channel
+from worker.channel import Channel, ShardsApart
 from worker.heartbeat import Heartbeat
 from worker.modelstate import ModelState
 
 log = logging.getLogger(__name__)
+
+MAX_REWINDS = 3
+"""How often a joining worker asks shards at different steps to meet at the oldest one's."""
 
 Tensors = Mapping[str, torch.Tensor]
 Grads = Mapping[str, "torch.Tensor | None"]
@@ -368,6 +371,7 @@ class PSClient:
         """REGISTER then INIT with every shard (again, if a server restarted between the two)."""
         ch = self._channel(Op.INIT)
         deadline = time.monotonic() + self.timeout
+        rewinds = 0
         while True:
             try:
                 self._register_again()
@@ -376,6 +380,19 @@ class PSClient:
             except RemoteError as e:  # a server restarted between REGISTER and INIT
                 if e.code != ErrorCode.NOT_REGISTERED or time.monotonic() > deadline:
                     raise
+            except ShardsApart as e:  # one shard restarted from an older checkpoint than the others hold
+                rewinds += 1
+                if e.target is None:
+                    raise PSError(f"{e}, and no step is kept by every shard (their checkpoints and steps); "
+                                  f"restart every shard from the same checkpoint step") from None
+                if rewinds > MAX_REWINDS or time.monotonic() > deadline:
+                    raise PSError(f"{e}: they did not come back to one step after {rewinds - 1} attempt(s); "
+                                  f"restart every shard from the same checkpoint step") from None
+                try:
+                    ch.rewind(e.versions, e.target, self.step)
+                except RemoteError as r:
+                    if r.code != ErrorCode.NOT_REGISTERED:  # else it restarted meanwhile (another worker's REWIND)
+                        raise PSError(f"{e}, and one cannot go back: {r.remote_message}") from None
         self.step = version
         self.peers = peers
         self._joined = True

@@ -30,9 +30,9 @@ recovery", docs/ARCHITECTURE.md "Faults, recovery and security"):
   neighbours time out (``--timeout`` is short for stages, :data:`tests.nemesis.jobs.STAGE_TIMEOUT_S`)
   and the supervisor starts them all again, at the server's step; stages and the server are
   killed like any process;
-* two shards: a shard restarted alone comes back at another step than its sibling, which is a
-  documented error ("restart every shard from the same checkpoint step"), so shard servers are
-  not killed once training runs; workers are;
+* two shards: a shard restarted alone comes back at an older step than its sibling; the workers
+  ask the sibling back to the newest step both can restore ([Note: shards rewind together] in
+  ``ps/server.py``), so shard servers are killed like any process;
 * SIGSTOP lasts at most 3 s: under the ZMTP heartbeat timeout (5 s), the worker ``--timeout``
   and the pipeline neighbour timeout, so a stop is a slow process, not a lost connection;
 * CURVE traffic cannot be read or replayed by a proxy: CURVE runs get process faults and start
@@ -221,8 +221,6 @@ def _targets(mode: str, workers: int) -> tuple[list[str], list[str]]:
     """(processes that may be killed once training runs, processes that may be stopped)."""
     ranks = [f"worker {k}" for k in range(workers)]
     servers = ["server", "server1"] if mode == "shards" else ["server"]
-    if mode == "shards":
-        return ranks, servers + ranks
     return servers + ranks, servers + ranks
 
 
