@@ -32,8 +32,9 @@ class Op(str, Enum):
     ERROR = "error"  # failure answer: ``code`` (an ErrorCode) and ``message``; nothing changed
 
 
-# Field kinds understood by the validator.
+# Field kinds understood by the validator ("num?": a number or nil).
 INT, NUM, STR, BOOL, STRLIST, SPECS, ANY = "int", "num", "str", "bool", "strlist", "specs", "any"
+NUM_OR_NIL = "num?"
 
 # op -> (required fields, optional fields); each maps field name -> kind.
 SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
@@ -82,6 +83,27 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # ``segment``: the token of the gradient segment the ``grads`` were written to; the server
 # refuses a push naming any other segment than the one it gave this rank.
 
+_THETA = {"version": INT, "loss": NUM_OR_NIL}
+_THETA_SHM = {"shm": BOOL}
+REPLIES: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
+    Op.REGISTER: ({"world_size": INT, "sync": STR, "initialized": BOOL, "rank": INT, "optimizer": STR, "lr": NUM,
+                   "incarnation": STR, "lease_s": NUM, "hold_s": NUM, "buckets": BOOL},
+                  {"clip_grad_norm": NUM_OR_NIL, "shm_grad": STR, "shm_grad_token": STR}),
+    Op.INIT: ({**_THETA, "peers": ANY, "restorable": ANY},
+              {**_THETA_SHM, "shm_theta": STR, "shm_theta_token": STR, "shm_theta_size": INT, "shm_offsets": ANY}),
+    Op.PULL: (_THETA, _THETA_SHM),
+    Op.PUSH: ({"applied": BOOL, "version": INT}, {}),
+    Op.PUSH_PULL: (_THETA, _THETA_SHM),
+    Op.DONE: ({"version": INT}, {}),
+    Op.PING: ({"version": INT, "registered": INT, "workers": INT, "loss": NUM_OR_NIL, "done": INT,
+               "incarnation": STR},
+              {"sync": STR, "staleness": ANY, "max_lead": INT, "pushes": INT, "updates": INT, "metrics_url": ANY}),
+    Op.REWIND: ({"version": INT}, {}),
+}
+"""The fields of the server's REPLY to each request: (required, optional), by the request's op.
+The server checks its replies against this before they leave; a client checks a reply to its
+call against it, so a renamed field is an error at once, not a silent default."""
+
 RESERVED = frozenset({"v", "op", "id", "tensors"})
 """Header keys every message may carry besides its op's fields."""
 
@@ -90,14 +112,15 @@ OPS_BY_VALUE: dict[str, Op] = {op.value: op for op in Op}
 
 def _check_registry() -> None:
     """Every op has a schema and no schema uses a reserved key or an unknown kind."""
-    kinds = {INT, NUM, STR, BOOL, STRLIST, SPECS, ANY}
+    kinds = {INT, NUM, STR, BOOL, STRLIST, SPECS, ANY, NUM_OR_NIL}
     missing = set(Op) - set(SCHEMA)
     if missing:
         raise ImportError(f"protocol ops without a schema: {sorted(m.value for m in missing)}")
-    for op, (req, opt) in SCHEMA.items():
-        for name, kind in {**req, **opt}.items():
-            if name in RESERVED or kind not in kinds:
-                raise ImportError(f"bad schema entry {op.value}.{name}: {kind}")
+    for table in (SCHEMA, REPLIES):
+        for op, (req, opt) in table.items():
+            for name, kind in {**req, **opt}.items():
+                if name in RESERVED or kind not in kinds:
+                    raise ImportError(f"bad schema entry {op.value}.{name}: {kind}")
 
 
 _check_registry()

@@ -27,7 +27,8 @@ import torch
 from common import PROTOCOL_VERSION
 from common.dtypes import ITEMSIZE, dtype_name, torch_dtype
 from common.errors import ErrorCode, ProtocolError
-from common.protocol import ANY, BOOL, INT, NUM, OPS_BY_VALUE, RESERVED, SCHEMA, SPECS, STR, STRLIST, Op
+from common.protocol import (ANY, BOOL, INT, NUM, NUM_OR_NIL, OPS_BY_VALUE, REPLIES, RESERVED, SCHEMA, SPECS, STR,
+                             STRLIST, Op)
 
 # Frames from ZeroMQ are writable; read-only frames (bytes, in tests and tools) are viewed too.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -140,6 +141,7 @@ def _check_kind(op: Op, name: str, kind: str, value: Any, limits: WireLimits) ->
     ok = {
         INT: _is_int(value),
         NUM: (_is_int(value) or isinstance(value, float)),
+        NUM_OR_NIL: value is None or _is_int(value) or isinstance(value, float),
         STR: isinstance(value, str),
         BOOL: isinstance(value, bool),
         STRLIST: isinstance(value, list) and all(isinstance(s, str) for s in value),
@@ -231,6 +233,26 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
         # a value no rule above foresaw (torch or numpy refused it): a protocol error all the same
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"undecodable message: {type(e).__name__}: {str(e)[:200]}",
                             req_id) from None
+
+
+def check_reply(request: Op, fields: Mapping[str, Any], limits: WireLimits = DEFAULT_LIMITS) -> None:
+    """``fields`` of a REPLY to a ``request`` hold what :data:`common.protocol.REPLIES` says, and
+    nothing else; else :class:`ProtocolError` (``BAD_MESSAGE``) naming the field."""
+    schema = REPLIES.get(request)
+    if schema is None:
+        return
+    required, optional = schema
+    for name, kind in required.items():
+        if name not in fields:
+            raise _bad(f"reply to {request.value}: missing field {name!r}")
+        _check_kind(request, name, kind, fields[name], limits)
+    for name, value in fields.items():
+        if name in required:
+            continue
+        kind = optional.get(name)
+        if kind is None:
+            raise _bad(f"reply to {request.value}: unknown field {name!r}")
+        _check_kind(request, name, kind, value, limits)
 
 
 def _decode_body(op: Op, req_id: int, header: dict[str, Any], frames: Sequence[Frame],

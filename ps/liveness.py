@@ -4,7 +4,7 @@ Every message a registered worker sends, and every heartbeat from its heartbeat 
 its lease. A worker silent for ``--lease`` seconds is *lost* from that moment. While its lease
 runs, a rank is *held*: nobody else may register as that rank (so two processes never train as
 the same rank). Pure bookkeeping with an explicit clock, so it is tested without sockets; the
-server decides what a loss means (:mod:`ps.recovery`).
+server decides what a loss means (``ps.server``, ``ps.membership``).
 """
 
 from __future__ import annotations

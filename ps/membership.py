@@ -1,12 +1,39 @@
-"""Who the server is training with: registered workers, their keys, and key groups."""
+"""Who the server is training with: registered workers, their ranks, leases and parked requests.
+
+[Note: exactly once] A step's update is applied once, whatever is retried, replayed or restarted
+(the replay rule itself is each step engine's, ``ps.engine``). What membership adds:
+
+* a rank is bound to the connection that registered it. Requests for that rank from any other
+  connection are refused (UNAUTHORIZED), and another connection may take the rank over only
+  once the holder's lease has lapsed (RANK_HELD until then): a restarted worker waits at most
+  one lease; two live processes never train as one rank;
+* a connection may keep only so many requests parked, and a request that repeats one it left
+  parked supersedes it (:mod:`ps.parking`);
+* every message of a registered worker, and every heartbeat from its heartbeat socket, renews
+  its lease; a lease lapses only for silence while the server was running
+  ([Note: the server's own stalls] in ``ps.liveness``).
+"""
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ps.aggregate import KeyGroup
+from common.config import ServerConfig
+from common.errors import ErrorCode, ProtocolError
+from common.protocol import Op
+from common.watch import HEARTBEAT_SUFFIX
+from common.wire import Message
+from ps.liveness import Liveness
+from ps.parking import Parking
+from ps.ranks import RankTable
+
+log = logging.getLogger(__name__)
+
+_UNFENCED = (Op.REGISTER, Op.PING)
 
 
 @dataclass
@@ -28,27 +55,122 @@ class WorkerInfo:
     reply: dict[str, Any] = field(default_factory=dict)  # and the answer it got ([Note: idempotent register])
 
 
-def form_groups(workers: dict[int, WorkerInfo], versions: dict[str, int],
-                buffers: frozenset[str] = frozenset()) -> list[KeyGroup]:
-    """Group keys by the exact set of ranks that contribute them (sorted, for rank order).
+class Membership:
+    """The registered workers by rank, the rank table, the leases and the parked requests."""
 
-    Data-parallel: one group of every key, contributed by every rank. Pipeline: one group per
-    stage, contributed by that stage's replicas. Buckets split groups further: keys share a
-    group only if every contributor pushes them in the same bucket. ``buffers`` are the keys
-    whose pushes carry values, not gradients (``ps.aggregate``, [Note: buffer values]).
-    """
-    contributors: dict[str, list[tuple[int, int]]] = {}
-    for rank in sorted(workers):
-        bucket_of = {k: i for i, b in enumerate(workers[rank].buckets) for k in b}
-        for key in workers[rank].keys:
-            contributors.setdefault(key, []).append((rank, bucket_of.get(key, -1)))
-    by_set: dict[tuple[tuple[int, int], ...], list[str]] = {}
-    for key, sig in contributors.items():
-        by_set.setdefault(tuple(sig), []).append(key)
-    groups = []
-    for sig, keys in by_set.items():
-        ranks = tuple(r for r, _b in sig)
-        steps = {versions.get(k, 0) for k in keys}
-        groups.append(KeyGroup(keys=tuple(keys), contributors=ranks, step=min(steps),
-                               values=frozenset(keys) & buffers))
-    return groups
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.workers: dict[int, WorkerInfo] = {}
+        self.ranks = RankTable()
+        self.liveness = Liveness(cfg.workers, cfg.lease, cfg.rejoin_deadline)
+        self.parking = Parking()
+        self.incarnation = secrets.token_hex(8)
+        self.registered_specs: dict[str, tuple[str, tuple[int, ...]]] = {}  # as registered, before θ exists
+        self.buffer_keys: set[str] = set()  # registered as buffers ([Note: buffers in θ])
+        self.parked_cap = 16  # raised with the key groups: see set_groups
+
+    # ------------------------------------------------------------------ lookups
+    def worker(self, msg: Message) -> WorkerInfo:
+        """The registered worker a request names (``rank``); NOT_REGISTERED if there is none."""
+        rank = msg.fields["rank"]
+        w = self.workers.get(rank)
+        if w is None:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, f"rank {rank} has not registered")
+        w.last_seen = time.monotonic()
+        return w
+
+    def live(self, rank: int, now: float | None = None) -> bool:
+        """Whether ``rank``'s lease runs."""
+        return self.liveness.remaining(rank, time.monotonic() if now is None else now) > 0
+
+    def held(self, now: float) -> list[int]:
+        """Ranks held by a live or finished worker (the others are free for a new worker id)."""
+        return [r for r, w in self.workers.items() if w.done or self.liveness.remaining(r, now) > 0]
+
+    def all_done(self) -> bool:
+        """Whether every registered worker said DONE (and there is one)."""
+        return bool(self.workers) and all(w.done for w in self.workers.values())
+
+    def stage_missing(self, rank: int) -> bool:
+        """Whether a pipeline stage's INIT must wait: another stage was lost and has not registered
+        again, so the peer table would name an endpoint nobody listens on. A stage restarted
+        after a crash binds a new one; its neighbours get it once it is back."""
+        me = self.workers.get(rank)
+        if me is None or me.role != "stage":
+            return False
+        return any(r in self.liveness.lost for r, w in self.workers.items() if w.role == "stage" and r != rank)
+
+    def peer_table(self) -> list[dict[str, Any]]:
+        """Every worker's rank, role, stage, peer endpoint and plan: how pipeline stages find neighbours."""
+        return [{"rank": w.rank, "role": w.role, "stage": w.stage, "endpoint": w.endpoint, "plan": w.plan}
+                for _, w in sorted(self.workers.items())]
+
+    def set_groups(self, n: int) -> None:
+        """The key groups are formed: a client keeps a PULL per bucket and shard in flight, so
+        a connection may park twice as many requests, plus a margin."""
+        self.parked_cap = 2 * n + 16
+
+    # ------------------------------------------------------------------ every message
+    def screen(self, ident: bytes, msg: Message) -> None:
+        """Before a handler runs: cap this connection's parked requests, fence, renew the lease."""
+        if msg.op is not Op.PING:
+            self.parking.check(ident, self.parked_cap)
+        rank = msg.fields.get("rank")
+        if msg.op in _UNFENCED or not isinstance(rank, int) or isinstance(rank, bool):
+            return
+        w = self.workers.get(rank)
+        if w is None:
+            return
+        if ident != w.identity:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED,
+                                f"rank {rank} is registered by another connection (a newer process took it over)")
+        self.renew(rank)
+
+    def renew(self, rank: int) -> None:
+        """Renew ``rank``'s lease (and say so if it was lost)."""
+        back = self.liveness.touch(rank, time.monotonic())
+        if back is not None:
+            log.warning("rank %d is back after %.1fs away (lost at step %d)", rank,
+                        time.monotonic() - back.since, back.step)
+
+    def admit(self, ident: bytes, rank: int) -> None:
+        """May ``ident`` register as ``rank``? Raises RANK_HELD while another connection's lease runs."""
+        old = self.workers.get(rank)
+        if old is None or old.identity == ident:
+            return
+        left = self.liveness.remaining(rank, time.monotonic())
+        if left > 0:
+            raise ProtocolError(ErrorCode.RANK_HELD,
+                                f"rank {rank} is held by a live connection; retry in {left:.1f}s, when its "
+                                f"lease lapses unless it is heard from")
+        self.parking.drop(old.identity)
+        log.warning("rank %d: a new connection takes over (a restarted worker)", rank)
+
+    def heartbeat(self, ident: bytes, rank: Any) -> None:
+        """A PING from a rank's heartbeat socket renews its lease."""
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            return
+        w = self.workers.get(rank)
+        if w is not None and ident == w.identity + HEARTBEAT_SUFFIX:
+            self.renew(rank)
+
+    # ------------------------------------------------------------------ losses
+    def check(self, now: float, step: int, shrink: bool, started: bool) -> tuple[list[int], str | None]:
+        """Declare lapsed workers lost. Returns the ranks to drop now (``shrink``: every lost one)
+        and, otherwise, why the job must fail (an absence past ``--rejoin-deadline``), or None."""
+        done = [r for r, w in self.workers.items() if w.done]
+        for rank in self.liveness.lapse(now, step, exempt=done):
+            if not shrink:
+                log.warning("rank %d lost: nothing heard for %.1fs, at step %d; holding the step until it "
+                            "returns (--on-worker-loss wait, --rejoin-deadline %gs)",
+                            rank, self.cfg.lease, step, self.cfg.rejoin_deadline)
+        if shrink:
+            return sorted(self.liveness.lost), None
+        return [], self.liveness.overdue(now, self.workers, started=started)
+
+    def remove(self, rank: int) -> WorkerInfo:
+        """Drop ``rank`` from the job (``--on-worker-loss shrink``): its lease and parked requests go too."""
+        w = self.workers.pop(rank)
+        self.liveness.forget(rank)
+        self.parking.drop(w.identity)
+        return w

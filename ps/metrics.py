@@ -1,6 +1,6 @@
 """What the server measures: Prometheus metrics, a JSONL log, and its one-line status.
 
-Every applied push is recorded with its staleness and lead (see :mod:`ps.consistency`),
+Every applied push is recorded with its staleness and lead (see :mod:`ps.engine.base`),
 every optimizer update with θ's version and the loss. The same numbers feed three outputs:
 
 * Prometheus text on ``http://HOST:PORT/metrics`` (``--metrics-port``; HOST is the host of

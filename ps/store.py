@@ -38,6 +38,7 @@ class ParameterStore:
         self.versions: dict[str, int] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.buffers: frozenset[str] = frozenset()  # θ keys that are buffers ([Note: buffers in θ])
+        self.aliases: dict[str, str] = {}  # other state_dict names of θ's tensors (tied weights)
         self._inflight: dict[str, list[zmq.MessageTracker]] = {}
         self.cow_clones = 0
         self.shared = False  # θ lives in a shared-memory segment (see ps.fastpath)

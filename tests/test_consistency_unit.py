@@ -7,23 +7,42 @@ import torch
 
 from common.config import ServerConfig
 from common.errors import ErrorCode, ProtocolError
+from common.protocol import Op
 from ps.aggregate import KeyGroup
-from ps.consistency import make_consistency
-from ps.membership import WorkerInfo
+from ps.engine import Services, make_engine
+from ps.engine.pushes import Push
+from ps.membership import Membership, WorkerInfo
 from ps.metrics import ServerMetrics
 from ps.store import ParameterStore
 from worker.jitter import Stall
+
+
+class NoCheckpoints:
+    """The engine's view of the checkpoints, doing nothing (no disk in these tests)."""
+
+    def maybe_save(self, version: int, cut: bool) -> None:
+        pass
+
+    def restorable(self) -> list[int]:
+        return []
 
 
 def setup(sync: str, clocks: list[int], staleness: int = 0, optimizer: str = "sgd", lr: float = 0.5):
     cfg = ServerConfig(workers=len(clocks), sync=sync, staleness=staleness, optimizer=optimizer, lr=lr)
     store = ParameterStore(cfg)
     store.initialize({"w": torch.zeros(3, dtype=torch.float64)})
-    workers = {r: WorkerInfo(rank=r, identity=b"%d" % r, keys=("w",), clock=c) for r, c in enumerate(clocks)}
+    members = Membership(cfg)
+    for r, c in enumerate(clocks):
+        members.workers[r] = WorkerInfo(rank=r, identity=b"%d" % r, keys=("w",), clock=c)
     metrics = ServerMetrics(cfg)
-    policy = make_consistency(cfg, store, workers, metrics)
+    policy = make_engine(Services(cfg, store, members, metrics, None, None, NoCheckpoints()))  # type: ignore[arg-type]
     group = KeyGroup(keys=("w",), contributors=tuple(range(len(clocks))))
-    return policy, store, workers, metrics, group
+    return policy, store, members.workers, metrics, group
+
+
+def push(policy, w: WorkerInfo, step: int, group: KeyGroup, grads: dict, weight: float, loss) -> bool:
+    """What ``on_push`` hands the rule once the message is read and checked."""
+    return policy.accept(Push(Op.PUSH, w, step, grads, frozenset(), [group], weight, None, loss, w.keys, False))
 
 
 def test_ssp_waits_only_while_the_slowest_live_worker_is_below_c_minus_s():
@@ -46,7 +65,7 @@ def test_bsp_waits_for_the_version_and_async_never_waits():
 def test_async_applies_each_push_with_lr_over_k_and_restores_the_lr():
     policy, store, workers, metrics, group = setup("async", [0, 0], lr=0.5)
     g = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
-    assert policy.push(workers[0], 0, [group], {"w": g}, 1.0, 2.0)
+    assert push(policy, workers[0], 0, group, {"w": g}, 1.0, 2.0)
     torch.testing.assert_close(store.params["w"].detach(), -0.25 * g, rtol=0, atol=0)
     assert store.optimizer.param_groups[0]["lr"] == 0.5
     assert workers[0].clock == 1 and store.versions["w"] == 1 and metrics.updates == 1
@@ -57,15 +76,15 @@ def test_async_rejects_a_step_ahead_of_the_clock_and_acknowledges_a_replay_witho
     policy, store, workers, metrics, group = setup("async", [1, 0])
     before = store.params["w"].detach().clone()
     with pytest.raises(ProtocolError) as e:
-        policy.push(workers[0], 3, [group], {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
+        push(policy, workers[0], 3, group, {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
     assert e.value.code is ErrorCode.BAD_STEP and "rank 0" in str(e.value)
-    assert not policy.push(workers[0], 0, [group], {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
+    assert not push(policy, workers[0], 0, group, {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
     assert torch.equal(store.params["w"].detach(), before) and workers[0].clock == 1 and metrics.pushes == 0
 
 
 def test_adam_runs_with_lr_over_k_on_arrival():
     policy, store, workers, _, group = setup("async", [0, 0], optimizer="adam", lr=0.1)
-    policy.push(workers[0], 0, [group], {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
+    push(policy, workers[0], 0, group, {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
     # Adam's first step moves each coordinate by lr (times sign): here lr / K = 0.05
     torch.testing.assert_close(store.params["w"].detach(), torch.full((3,), -0.05, dtype=torch.float64),
                                rtol=0, atol=1e-7)
@@ -77,18 +96,18 @@ def test_staleness_counts_updates_since_the_workers_read_and_lead_counts_steps()
     policy.on_read(0, 0)
     policy.on_read(1, 0)
     one = {"w": torch.ones(3, dtype=torch.float64)}
-    policy.push(workers[0], 0, [group], one, 1.0, None)  # applied at version 0: staleness 0
-    policy.push(workers[1], 0, [group], one, 1.0, None)  # one update since its read: 1
-    policy.push(workers[0], 1, [group], one, 1.0, None)  # read 0, now 2; rank 1 is at clock 1
+    push(policy, workers[0], 0, group, one, 1.0, None)  # applied at version 0: staleness 0
+    push(policy, workers[1], 0, group, one, 1.0, None)  # one update since its read: 1
+    push(policy, workers[0], 1, group, one, 1.0, None)  # read 0, now 2; rank 1 is at clock 1
     assert dict(metrics.staleness) == {0: 1, 1: 1, 2: 1}
     policy.on_read(0, 3)
-    policy.push(workers[0], 2, [group], one, 1.0, None)  # 1 step ahead of rank 1 (clock 1)
+    push(policy, workers[0], 2, group, one, 1.0, None)  # 1 step ahead of rank 1 (clock 1)
     assert metrics.max_lead == 1 and metrics.staleness[0] == 2
 
 
 def test_an_empty_batch_advances_the_clock_without_an_update():
     policy, store, workers, metrics, group = setup("ssp", [0, 0], staleness=1)
-    assert policy.push(workers[0], 0, [group], {"w": torch.ones(3, dtype=torch.float64)}, 0.0, None)
+    assert push(policy, workers[0], 0, group, {"w": torch.ones(3, dtype=torch.float64)}, 0.0, None)
     assert workers[0].clock == 1 and store.versions["w"] == 0 and metrics.updates == 0
 
 

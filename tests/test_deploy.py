@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import re
 import subprocess
@@ -37,7 +36,6 @@ from tests import jobs
 from tests.deployfiles import (DEPLOY, ROOT, Command, UnitHost, compose_commands, documented_env, load_compose,
                                load_k8s, k8s_commands, read_env_file, readme_commands, unit_command)
 from tests.netns import Lab, netns_available
-from tests.procs import child_env
 from tests.reference import replay
 
 CONFIG = {"ps-server": ServerConfig, "ps-worker": WorkerConfig, "ps-ping": PingConfig, "ps-launch": LaunchConfig}

@@ -258,7 +258,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_none_reada
     cfg = ServerConfig(workers=1, checkpoint_dir=str(tmp_path))
     server = Server(cfg)
     try:
-        assert server.saved_step == 4 and torch.equal(server.store.params["w"], torch.ones(2))
+        assert server.checkpoints.saved_step == 4 and torch.equal(server.store.params["w"], torch.ones(2))
     finally:
         server.close()
     assert "cannot resume from ckpt-000000008.safetensors" in caplog.text
