@@ -198,14 +198,20 @@ class Segment:
         return out
 
     def close(self) -> None:
-        """Unmap (views must be gone) and, for the creator, remove the file."""
+        """Let the segment go: for the creator, remove the file; the memory is unmapped once no
+        tensor views it any more.
+
+        [Note: no early unmap] ``torch.frombuffer`` keeps a reference to the mapping but no
+        buffer export, so ``mmap.close()`` would succeed while tensors still view the memory:
+        they would then read unmapped pages (a crash) or, worse, whatever is mapped there next -
+        such as the gradient segment that replaces this one for a restarted worker, whose
+        push of a step still pending in a key group is then read from the new worker's memory
+        (a silently wrong θ: nemesis seed 151, shards, two workers killed mid-step). So the
+        mapping is never closed here; it goes with the last tensor that views it.
+        """
         if self.owner:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
         self.data = torch.empty(0, dtype=torch.uint8)
-        try:
-            self._mm.close()
-        except BufferError:  # tensors still view it: the mapping goes when they do
-            pass

@@ -101,3 +101,20 @@ def test_copies_of_a_registration_share_one_segment_and_a_push_naming_another_is
     finally:
         req.close()
         ctx.destroy(0)
+
+
+def test_a_closed_segment_stays_mapped_while_a_tensor_views_it(tmp_path):
+    """[Note: no early unmap] A push still pending in a key group views the gradient segment of a
+    worker that has since restarted (and got a new segment): closing the old one must not unmap
+    the memory under that view, nor let the new segment be mapped where the view reads."""
+    from common.shm import Segment
+
+    old = Segment.create("g0", 64)
+    view = old.views([("w", "float64", (8,))], {"w": 0})["w"]
+    view.copy_(torch.arange(8.0, dtype=torch.float64))
+    old.close()
+    new = Segment.create("g0", 64)  # the restarted worker's, the same size
+    new.views([("w", "float64", (8,))], {"w": 0})["w"].fill_(-1.0)
+    assert torch.equal(view, torch.arange(8.0, dtype=torch.float64))
+    assert not os.path.exists(old.path)
+    new.close()
