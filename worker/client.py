@@ -35,7 +35,8 @@ from there. Loop on ``client.step``, not on a counter of your own, as the exampl
 tensors are split into pieces and spread over them deterministically (``worker.pieces``;
 every worker must list the shards in the same order). On the same host as the server, θ
 and the gradients go through shared memory (``worker.segments``) unless ``shm="off"``.
-:class:`worker.channel.Channel` moves the bytes.
+:class:`worker.channel.Channel` moves the bytes. Entry points build their client with
+:meth:`PSClient.from_config`, which applies every client option of a ``WorkerConfig``.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ import zmq
 from torch import nn
 
 from common import faults
+from common.config import WorkerConfig
 from common.errors import PSError, RemoteError
 from common.protocol import Op
 from common.transport import USE_DEFAULT, Requester, make_context
 from worker.channel import Channel
 from worker.heartbeat import Heartbeat
 from worker.modelstate import ModelState
-from worker.options import default_worker_id
+from worker.options import client_options, default_worker_id
 from worker.registration import Registration
 from worker.rejoin import Rejoined, rejoin_reason
 
@@ -115,6 +117,14 @@ class PSClient:
         """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self.server_info: dict[str, Any] = {}
         """The REGISTER reply (of the first shard): world size, sync model, optimizer and lr."""
+
+    @classmethod
+    def from_config(cls, cfg: WorkerConfig, *, role: str = "data", ctx: zmq.Context | None = None) -> "PSClient":
+        """A client with every client option of ``cfg`` (:func:`worker.options.client_options`:
+        CURVE included); nothing is read from the environment. With ``ctx`` (a pipeline stage
+        shares its context with its peer links) ``cfg.io_threads`` is the context's business."""
+        assert cfg.world_size is not None  # WorkerConfig refuses a config without one
+        return cls(cfg.server, cfg.rank, cfg.world_size, role=role, ctx=ctx, **client_options(cfg))
 
     # ------------------------------------------------------------------ API
     def init(self, named_tensors: Tensors | nn.Module, buckets: Sequence[Sequence[str]] | None = None,
