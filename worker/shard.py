@@ -8,7 +8,6 @@ on this worker.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -23,8 +22,6 @@ from common.transport import Requester
 from common.wire import Message
 from worker.heartbeat import Heartbeat
 from worker.retry import Caller, RetryPolicy
-
-log = logging.getLogger(__name__)
 
 
 class ShardsApart(PSError):

@@ -22,7 +22,6 @@ connections and server restarts, with several calls in flight at once.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -35,8 +34,6 @@ from worker.retry import Call
 from worker.segments import SharedTheta
 from worker.shard import Shard
 from worker.staging import Stager
-
-log = logging.getLogger(__name__)
 
 Tensors = Mapping[str, torch.Tensor]
 
