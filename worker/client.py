@@ -32,19 +32,16 @@ returns θ at the server's version, setting :attr:`PSClient.step` to it: the cal
 from there. Loop on ``client.step``, not on a counter of your own, as the example does.
 
 ``server`` may list several shards, comma-separated (``tcp://a:5555,tcp://b:5555``): the
-tensors are split into pieces and spread over them deterministically (``common.partition``;
+tensors are split into pieces and spread over them deterministically (``worker.pieces``;
 every worker must list the shards in the same order). On the same host as the server, θ
-and the gradients go through shared memory (``common.shm``) unless ``shm="off"``. The
-bytes of both paths, and the staging of CUDA tensors through pinned buffers, are handled by
-:class:`worker.channel.Channel`.
+and the gradients go through shared memory (``worker.segments``) unless ``shm="off"``.
+:class:`worker.channel.Channel` moves the bytes. Entry points build their client with
+:meth:`PSClient.from_config`, which applies every client option of a ``WorkerConfig``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
@@ -52,29 +49,22 @@ import zmq
 from torch import nn
 
 from common import faults
-from common.errors import ErrorCode, PSError, RemoteError
+from common.config import WorkerConfig
+from common.errors import PSError, RemoteError
 from common.protocol import Op
 from common.transport import USE_DEFAULT, Requester, make_context
-from worker.channel import Channel, ShardsApart
+from worker.channel import Channel
 from worker.heartbeat import Heartbeat
 from worker.modelstate import ModelState
+from worker.options import client_options, default_worker_id
+from worker.registration import Registration
+from worker.rejoin import Rejoined, rejoin_reason
 
 log = logging.getLogger(__name__)
-
-MAX_REWINDS = 3
-"""How often a joining worker asks shards at different steps to meet at the oldest one's."""
 
 Tensors = Mapping[str, torch.Tensor]
 Grads = Mapping[str, "torch.Tensor | None"]
 T = TypeVar("T")
-
-
-class _Rejoined(Exception):
-    """Internal: the call ended in registering again; θ is at the server's (older) version."""
-
-    def __init__(self, theta: dict[str, torch.Tensor]) -> None:
-        super().__init__("rejoined")
-        self.theta = theta
 
 
 class PSClient:
@@ -114,13 +104,8 @@ class PSClient:
         self._ch: Channel | None = Channel(self.ctx, endpoints, rank, timeout, chunk_mb, shm, wire_dtype,
                                            who=self.worker_id if rank is None else None, heartbeat=heartbeat,
                                            curve=curve)
-        self._register: dict[str, Any] = {}
-        self._specs: dict[str, torch.Tensor] = {}  # meta tensors: names, dtypes and shapes registered
-        self._buckets: list[list[str]] | None = None
-        self._buffers: list[str] = []
-        self._aliases: dict[str, str] = {}
+        self._reg: Registration | None = None  # what every (re-)registration sends
         self._state: ModelState | None = None  # the module given to init, if one was
-        self._params: dict[str, torch.Tensor] | None = None  # what end_step last loaded θ into
         self._joined = False
         self.rejoins = 0
         """How many times this client registered again (after a server restart or a shrink)."""
@@ -132,6 +117,14 @@ class PSClient:
         """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self.server_info: dict[str, Any] = {}
         """The REGISTER reply (of the first shard): world size, sync model, optimizer and lr."""
+
+    @classmethod
+    def from_config(cls, cfg: WorkerConfig, *, role: str = "data", ctx: zmq.Context | None = None) -> "PSClient":
+        """A client with every client option of ``cfg`` (:func:`worker.options.client_options`:
+        CURVE included); nothing is read from the environment. With ``ctx`` (a pipeline stage
+        shares its context with its peer links) ``cfg.io_threads`` is the context's business."""
+        assert cfg.world_size is not None  # WorkerConfig refuses a config without one
+        return cls(cfg.server, cfg.rank, cfg.world_size, role=role, ctx=ctx, **client_options(cfg))
 
     # ------------------------------------------------------------------ API
     def init(self, named_tensors: Tensors | nn.Module, buckets: Sequence[Sequence[str]] | None = None,
@@ -166,9 +159,12 @@ class PSClient:
         Without a rank yet, the first shard assigns one and the others are told it; after
         that, re-registering sends the rank it got, so a reconnect keeps it.
         """
-        self._channel(Op.REGISTER)
-        self._remember(named_tensors, buckets, register_fields, buffers, aliases)
-        return self._register_again()
+        ch = self._channel(Op.REGISTER)
+        self.server_info = ch.register(self._remember(named_tensors, buckets, register_fields, buffers, aliases),
+                                       self.step)
+        assert ch.rank is not None
+        self.rank = ch.rank
+        return ch.rank
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
         """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
@@ -176,14 +172,14 @@ class PSClient:
         fields: dict[str, Any] = {"rank": self.rank, "step": self.step if step is None else step}
         try:
             replies = self._guard(Op.PULL, lambda: ch.call_all(Op.PULL, fields, self.step))
-        except _Rejoined as r:
+        except Rejoined as r:
             theta = r.theta
         else:
             pieces: dict[str, torch.Tensor] = {}
             for r in replies:
                 self.last_loss = r.fields.get("loss", self.last_loss)
                 pieces.update(r.tensors)
-            theta = ch._whole(pieces)
+            theta = ch.whole(pieces)
         return {k: theta[k] for k in keys} if keys is not None else self._full(theta)
 
     def push(self, grads: Grads | nn.Module, step: int | None = None, samples: float | None = None,
@@ -196,7 +192,7 @@ class PSClient:
         try:
             self._guard(Op.PUSH, lambda: self._push_all(ch, grads, step, samples, loss, pull=False))
             self._guard(Op.PUSH, lambda: ch.finish(want_theta=False))
-        except _Rejoined:
+        except Rejoined:
             return False
         self.step = step + 1
         return ch.applied
@@ -213,7 +209,7 @@ class PSClient:
         grads = self._grads(grads)
         try:
             self._guard(Op.PUSH_PULL, lambda: self._push_all(ch, grads, step, samples, loss))
-        except _Rejoined as r:
+        except Rejoined as r:
             return self._full(r.theta)
         return self._full(self.end_step())
 
@@ -228,13 +224,13 @@ class PSClient:
         ch = self._channel(Op.DONE)
         try:
             self._guard(Op.DONE, lambda: ch.call_all(Op.DONE, {"rank": self.rank, "step": self.step}, self.step))
-        except _Rejoined:
+        except Rejoined:
             return False
         return True
 
     def pull_into(self, params: Mapping[str, torch.Tensor]) -> None:
         """Load θ ready for computing :attr:`step` into ``params`` (bound ones show it already)."""
-        self._load_whole(self.pull(), params)
+        self._channel(Op.PULL).load_whole(self.pull(), params)
 
     def ping(self) -> dict[str, Any]:
         """The server's status (version, workers registered and done, last loss) (first shard)."""
@@ -263,23 +259,21 @@ class PSClient:
         rewind (see the module doc), θ is at the server's older version, :attr:`step`.
         """
         ch = self._channel(Op.PUSH_PULL)
-        step = int(ch._step["step"])
-        if params is not None:
-            self._params = dict(params)
+        step = ch.step
         try:
             self._guard(Op.PUSH_PULL, ch.flush)
             self._fault("after-push", step)
             pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True, params=params))
-        except _Rejoined as r:
+        except Rejoined as r:
             if params is not None:
-                self._load_whole(r.theta, params)
+                self._channel(Op.PULL).load_whole(r.theta, params)
                 return {}
             return r.theta
         self.step = step + 1
         self.last_loss = ch.last_loss
         if params is not None:
             return {}
-        theta = ch._whole(pieces)
+        theta = ch.whole(pieces)
         if len(theta) < len(self.keys):
             theta = {**ch.theta_from_shm(), **theta}
         return theta
@@ -328,16 +322,11 @@ class PSClient:
     # ------------------------------------------------------------------ internals
     def _remember(self, named_tensors: Tensors, buckets: Sequence[Sequence[str]] | None,
                   register_fields: Mapping[str, Any], buffers: Sequence[str] = (),
-                  aliases: Mapping[str, str] | None = None) -> None:
-        """What every (re-)registration sends."""
-        self._specs = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in named_tensors.items()}
-        self._buckets = [list(b) for b in buckets] if buckets else None
-        self._register = dict(register_fields)
-        unknown = [b for b in buffers if b not in named_tensors]
-        if unknown:
-            raise PSError(f"buffers {unknown[:5]} are not among the tensors given")
-        self._buffers = list(buffers)
-        self._aliases = dict(aliases or {})
+                  aliases: Mapping[str, str] | None = None) -> Registration:
+        """What every (re-)registration sends, kept for rejoining."""
+        fields = {"world_size": self.world_size, "role": self.role, "worker_id": self.worker_id, **register_fields}
+        self._reg = Registration.of(named_tensors, self.world_size, fields, buckets, buffers, aliases)
+        return self._reg
 
     def _grads(self, grads: Grads | nn.Module) -> Grads:
         """A push's tensors by name: the module's, if the module given to :meth:`init` is passed."""
@@ -354,74 +343,36 @@ class PSClient:
         self._state.remember(theta)
         return self._state.full(theta)
 
-    def _register_again(self) -> int:
-        """REGISTER with every shard, with the fields of the last :meth:`register`."""
-        ch = self._channel(Op.REGISTER)
-        fields: dict[str, Any] = {"world_size": self.world_size, "role": self.role, "worker_id": self.worker_id,
-                                  **self._register}
-        self.server_info = ch.register(self._specs, self._buckets, fields, self.rank, self.world_size, self.step,
-                                       self._buffers, self._aliases)
-        if self.rank is None:
-            log.info("the server assigned rank %d to worker id %r", ch.rank, self.worker_id)
-        assert ch.rank is not None
-        self.rank = ch.rank
-        return ch.rank
-
-    def _join(self, offer: Tensors | None) -> dict[str, torch.Tensor]:
-        """REGISTER then INIT with every shard (again, if a server restarted between the two)."""
+    def _join(self, offer: Tensors | None, rejoin: bool = False) -> dict[str, torch.Tensor]:
+        """REGISTER then INIT with every shard (:meth:`worker.registration.Registrar.join`);
+        ``rejoin``: after a server forgot this worker."""
         ch = self._channel(Op.INIT)
-        deadline = time.monotonic() + self.timeout
-        rewinds = 0
-        while True:
-            try:
-                self._register_again()
-                theta, version, peers = ch.init(offer, self.step)
-                break
-            except RemoteError as e:  # a server restarted between REGISTER and INIT
-                if e.code != ErrorCode.NOT_REGISTERED or time.monotonic() > deadline:
-                    raise
-            except ShardsApart as e:  # one shard restarted from an older checkpoint than the others hold
-                rewinds += 1
-                if e.target is None:
-                    raise PSError(f"{e}, and no step is kept by every shard (their checkpoints and steps); "
-                                  f"restart every shard from the same checkpoint step") from None
-                if rewinds > MAX_REWINDS or time.monotonic() > deadline:
-                    raise PSError(f"{e}: they did not come back to one step after {rewinds - 1} attempt(s); "
-                                  f"restart every shard from the same checkpoint step") from None
-                try:
-                    ch.rewind(e.versions, e.target, self.step)
-                except RemoteError as r:
-                    if r.code != ErrorCode.NOT_REGISTERED:  # else it restarted meanwhile (another worker's REWIND)
-                        raise PSError(f"{e}, and one cannot go back: {r.remote_message}") from None
-        self.step = version
-        self.peers = peers
-        self._joined = True
+        assert self._reg is not None
+        try:
+            if rejoin:
+                theta, version, peers = ch.rejoin(self._reg, self.step, self.timeout)
+            else:
+                theta, version, peers = ch.join(self._reg, offer, self.step, self.timeout)
+        finally:
+            self.server_info = ch.info
+            self.rank = ch.rank if ch.rank is not None else self.rank
+        self.step, self.peers, self._joined = version, peers, True
         return theta
 
     def _guard(self, op: Op, fn: Callable[[], T]) -> T:
-        """Run ``fn``; when a server no longer knows this rank, rejoin and raise :class:`_Rejoined`.
-
-        A push refused for naming a shared-memory segment the server did not give this rank
-        (STALE_SEGMENT: this worker acted on the answer of a server that has since restarted)
-        is handled the same way: nothing was applied, and registering again names the right one.
-        """
+        """Run ``fn``; when a server forgot this worker (``worker.rejoin``), rejoin and raise
+        :class:`worker.rejoin.Rejoined`."""
         try:
             return fn()
         except RemoteError as e:
-            if e.code not in (ErrorCode.NOT_REGISTERED, ErrorCode.STALE_SEGMENT) or not self._joined:
+            why = rejoin_reason(e) if self._joined else None
+            if why is None:
                 raise
-            why = ("the server no longer knows this rank (it restarted, or dropped it)"
-                   if e.code == ErrorCode.NOT_REGISTERED else f"the server refused its segment ({e.remote_message})")
-        ch = self._channel(op)
         log.warning("worker %d: %s during %s of step %d: registering again", self.rank, why, op.value, self.step)
         self.rejoins += 1
-        ch.reset()
-        bound = ch.unbind()
-        theta = self._join(None)
-        if bound:
-            ch.bind(bound)
+        theta = self._join(None, rejoin=True)
         log.warning("worker %d: rejoined; the server is at step %d", self.rank, self.step)
-        raise _Rejoined(theta)
+        raise Rejoined(theta)
 
     def _push_all(self, ch: Channel, grads: Grads, step: int, samples: float | None, loss: float | None,
                   pull: bool = True) -> None:
@@ -431,14 +382,6 @@ class PSClient:
         if not pull:
             ch.flush()
             self._fault("after-push", step)
-
-    def _load_whole(self, theta: Tensors, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy whole θ tensors into ``params`` (the bound ones already show θ)."""
-        ch = self._channel(Op.PULL)
-        with torch.no_grad():
-            for name, p in params.items():
-                if name not in ch.bound and name in theta:
-                    p.copy_(theta[name])
 
     def _fault(self, point: str, step: int) -> None:
         """Fire an armed test fault (``common.faults``); at ``after-push``, once the servers have the push."""
@@ -452,10 +395,3 @@ class PSClient:
         if self.rank is None and op not in (Op.REGISTER, Op.INIT, Op.PING):
             raise PSError(f"worker {self.worker_id}: {op.value} before init() (no rank assigned yet)")
         return self._ch
-
-
-def default_worker_id() -> str:
-    """``HOSTNAME-PID``: unique per process, and stable across restarts of a container
-    (Docker and Kubernetes keep the hostname, and the entry process gets the same pid).
-    Elsewhere set ``--worker-id`` for a rank that survives a restart."""
-    return f"{socket.gethostname()}-{os.getpid()}"

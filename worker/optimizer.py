@@ -33,12 +33,18 @@ gradient over the whole model before each update.
 
 The endpoint, rank and world size come from the arguments, else from ``PS_SERVER``,
 ``PS_RANK`` and ``PS_WORLD_SIZE`` (as ``ps-worker`` reads them); without a rank the server
-assigns one at registration (data mode), readable as ``opt.rank``.
+assigns one at registration (data mode), readable as ``opt.rank``. Every other client option
+comes from its ``PS_*`` variable too: ``PS_TIMEOUT``, ``PS_HEARTBEAT``, ``PS_CHUNK_MB``,
+``PS_SHM``, ``PS_WIRE_DTYPE``, ``PS_IO_THREADS``, ``PS_WORKER_ID`` and the CURVE keys
+(``PS_CURVE_SECRET_KEY``, ``PS_CURVE_SERVER_KEY``). The environment is read in one place,
+:func:`config_from_env` (through ``common.config.parse_config``, the one module that reads
+it); a caller that passes ``config=`` (a :class:`common.config.WorkerConfig`) has nothing read.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import sys
 import weakref
@@ -73,6 +79,18 @@ def _hook_crashes() -> None:
     sys.excepthook = excepthook
 
 
+def config_from_env(server: str | None = None, rank: int | None = None, world_size: int | None = None,
+                    timeout: float | None = None) -> WorkerConfig:
+    """The wrapper's configuration: the values given, every other option from ``PS_*``.
+
+    Raises:
+        ConfigError: no world size (given or ``PS_WORLD_SIZE``), or a bad value.
+    """
+    given = {"--server": server, "--rank": rank, "--world-size": world_size, "--timeout": timeout}
+    argv = [str(x) for flag, value in given.items() if value is not None for x in (flag, value)]
+    return parse_config(WorkerConfig, argv, prog="DistributedOptimizer")
+
+
 class DistributedOptimizer:
     """Wraps ``optimizer`` so that ``step()`` trains ``model`` through the parameter server.
 
@@ -83,22 +101,28 @@ class DistributedOptimizer:
         rank: this worker's rank (default: ``PS_RANK``; else the server assigns one, see ``.rank``).
         world_size: the number of workers K (default: ``PS_WORLD_SIZE``).
         timeout: seconds any call may block before it raises ``PSTimeoutError``.
+        config: every client option (CURVE included); nothing is then read from the
+            environment, and the arguments above, where given, replace its values. Default:
+            :func:`config_from_env`.
 
     Raises:
-        ConfigError: server, rank or world size neither given nor in the environment.
+        ConfigError: no world size, given or in the environment; a CURVE key that cannot be read.
         PSTimeoutError: the server did not answer (e.g. not every worker started) in time.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, model: nn.Module, server: str | None = None,
-                 rank: int | None = None, world_size: int | None = None, timeout: float | None = None) -> None:
-        given = {"--server": server, "--rank": rank, "--world-size": world_size, "--timeout": timeout}
-        argv = [str(x) for flag, value in given.items() if value is not None for x in (flag, value)]
-        cfg = parse_config(WorkerConfig, argv, prog="DistributedOptimizer")  # the rest from PS_*
-        assert cfg.world_size is not None
+                 rank: int | None = None, world_size: int | None = None, timeout: float | None = None, *,
+                 config: WorkerConfig | None = None) -> None:
+        if config is None:
+            config = config_from_env(server, rank, world_size, timeout)  # the edge: PS_* are read here only
+        else:
+            given = {"server": server, "rank": rank, "world_size": world_size, "timeout": timeout}
+            overrides = {k: v for k, v in given.items() if v is not None}
+            config = dataclasses.replace(config, **overrides) if overrides else config
+        self.config = config
         self.optimizer = optimizer
         self.model = model
-        self.client = PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout,
-                               worker_id=cfg.worker_id)  # rank None: the server assigns one
+        self.client = PSClient.from_config(config)  # rank None: the server assigns one
         self._finished = False
         try:
             theta = self.client.init(model)

@@ -6,12 +6,29 @@ import logging
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any
+from dataclasses import dataclass
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from common.config import WorkerConfig
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProgressView:
+    """What :class:`Progress` reads of a worker's configuration (a ``WorkerConfig`` has it all).
+
+    Attributes:
+        rank: the worker's rank; rank 0 shows the progress.
+        epochs: epochs of the job.
+        progress: ``--progress``: auto, on or off.
+    """
+
+    rank: int | None
+    epochs: int
+    progress: str
 
 
 class Progress:
@@ -21,7 +38,7 @@ class Progress:
     (rank 0 only); otherwise rank 0 logs one line per epoch.
     """
 
-    def __init__(self, cfg: Any, total: int, start: int, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: ProgressView | WorkerConfig, total: int, start: int, steps_per_epoch: int) -> None:
         self.rank = cfg.rank
         self.epochs = cfg.epochs
         self.spe = steps_per_epoch

@@ -86,9 +86,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
     loss_fn = LOSSES[cfg.loss]
     t0 = time.monotonic()
     samples = 0
-    with PSClient(cfg.server, cfg.rank, cfg.world_size, timeout=cfg.timeout, worker_id=cfg.worker_id,
-                  heartbeat=cfg.heartbeat, chunk_mb=cfg.chunk_mb, shm=cfg.shm, wire_dtype=cfg.wire_dtype,
-                  io_threads=cfg.io_threads) as client:
+    with PSClient.from_config(cfg) as client:
         state = ModelState(model)
         params = state.params
         sizes = {k: p.numel() * p.element_size() for k, p in params.items()}

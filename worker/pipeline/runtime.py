@@ -29,13 +29,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from common.config import WorkerConfig
+from common.config import JobFields, WorkerConfig
 from common.errors import ConfigError, PSError, StageError
 from common.transport import make_context
 from worker.client import PSClient
@@ -46,7 +45,7 @@ from worker.pipeline.partition import Partition, choose
 from worker.pipeline.schedule import Schedule, build, format_actions
 from worker.pipeline.stage import StageExecutor, StageStats
 from worker.pipeline.staging import PinnedStager
-from worker.progress import Progress
+from worker.progress import Progress, ProgressView
 from worker.modelstate import ModelState
 from worker.runtime import LOSSES, resolve_device
 
@@ -111,7 +110,7 @@ def check_plans(me: Place, mine: str, peers: list[dict[str, Any]]) -> None:
                           f"give every stage the same --partition (ranges), --microbatches and --schedule")
 
 
-def build_pipeline_model(cfg: Any, device: torch.device) -> nn.Sequential:
+def build_pipeline_model(cfg: JobFields, device: torch.device) -> nn.Sequential:
     """The job's model (default: the seed's two-layer example) on ``device``; must be an nn.Sequential."""
     model = build_model(cfg.model, cfg.seed, default_pipeline_model)
     if not isinstance(model, nn.Sequential):
@@ -119,7 +118,7 @@ def build_pipeline_model(cfg: Any, device: torch.device) -> nn.Sequential:
     return model.to(device)
 
 
-def resolve_partition(cfg: Any, replicas: int, model: nn.Sequential | None = None,
+def resolve_partition(cfg: JobFields, replicas: int, model: nn.Sequential | None = None,
                       data: Any = None) -> Partition:
     """The job's partition: explicit ranges as given, else balanced on a sample microbatch.
 
@@ -204,9 +203,14 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
              format_actions(sched.for_stage(me.stage)))
     plan = plan_text(cfg, part)
     loss_fn = LOSSES[cfg.loss]
-    ctx = make_context()
+    ctx = make_context(cfg.io_threads)  # shared by the client and the peer links
     links = PeerLinks(ctx, me, cfg.peer_bind, cfg.peer_advertise, cfg.timeout, cfg.microbatches)
-    client = PSClient(cfg.server, me.rank, cfg.world_size, timeout=cfg.timeout, role="stage", ctx=ctx)
+    try:
+        client = PSClient.from_config(cfg, role="stage", ctx=ctx)  # every client option, as the data runtime's
+    except BaseException:
+        links.close()
+        ctx.term()
+        raise
     executor = StageExecutor(module, me, links, PinnedStager(device), loss_fn, device)
     t0 = time.monotonic()
     start = 0
@@ -218,8 +222,9 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
         check_plans(me, plan, [p for p in client.peers if p.get("role") == "stage"])
         links.connect(*neighbours(cfg, me, client.peers))
         start = client.step
-        shows = SimpleNamespace(rank=0 if (me.last and me.replica == 0) else me.rank + 1,
-                                epochs=cfg.epochs, progress=cfg.progress)
+        # the last stage of replica 0 has the loss: it shows the progress as rank 0 would
+        shows = ProgressView(rank=0 if (me.last and me.replica == 0) else me.rank + 1, epochs=cfg.epochs,
+                             progress=cfg.progress)
         with Progress(shows, total, start, shards.steps_per_epoch) as progress:
             for step in range(start, total):
                 t_step = time.perf_counter()
