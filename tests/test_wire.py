@@ -172,3 +172,15 @@ def test_pickle_payload_is_just_bytes() -> None:
 
     with pytest.raises(ProtocolError):
         decode([pickle.dumps(Boom())])
+
+
+def test_replies_are_checked_against_their_schema() -> None:
+    """A reply to a request holds exactly the fields ``common.protocol.REPLIES`` lists for it."""
+    from common.protocol import Op
+    from common.wire import check_reply
+
+    check_reply(Op.PUSH, {"applied": True, "version": 3})
+    check_reply(Op.PULL, {"version": 3, "loss": None, "shm": True})
+    for bad in ({"applied": True}, {"applied": "yes", "version": 3}, {"applied": True, "version": 3, "extra": 1}):
+        with pytest.raises(ProtocolError):
+            check_reply(Op.PUSH, bad)

@@ -31,11 +31,11 @@ from typing import Any, Callable, Mapping
 import torch
 import zmq
 
-from common.errors import AuthenticationError, ErrorCode, PSError, PSTimeoutError, RemoteError
+from common.errors import AuthenticationError, ErrorCode, ProtocolError, PSError, PSTimeoutError, RemoteError
 from common.protocol import Op
 from common.transport import Requester
 from common.watch import HandshakeWatch
-from common.wire import Message
+from common.wire import Message, check_reply
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,13 @@ class Caller:
 
     def _answer(self, c: Call, msg: Message, now: float) -> None:
         if msg.op is not Op.ERROR:
-            c.reply = msg
+            try:  # a reply holds what common.protocol.REPLIES says: a renamed field fails here, loudly
+                check_reply(c.op, msg.fields)
+            except ProtocolError as e:
+                c.error = PSError(f"{c.what} to {self.req.endpoint}: {self.who}: the server's reply does not fit "
+                                  f"the protocol ({e}); is it another version of zmqps?")
+            else:
+                c.reply = msg
             self._calls.remove(c)
             return
         code, text = msg.fields["code"], msg.fields["message"]
