@@ -7,6 +7,9 @@ Precedence: command line > ``PS_*`` environment > ``--config FILE`` (TOML, the s
 the options, e.g. ``batch_size = 64`` or ``batch-size = 64``) > the dataclass default. This
 module is the only place that reads the environment or a config file; a ``PS_*`` variable or
 a config key that no role knows fails at start, naming it.
+
+The choices of ``--optimizer``, ``--sync``, ``--schedule`` and ``--loss`` and their help come
+from :mod:`common.names`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from common.errors import ConfigError
 from common.faults import parse_fault
+from common.names import Choice, Loss, Optimizer, PipelineSchedule, SyncModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,13 +37,28 @@ ENV_PREFIX = "PS_"
 
 @dataclass(frozen=True)
 class Option:
-    """One user-facing option: flag, value type, help, allowed values and help group."""
+    """One user-facing option: flag, value type, help, allowed values and help group.
+
+    An option that picks one of a kind of names (``--optimizer``, ``--sync``, ``--schedule``,
+    ``--loss``) gives ``names`` (a :class:`common.names.Choice`) instead of ``choices``: its
+    choices and the description of each come from there.
+    """
 
     flag: str
     kind: Callable[[str], Any]
     help: str
     choices: tuple[str, ...] | None = None
     group: str = "general"
+    names: type[Choice] | None = None
+
+    def __post_init__(self) -> None:
+        if self.names is not None:
+            object.__setattr__(self, "choices", self.names.names())
+
+    @property
+    def text(self) -> str:
+        """The help as ``--help`` and the README show it: with each name's description, if any."""
+        return self.help if self.names is None else f"{self.help}: {self.names.describe()}"
 
     @property
     def env(self) -> str:
@@ -60,8 +79,8 @@ OPTIONS: dict[str, Option] = {
     # server
     "bind": Option("--bind", str, "endpoint the server binds (port 0 lets the OS choose)", group="server"),
     "workers": Option("--workers", int, "number of workers K", group="server"),
-    "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
-                        ("sgd", "momentum", "adam"), group="optimizer"),
+    "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies", names=Optimizer,
+                        group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
     "clip_grad_norm": Option("--clip-grad-norm", float, "clip the averaged gradient to this total 2-norm "
                              "before each update, as torch.nn.utils.clip_grad_norm_ does after DDP's "
@@ -69,9 +88,7 @@ OPTIONS: dict[str, Option] = {
                              "server shard)", group="optimizer"),
     "momentum": Option("--momentum", float, "momentum", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
-    "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
-                   "each push on arrival with lr/K; ssp lets a worker run at most --staleness steps ahead",
-                   ("bsp", "async", "ssp"), group="consistency"),
+    "sync": Option("--sync", str, "consistency model", names=SyncModel, group="consistency"),
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
@@ -108,7 +125,7 @@ OPTIONS: dict[str, Option] = {
                     group="job"),
     "data": Option("--data", str, "MODULE:FACTORY returning a map-style dataset of (x, y)",
                    group="job"),
-    "loss": Option("--loss", str, "loss function", ("mse", "cross_entropy"), group="job"),
+    "loss": Option("--loss", str, "loss function", names=Loss, group="job"),
     "epochs": Option("--epochs", int, "epochs", group="job"),
     "batch_size": Option("--batch-size", int, "global batch size B (each worker uses B/K rows)", group="job"),
     "no_shuffle": Option("--no-shuffle", _bool, "keep each shard in order", group="job"),
@@ -137,7 +154,7 @@ OPTIONS: dict[str, Option] = {
                         group="pipeline"),
     "microbatches": Option("--microbatches", int, "pipeline: microbatches M each batch is split into",
                            group="pipeline"),
-    "schedule": Option("--schedule", str, "pipeline schedule", ("gpipe", "1f1b"), group="pipeline"),
+    "schedule": Option("--schedule", str, "pipeline schedule", names=PipelineSchedule, group="pipeline"),
     "peer_bind": Option("--peer-bind", str, "pipeline: endpoint this stage binds for its neighbours "
                         "(port 0 lets the OS choose)", group="pipeline"),
     "peer_advertise": Option("--peer-advertise", str, "pipeline: host name neighbours dial when --peer-bind "
@@ -191,12 +208,12 @@ class ServerConfig:
 
     bind: str = "tcp://0.0.0.0:5555"
     workers: int | None = None
-    optimizer: str = "sgd"
+    optimizer: str = Optimizer.SGD.value
     lr: float = 0.01
     momentum: float | None = None
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None
-    sync: str = "bsp"
+    sync: str = SyncModel.BSP.value
     staleness: int = 0
     checkpoint_dir: str = "checkpoints"
     resume: str = "auto"
@@ -238,7 +255,7 @@ class ServerConfig:
             _nonneg("momentum", self.momentum)
         if self.clip_grad_norm is not None:
             _positive("clip_grad_norm", self.clip_grad_norm)
-        if self.nonfinite == "skip" and self.sync != "bsp":
+        if self.nonfinite == "skip" and self.sync != SyncModel.BSP:
             raise ConfigError(f"--nonfinite skip leaves a push out of a step's average: it needs --sync bsp, "
                               f"not {self.sync} (use --nonfinite fail)")
 
@@ -250,7 +267,7 @@ class JobFields:
     mode: str = "data"
     model: str | None = None
     data: str | None = None
-    loss: str = "mse"
+    loss: str = Loss.MSE.value
     epochs: int = 10
     batch_size: int = 100
     no_shuffle: bool = False
@@ -261,7 +278,7 @@ class JobFields:
     stages: int | None = None
     partition: str = "auto"
     microbatches: int = 4
-    schedule: str = "1f1b"
+    schedule: str = PipelineSchedule.ONE_F_ONE_B.value
     stall: str | None = None
     shm: str = "auto"
     io_threads: int = 1
@@ -544,7 +561,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         opt = OPTIONS[f.name]
         title = START_HERE if name in first else opt.group
         group = groups.setdefault(title, parser.add_argument_group(title))
-        text = f"{opt.help} [{opt.env}; default: {default_text(cls, f.name)}]"
+        text = f"{opt.text} [{opt.env}; default: {default_text(cls, f.name)}]"
         if opt.kind is _bool:
             group.add_argument(opt.flag, dest=f.name, action="store_const", const=True, help=text)
         else:

@@ -41,6 +41,7 @@ import torch
 
 from common.config import ServerConfig
 from common.errors import ErrorCode, ProtocolError
+from common.names import SyncModel, implementations
 from ps.aggregate import KeyGroup
 from ps.membership import WorkerInfo
 from ps.metrics import ServerMetrics
@@ -198,7 +199,9 @@ class StaleSynchronous(Async):
         return slowest is None or slowest >= step - self.cfg.staleness
 
 
-MODELS: dict[str, type[Consistency]] = {"bsp": Consistency, "async": Async, "ssp": StaleSynchronous}
+MODELS: dict[str, type[Consistency]] = implementations(
+    SyncModel, {"bsp": Consistency, "async": Async, "ssp": StaleSynchronous}, __name__)
+"""The implementation of every ``--sync`` name (:class:`common.names.SyncModel`), checked at import."""
 
 
 def make_consistency(cfg: ServerConfig, store: ParameterStore, workers: Mapping[int, WorkerInfo],

@@ -28,6 +28,7 @@ import torch
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from common.errors import ErrorCode, ProtocolError
+from common.names import SyncModel
 from common.shm import Segment, layout, remove_stale
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class FastPath:
     """Segments owned by the server: θ's and one per registered rank for its gradients."""
 
     def __init__(self, cfg: ServerConfig) -> None:
-        self.enabled = cfg.shm != "off" and cfg.sync == "bsp"
+        self.enabled = cfg.shm != "off" and cfg.sync == SyncModel.BSP
         if self.enabled:
             stale = remove_stale()
             if stale:
