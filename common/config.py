@@ -9,7 +9,9 @@ module is the only place that reads the environment or a config file; a ``PS_*``
 a config key that no role knows fails at start, naming it.
 
 The choices of ``--optimizer``, ``--sync``, ``--schedule`` and ``--loss`` and their help come
-from :mod:`common.names`.
+from :mod:`common.names`. :class:`LaunchConfig` is composed, not copied: the job's fields, the
+launcher's own, and every server option (:func:`launch_config`), so a new server option is one
+:data:`OPTIONS` entry and one :class:`ServerConfig` field.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 from common.errors import ConfigError
 from common.faults import parse_fault
@@ -355,40 +357,42 @@ class WorkerConfig(JobFields):
                               f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
 
 
-@dataclass(frozen=True)
-class LaunchConfig(JobFields):
-    """Configuration of ``ps-launch``: the job plus the server's optimizer and checkpoints.
+LAUNCHER_OMITS: dict[str, str] = {
+    "bind": "the launcher binds tcp://127.0.0.1:0 (the OS picks the port) and gives the workers that endpoint",
+    "ready_file": "the launcher's own: the server writes its endpoint there for the launcher",
+    "max_message_mb": "a launched server hears only the launcher's own workers; ps-server's default serves them",
+    "curve_secret_key": "a launched job runs on one host, without CURVE",
+    "curve_authorized_keys": "a launched job runs on one host, without CURVE",
+    "fault": "testing: given to one ps-server or ps-worker directly",
+}
+"""The :class:`ServerConfig` fields ``ps-launch`` does not offer, each with the reason.
 
-    In pipeline mode the launcher starts ``stages x replicas`` workers; ``--workers`` may be
-    left out (it is derived) or must equal that product.
+Every other server option is an option of ``ps-launch`` too, with the server's default, and
+reaches the server it starts (:func:`launch_config`): a new server option needs no edit here
+or in ``worker/launch.py``. The launcher's own fields (:class:`LaunchFields`) take precedence
+over a server field of the same name (``workers``, ``checkpoint_dir``: other defaults).
+"""
+
+
+@dataclass(frozen=True)
+class LaunchFields(JobFields):
+    """What ``ps-launch`` adds to the job: K, the replicas, its checkpoint folder, an example.
+
+    Not a role by itself: :func:`launch_config` adds the server's options, giving
+    :class:`LaunchConfig`. In pipeline mode the launcher starts ``stages x replicas`` workers;
+    ``--workers`` may be left out (it is derived) or must equal that product.
     """
+
+    SERVER: ClassVar[type]
+    """The server's configuration class, whose options this launcher offers and passes on."""
 
     workers: int | None = None
     replicas: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float | None = None
-    weight_decay: float = 0.0
-    clip_grad_norm: float | None = None
-    sync: str = "bsp"
-    staleness: int = 0
     checkpoint_dir: str | None = None
-    resume: str = "auto"
-    checkpoint_every: int = 0
-    metrics_port: int | None = None
-    metrics_bind: str | None = None
-    metrics_log: str | None = None
-    status_every: float = 10.0
     example: str | None = None
-    on_worker_loss: str = "wait"
-    nonfinite: str = "apply"
-    rejoin_deadline: float = 300.0
-    lease: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("lease", self.lease)
-        _positive("rejoin_deadline", self.rejoin_deadline)
         _positive("replicas", self.replicas)
         shards = self.workers
         if self.mode == "pipeline":
@@ -404,11 +408,48 @@ class LaunchConfig(JobFields):
             object.__setattr__(self, "workers", 2)
             shards = 2
         assert self.workers is not None and shards is not None
-        _check_metrics(self.metrics_port, self.status_every)
         _positive("workers", self.workers)
         if self.batch_size < shards:
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
                               f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
+        self.server_config()  # the server's own checks (--lr, --lease, --nonfinite with --sync, ...), now
+
+    @classmethod
+    def server_options(cls) -> tuple[str, ...]:
+        """The server's fields this launcher passes on: every one but :data:`LAUNCHER_OMITS`."""
+        return tuple(f.name for f in dataclasses.fields(cls.SERVER) if f.name not in LAUNCHER_OMITS)
+
+    def server_config(self, **sets: Any) -> Any:
+        """The configuration of the server this launch starts: its options here, then ``sets``.
+
+        Raises:
+            ConfigError: the server would refuse these values.
+        """
+        values = {n: getattr(self, n) for n in self.server_options() if getattr(self, n) is not None}
+        return self.SERVER(**{**values, **sets})
+
+
+def launch_config(server: type, name: str = "LaunchConfig") -> type[LaunchFields]:
+    """The configuration class of a launcher of ``server``: :class:`LaunchFields` + the server's options.
+
+    Each field of ``server`` that :class:`LaunchFields` does not declare and
+    :data:`LAUNCHER_OMITS` does not list becomes a field of the class, with the same type and
+    default; so ``--help``, ``PS_*`` variables and config keys of the launcher follow the server's.
+    """
+    own = {f.name for f in dataclasses.fields(LaunchFields)}
+    stale = set(LAUNCHER_OMITS) - {f.name for f in dataclasses.fields(server)}
+    if stale:
+        raise TypeError(f"LAUNCHER_OMITS names {sorted(stale)}, which {server.__name__} does not have")
+    added = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                        metadata=f.metadata)) for f in dataclasses.fields(server)
+             if f.name not in own and f.name not in LAUNCHER_OMITS]
+    doc = (f"Configuration of ``ps-launch``: the job, the launcher's own options and every option of "
+           f"{server.__name__} but {', '.join(LAUNCHER_OMITS)} (generated by :func:`launch_config`).")
+    return dataclasses.make_dataclass(name, added, bases=(LaunchFields,), frozen=True,
+                                      namespace={"SERVER": server, "__doc__": doc, "__module__": __name__})
+
+
+LaunchConfig = launch_config(ServerConfig)
 
 
 _RANGES = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
@@ -575,10 +616,11 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
 
 def check_env(environ: Mapping[str, str]) -> None:
     """Fail on a ``PS_*`` variable that no role knows (a typo would otherwise be ignored)."""
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in KNOWN_ENV)
+    known = {opt.env for opt in OPTIONS.values()}  # KNOWN_ENV, and any option added since
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(KNOWN_ENV))}")
+                          f"known: {', '.join(sorted(known))}")
 
 
 def _toml_value(opt: Option, value: Any) -> Any:
