@@ -7,6 +7,11 @@ Precedence: command line > ``PS_*`` environment > ``--config FILE`` (TOML, the s
 the options, e.g. ``batch_size = 64`` or ``batch-size = 64``) > the dataclass default. This
 module is the only place that reads the environment or a config file; a ``PS_*`` variable or
 a config key that no role knows fails at start, naming it.
+
+The choices of ``--optimizer``, ``--sync``, ``--schedule`` and ``--loss`` and their help come
+from :mod:`common.names`. :class:`LaunchConfig` is composed, not copied: the job's fields, the
+launcher's own, and every server option (:func:`launch_config`), so a new server option is one
+:data:`OPTIONS` entry and one :class:`ServerConfig` field.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 from common.errors import ConfigError
 from common.faults import parse_fault
+from common.names import Choice, Loss, Optimizer, PipelineSchedule, SyncModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,13 +39,28 @@ ENV_PREFIX = "PS_"
 
 @dataclass(frozen=True)
 class Option:
-    """One user-facing option: flag, value type, help, allowed values and help group."""
+    """One user-facing option: flag, value type, help, allowed values and help group.
+
+    An option that picks one of a kind of names (``--optimizer``, ``--sync``, ``--schedule``,
+    ``--loss``) gives ``names`` (a :class:`common.names.Choice`) instead of ``choices``: its
+    choices and the description of each come from there.
+    """
 
     flag: str
     kind: Callable[[str], Any]
     help: str
     choices: tuple[str, ...] | None = None
     group: str = "general"
+    names: type[Choice] | None = None
+
+    def __post_init__(self) -> None:
+        if self.names is not None:
+            object.__setattr__(self, "choices", self.names.names())
+
+    @property
+    def text(self) -> str:
+        """The help as ``--help`` and the README show it: with each name's description, if any."""
+        return self.help if self.names is None else f"{self.help}: {self.names.describe()}"
 
     @property
     def env(self) -> str:
@@ -60,8 +81,8 @@ OPTIONS: dict[str, Option] = {
     # server
     "bind": Option("--bind", str, "endpoint the server binds (port 0 lets the OS choose)", group="server"),
     "workers": Option("--workers", int, "number of workers K", group="server"),
-    "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies",
-                        ("sgd", "momentum", "adam"), group="optimizer"),
+    "optimizer": Option("--optimizer", str, "torch.optim optimizer the server applies", names=Optimizer,
+                        group="optimizer"),
     "lr": Option("--lr", float, "learning rate", group="optimizer"),
     "clip_grad_norm": Option("--clip-grad-norm", float, "clip the averaged gradient to this total 2-norm "
                              "before each update, as torch.nn.utils.clip_grad_norm_ does after DDP's "
@@ -69,9 +90,7 @@ OPTIONS: dict[str, Option] = {
                              "server shard)", group="optimizer"),
     "momentum": Option("--momentum", float, "momentum", group="optimizer"),
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
-    "sync": Option("--sync", str, "consistency model: bsp waits for every worker each step; async applies "
-                   "each push on arrival with lr/K; ssp lets a worker run at most --staleness steps ahead",
-                   ("bsp", "async", "ssp"), group="consistency"),
+    "sync": Option("--sync", str, "consistency model", names=SyncModel, group="consistency"),
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
@@ -108,7 +127,7 @@ OPTIONS: dict[str, Option] = {
                     group="job"),
     "data": Option("--data", str, "MODULE:FACTORY returning a map-style dataset of (x, y)",
                    group="job"),
-    "loss": Option("--loss", str, "loss function", ("mse", "cross_entropy"), group="job"),
+    "loss": Option("--loss", str, "loss function", names=Loss, group="job"),
     "epochs": Option("--epochs", int, "epochs", group="job"),
     "batch_size": Option("--batch-size", int, "global batch size B (each worker uses B/K rows)", group="job"),
     "no_shuffle": Option("--no-shuffle", _bool, "keep each shard in order", group="job"),
@@ -137,7 +156,7 @@ OPTIONS: dict[str, Option] = {
                         group="pipeline"),
     "microbatches": Option("--microbatches", int, "pipeline: microbatches M each batch is split into",
                            group="pipeline"),
-    "schedule": Option("--schedule", str, "pipeline schedule", ("gpipe", "1f1b"), group="pipeline"),
+    "schedule": Option("--schedule", str, "pipeline schedule", names=PipelineSchedule, group="pipeline"),
     "peer_bind": Option("--peer-bind", str, "pipeline: endpoint this stage binds for its neighbours "
                         "(port 0 lets the OS choose)", group="pipeline"),
     "peer_advertise": Option("--peer-advertise", str, "pipeline: host name neighbours dial when --peer-bind "
@@ -191,12 +210,12 @@ class ServerConfig:
 
     bind: str = "tcp://0.0.0.0:5555"
     workers: int | None = None
-    optimizer: str = "sgd"
+    optimizer: str = Optimizer.SGD.value
     lr: float = 0.01
     momentum: float | None = None
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None
-    sync: str = "bsp"
+    sync: str = SyncModel.BSP.value
     staleness: int = 0
     checkpoint_dir: str = "checkpoints"
     resume: str = "auto"
@@ -238,7 +257,7 @@ class ServerConfig:
             _nonneg("momentum", self.momentum)
         if self.clip_grad_norm is not None:
             _positive("clip_grad_norm", self.clip_grad_norm)
-        if self.nonfinite == "skip" and self.sync != "bsp":
+        if self.nonfinite == "skip" and self.sync != SyncModel.BSP:
             raise ConfigError(f"--nonfinite skip leaves a push out of a step's average: it needs --sync bsp, "
                               f"not {self.sync} (use --nonfinite fail)")
 
@@ -250,7 +269,7 @@ class JobFields:
     mode: str = "data"
     model: str | None = None
     data: str | None = None
-    loss: str = "mse"
+    loss: str = Loss.MSE.value
     epochs: int = 10
     batch_size: int = 100
     no_shuffle: bool = False
@@ -261,7 +280,7 @@ class JobFields:
     stages: int | None = None
     partition: str = "auto"
     microbatches: int = 4
-    schedule: str = "1f1b"
+    schedule: str = PipelineSchedule.ONE_F_ONE_B.value
     stall: str | None = None
     shm: str = "auto"
     io_threads: int = 1
@@ -338,40 +357,42 @@ class WorkerConfig(JobFields):
                               f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
 
 
-@dataclass(frozen=True)
-class LaunchConfig(JobFields):
-    """Configuration of ``ps-launch``: the job plus the server's optimizer and checkpoints.
+LAUNCHER_OMITS: dict[str, str] = {
+    "bind": "the launcher binds tcp://127.0.0.1:0 (the OS picks the port) and gives the workers that endpoint",
+    "ready_file": "the launcher's own: the server writes its endpoint there for the launcher",
+    "max_message_mb": "a launched server hears only the launcher's own workers; ps-server's default serves them",
+    "curve_secret_key": "a launched job runs on one host, without CURVE",
+    "curve_authorized_keys": "a launched job runs on one host, without CURVE",
+    "fault": "testing: given to one ps-server or ps-worker directly",
+}
+"""The :class:`ServerConfig` fields ``ps-launch`` does not offer, each with the reason.
 
-    In pipeline mode the launcher starts ``stages x replicas`` workers; ``--workers`` may be
-    left out (it is derived) or must equal that product.
+Every other server option is an option of ``ps-launch`` too, with the server's default, and
+reaches the server it starts (:func:`launch_config`): a new server option needs no edit here
+or in ``worker/launch.py``. The launcher's own fields (:class:`LaunchFields`) take precedence
+over a server field of the same name (``workers``, ``checkpoint_dir``: other defaults).
+"""
+
+
+@dataclass(frozen=True)
+class LaunchFields(JobFields):
+    """What ``ps-launch`` adds to the job: K, the replicas, its checkpoint folder, an example.
+
+    Not a role by itself: :func:`launch_config` adds the server's options, giving
+    :class:`LaunchConfig`. In pipeline mode the launcher starts ``stages x replicas`` workers;
+    ``--workers`` may be left out (it is derived) or must equal that product.
     """
+
+    SERVER: ClassVar[type]
+    """The server's configuration class, whose options this launcher offers and passes on."""
 
     workers: int | None = None
     replicas: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float | None = None
-    weight_decay: float = 0.0
-    clip_grad_norm: float | None = None
-    sync: str = "bsp"
-    staleness: int = 0
     checkpoint_dir: str | None = None
-    resume: str = "auto"
-    checkpoint_every: int = 0
-    metrics_port: int | None = None
-    metrics_bind: str | None = None
-    metrics_log: str | None = None
-    status_every: float = 10.0
     example: str | None = None
-    on_worker_loss: str = "wait"
-    nonfinite: str = "apply"
-    rejoin_deadline: float = 300.0
-    lease: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("lease", self.lease)
-        _positive("rejoin_deadline", self.rejoin_deadline)
         _positive("replicas", self.replicas)
         shards = self.workers
         if self.mode == "pipeline":
@@ -387,11 +408,48 @@ class LaunchConfig(JobFields):
             object.__setattr__(self, "workers", 2)
             shards = 2
         assert self.workers is not None and shards is not None
-        _check_metrics(self.metrics_port, self.status_every)
         _positive("workers", self.workers)
         if self.batch_size < shards:
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
                               f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
+        self.server_config()  # the server's own checks (--lr, --lease, --nonfinite with --sync, ...), now
+
+    @classmethod
+    def server_options(cls) -> tuple[str, ...]:
+        """The server's fields this launcher passes on: every one but :data:`LAUNCHER_OMITS`."""
+        return tuple(f.name for f in dataclasses.fields(cls.SERVER) if f.name not in LAUNCHER_OMITS)
+
+    def server_config(self, **sets: Any) -> Any:
+        """The configuration of the server this launch starts: its options here, then ``sets``.
+
+        Raises:
+            ConfigError: the server would refuse these values.
+        """
+        values = {n: getattr(self, n) for n in self.server_options() if getattr(self, n) is not None}
+        return self.SERVER(**{**values, **sets})
+
+
+def launch_config(server: type, name: str = "LaunchConfig") -> type[LaunchFields]:
+    """The configuration class of a launcher of ``server``: :class:`LaunchFields` + the server's options.
+
+    Each field of ``server`` that :class:`LaunchFields` does not declare and
+    :data:`LAUNCHER_OMITS` does not list becomes a field of the class, with the same type and
+    default; so ``--help``, ``PS_*`` variables and config keys of the launcher follow the server's.
+    """
+    own = {f.name for f in dataclasses.fields(LaunchFields)}
+    stale = set(LAUNCHER_OMITS) - {f.name for f in dataclasses.fields(server)}
+    if stale:
+        raise TypeError(f"LAUNCHER_OMITS names {sorted(stale)}, which {server.__name__} does not have")
+    added = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                        metadata=f.metadata)) for f in dataclasses.fields(server)
+             if f.name not in own and f.name not in LAUNCHER_OMITS]
+    doc = (f"Configuration of ``ps-launch``: the job, the launcher's own options and every option of "
+           f"{server.__name__} but {', '.join(LAUNCHER_OMITS)} (generated by :func:`launch_config`).")
+    return dataclasses.make_dataclass(name, added, bases=(LaunchFields,), frozen=True,
+                                      namespace={"SERVER": server, "__doc__": doc, "__module__": __name__})
+
+
+LaunchConfig = launch_config(ServerConfig)
 
 
 _RANGES = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
@@ -544,7 +602,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         opt = OPTIONS[f.name]
         title = START_HERE if name in first else opt.group
         group = groups.setdefault(title, parser.add_argument_group(title))
-        text = f"{opt.help} [{opt.env}; default: {default_text(cls, f.name)}]"
+        text = f"{opt.text} [{opt.env}; default: {default_text(cls, f.name)}]"
         if opt.kind is _bool:
             group.add_argument(opt.flag, dest=f.name, action="store_const", const=True, help=text)
         else:
@@ -558,10 +616,11 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
 
 def check_env(environ: Mapping[str, str]) -> None:
     """Fail on a ``PS_*`` variable that no role knows (a typo would otherwise be ignored)."""
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in KNOWN_ENV)
+    known = {opt.env for opt in OPTIONS.values()}  # KNOWN_ENV, and any option added since
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(KNOWN_ENV))}")
+                          f"known: {', '.join(sorted(known))}")
 
 
 def _toml_value(opt: Option, value: Any) -> Any:

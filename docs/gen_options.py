@@ -25,9 +25,9 @@ def table() -> str:
                     d = default_text(cls, name)
                     if d not in defaults:
                         defaults.append(d)
-        choices = f" ({', '.join(opt.choices)})" if opt.choices else ""
+        choices = f" ({', '.join(opt.choices)})" if opt.choices and opt.names is None else ""  # names: in opt.text
         rows.append(f"| `{opt.flag}` | `{opt.env}` | {', '.join(users)} | {' / '.join(defaults)} | "
-                    f"{opt.help}{choices} |")
+                    f"{opt.text}{choices} |")
     return "\n".join(rows)
 
 

@@ -52,8 +52,9 @@ class _GradSegment:
 class FastPath:
     """Segments owned by the server: θ's and one per registered rank for its gradients."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
-        self.enabled = cfg.shm != "off" and cfg.sync == "bsp"
+    def __init__(self, cfg: ServerConfig, shared_memory: bool = True) -> None:
+        """``shared_memory``: the training rule allows it (``StepEngine.shared_memory``: bsp's)."""
+        self.enabled = cfg.shm != "off" and shared_memory
         if self.enabled:
             stale = remove_stale()
             if stale:

@@ -26,7 +26,7 @@ from common.transport import bind_router, make_context
 from common.wire import Message, WireLimits, decode
 from ps import checkpoint, jobdir
 from ps.checkpointer import Checkpointer
-from ps.engine import Services, make_engine
+from ps.engine import Services, make_engine, rule_of
 from ps.fastpath import FastPath
 from ps.jobend import JobEnd
 from ps.limits import largest_frame, schema_limits
@@ -66,7 +66,7 @@ class Server:
         workers = self.members.workers
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done) for r, w in list(workers.items())])
         self.outbox = Outbox(self.store, self.metrics)
-        self.fast = FastPath(cfg)
+        self.fast = FastPath(cfg, rule_of(cfg.sync).shared_memory)
         self.checkpoints = Checkpointer(cfg, self.store, self.metrics, self._record)
         self.engine = make_engine(Services(cfg, self.store, self.members, self.metrics, self.outbox, self.fast,
                                            self.checkpoints))

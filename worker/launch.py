@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Sequence
 
-from common.config import JobFields, LaunchConfig, ServerConfig, parse_config, to_argv
+from common.config import JobFields, LaunchConfig, parse_config, to_argv
 from common.errors import ConfigError
 from common.logs import setup_logging
 
@@ -29,11 +29,6 @@ log = logging.getLogger("launch")
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
-SERVER_OPTIONS = [f.name for f in dataclasses.fields(ServerConfig)
-                  if f.name in {"optimizer", "lr", "momentum", "weight_decay", "clip_grad_norm", "sync", "staleness",
-                                "checkpoint_every", "resume", "log_level", "metrics_port", "metrics_bind",
-                                "status_every",
-                                "on_worker_loss", "nonfinite", "rejoin_deadline", "lease", "shm", "io_threads"}]
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
 
 
@@ -102,6 +97,17 @@ def _wait_ready(server: Child, ready: Path) -> str:
     raise TimeoutError(f"the server did not report its endpoint within {READY_TIMEOUT_S:.0f}s")
 
 
+def server_argv(cfg: LaunchConfig, ready: Path, ckpt: str) -> list[str]:
+    """Command line of the server: every server option ``ps-launch`` has, and those it sets itself.
+
+    The server options are :meth:`LaunchConfig.server_options` (all of ``ServerConfig``'s but
+    :data:`common.config.LAUNCHER_OMITS`), so a new server option reaches the server unlisted here.
+    """
+    server = cfg.server_config(bind="tcp://127.0.0.1:0", ready_file=str(ready), checkpoint_dir=ckpt,
+                               metrics_log=cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl"))
+    return [sys.executable, "-m", "ps", *to_argv(server, [*cfg.server_options(), "bind", "ready_file"])]
+
+
 def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int) -> list[str]:
     """Command line of worker ``rank``."""
     argv = [sys.executable, "-m", "worker", "--server", endpoint, "--rank", str(rank),
@@ -140,12 +146,9 @@ def run(cfg: LaunchConfig) -> int:
     children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="zmqps-launch-") as tmp:
         ready = Path(tmp) / "endpoint"
-        server_argv = [sys.executable, "-m", "ps", "--bind", "tcp://127.0.0.1:0", "--workers", str(world),
-                       "--ready-file", str(ready), "--checkpoint-dir", ckpt, *to_argv(cfg, SERVER_OPTIONS),
-                       "--metrics-log", cfg.metrics_log or os.path.join(ckpt, "metrics.jsonl")]
         os.makedirs(ckpt, exist_ok=True)
         try:
-            server = Child("server", server_argv)
+            server = Child("server", server_argv(cfg, ready, ckpt))
             children.append(server)
             endpoint = _wait_ready(server, ready)
             log.info("server at %s; starting %d worker(s); checkpoints in %s", endpoint, world, ckpt)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from common import faults
 from common.config import WorkerConfig
@@ -33,12 +32,11 @@ from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
 from worker.factories import build_data, build_model
 from worker.jitter import Stall
+from worker.losses import LOSSES  # also worker.runtime.LOSSES, as before
 from worker.modelstate import ModelState
 from worker.progress import Progress
 
 log = logging.getLogger(__name__)
-
-LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 
 
 @dataclass

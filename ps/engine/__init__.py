@@ -2,14 +2,16 @@
 
 Each rule (``--sync``) is one :class:`ps.engine.base.StepEngine` subclass in a module of its own,
 registered by name with :func:`register`: ``bsp`` (``ps.engine.bsp``), ``async`` and ``ssp``
-(``ps.engine.onarrival``). Adding a rule is one new module and one ``@register``; the server,
-the membership and the checkpoints do not change.
+(``ps.engine.onarrival``). Adding a rule is one new module with its ``@register``, and its name
+in ``common.names.SyncModel`` to offer it as ``--sync`` (checked against each other at import);
+the server, the membership and the checkpoints do not change.
 """
 
 from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+from common.names import SyncModel, implementations
 from ps.engine.base import Services, StepEngine
 
 E = TypeVar("E", bound=type[StepEngine])
@@ -29,14 +31,23 @@ def register(name: str) -> Callable[[E], E]:
     return add
 
 
+def rule_of(name: str) -> type[StepEngine]:
+    """The rule registered as ``name`` (``--sync``)."""
+    rule = RULES.get(name)
+    if rule is None:
+        raise ValueError(f"no training rule {name!r}; known: {', '.join(sorted(RULES))}")
+    return rule
+
+
 def make_engine(services: Services) -> StepEngine:
     """The engine of ``--sync`` (``services.cfg.sync``)."""
-    from ps.engine import bsp, onarrival  # noqa: F401 - the built-in rules register themselves
-
-    rule = RULES.get(services.cfg.sync)
-    if rule is None:
-        raise ValueError(f"no training rule {services.cfg.sync!r}; known: {', '.join(sorted(RULES))}")
-    return rule(services)
+    return rule_of(services.cfg.sync)(services)
 
 
-__all__ = ["RULES", "Services", "StepEngine", "make_engine", "register"]
+from ps.engine import bsp, onarrival  # noqa: E402,F401 - the built-in rules register themselves
+
+BUILTIN_RULES = implementations(SyncModel, dict(RULES), __name__)
+"""The rules ``--sync`` offers: exactly the names ``common.names.SyncModel`` declares (checked
+here, at import). A rule registered later (a test's) is used by its name in code."""
+
+__all__ = ["BUILTIN_RULES", "RULES", "Services", "StepEngine", "make_engine", "register", "rule_of"]

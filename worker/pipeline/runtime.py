@@ -47,7 +47,8 @@ from worker.pipeline.stage import StageExecutor, StageStats
 from worker.pipeline.staging import PinnedStager
 from worker.progress import Progress, ProgressView
 from worker.modelstate import ModelState
-from worker.runtime import LOSSES, resolve_device
+from worker.losses import LOSSES
+from worker.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from common.errors import ConfigError
+from common.names import PipelineSchedule, implementations
 
 FORWARD, BACKWARD = "F", "B"
-SCHEDULES = ("gpipe", "1f1b")
 _ACTION = re.compile(r"^(\d+)([FB])(\d+)$")
 
 
@@ -104,12 +104,17 @@ def one_f_one_b(stages: int, micros: int) -> Schedule:
     return Schedule("1f1b", stages, micros, tuple(acts))
 
 
+MAKERS: dict[str, Callable[[int, int], Schedule]] = implementations(
+    PipelineSchedule, {"gpipe": gpipe, "1f1b": one_f_one_b}, __name__)
+"""The built-in schedules, one per ``--schedule`` name (:class:`common.names.PipelineSchedule`)."""
+SCHEDULES = tuple(MAKERS)
+
+
 def build(name: str, stages: int, micros: int) -> Schedule:
     """The built-in schedule ``name`` (``gpipe`` or ``1f1b``), validated."""
-    makers = {"gpipe": gpipe, "1f1b": one_f_one_b}
-    if name not in makers:
+    if name not in MAKERS:
         raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    sched = makers[name](stages, micros)
+    sched = MAKERS[name](stages, micros)
     validate(sched)
     return sched
 
