@@ -87,7 +87,8 @@ for kind, module in kinds.items():
              "less": dict(list(members.items())[1:])}
     for label, fake in fakes.items():
         setattr(names, kind, names.Choice(kind, fake))
-        sys.modules.pop(module, None)
+        for loaded in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            sys.modules.pop(loaded)  # a package's rule modules register themselves anew
         try:
             importlib.import_module(module)
             out[kind + " " + label] = "imported"
