@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     NONFINITE = 16  # a pushed gradient holds NaN or an infinity (--nonfinite fail): nothing applied
     STALE_SEGMENT = 17  # a push names a shared-memory segment that is not the one the server gave this rank
     WRITE_FAILED = 18  # the server could not write a checkpoint or final.safetensors: the job failed
+    REFORMING = 19  # a pipeline stage restarted or moved: every stage starts again together (ps.membership)
 
 
 class PSError(Exception):

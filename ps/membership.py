@@ -51,6 +51,7 @@ class WorkerInfo:
     clock: int = 0  # the next step this worker will push
     buckets: tuple[tuple[str, ...], ...] = ()  # keys pushed together (empty: all at once)
     last_seen: float = field(default_factory=time.monotonic)
+    formation: int = -1  # pipeline: the formation its peer table belongs to ([Note: pipeline formations])
     request: dict[str, Any] = field(default_factory=dict)  # the REGISTER fields it registered with
     reply: dict[str, Any] = field(default_factory=dict)  # and the answer it got ([Note: idempotent register])
 
@@ -68,6 +69,7 @@ class Membership:
         self.registered_specs: dict[str, tuple[str, tuple[int, ...]]] = {}  # as registered, before θ exists
         self.buffer_keys: set[str] = set()  # registered as buffers ([Note: buffers in θ])
         self.parked_cap = 16  # raised with the key groups: see set_groups
+        self.formation = 0  # [Note: pipeline formations]: moves whenever a stage's process or endpoint does
 
     # ------------------------------------------------------------------ lookups
     def worker(self, msg: Message) -> WorkerInfo:
@@ -91,14 +93,41 @@ class Membership:
         """Whether every registered worker said DONE (and there is one)."""
         return bool(self.workers) and all(w.done for w in self.workers.values())
 
-    def stage_missing(self, rank: int) -> bool:
-        """Whether a pipeline stage's INIT must wait: another stage was lost and has not registered
-        again, so the peer table would name an endpoint nobody listens on. A stage restarted
-        after a crash binds a new one; its neighbours get it once it is back."""
+    def stage_barrier(self, rank: int) -> bool:
+        """Whether a pipeline stage's INIT must wait for the others ([Note: pipeline formations]).
+
+        [Note: pipeline formations] Stages find each other through the INIT reply's peer table,
+        and a stage restarted after a crash binds a new endpoint. So the stages of a job start
+        together: a stage's INIT is answered only once every stage rank is registered and has
+        its own INIT parked here, and all get one table. Each time a stage's process or
+        endpoint changes, ``formation`` moves on, and every stage of an older formation stops
+        (its supervisor starts it again) instead of waiting for a neighbour that is gone: one
+        waiting for the server gets REFORMING, one waiting for a neighbour sees the formation in
+        its heartbeat's PING replies (``worker.pipeline.runtime``).
+        """
         me = self.workers.get(rank)
         if me is None or me.role != "stage":
             return False
-        return any(r in self.liveness.lost for r, w in self.workers.items() if w.role == "stage" and r != rank)
+        stages = {r: w for r, w in self.workers.items() if w.role == "stage"}
+        if len(stages) < self.cfg.workers:
+            return True
+        parked = {(w.rank, w.ident) for w in self.parking.waiters if w.op is Op.INIT}
+        return any((r, w.identity) not in parked for r, w in stages.items())
+
+    def moved(self, old: WorkerInfo | None, identity: bytes, role: str, endpoint: str) -> bool:
+        """A registration: a stage in a new process or at a new endpoint starts a new formation
+        (returned: whether it did)."""
+        if role == "stage" and (old is None or old.identity != identity or old.endpoint != endpoint):
+            self.formation += 1
+            return True
+        return False
+
+    def outdated(self, w: Any) -> bool:
+        """Whether parked request ``w`` (a PULL or PUSH_PULL) comes from a stage whose peer table is
+        of an older formation: it must stop and start again with the others."""
+        me = self.workers.get(w.rank)
+        return (w.op is not Op.INIT and me is not None and me.role == "stage" and me.identity == w.ident
+                and me.formation < self.formation)
 
     def peer_table(self) -> list[dict[str, Any]]:
         """Every worker's rank, role, stage, peer endpoint and plan: how pipeline stages find neighbours."""

@@ -86,6 +86,7 @@ class Registrar:
                                                                      "rejoined")
         else:
             self.engine.joined(rank)
+        moved = m.moved(old, ident, role, f.get("endpoint", ""))
         fast = self.fast.register(rank, specs, ident) if f.get("shm") else {}
         reply = {"world_size": self.cfg.workers, "sync": self.cfg.sync, "initialized": self.store.initialized,
                  "rank": rank, "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
@@ -103,6 +104,8 @@ class Registrar:
                  f" as worker id {worker_id!r}" if worker_id else "")
         self.outbox.reply(ident, Op.REGISTER, msg.id, reply)
         self.registered()
+        if moved:  # stages of the old formation waiting for θ stop now ([Note: pipeline formations])
+            self.engine.wake()
 
     # ------------------------------------------------------------------ checks
     def _check_schema(self, rank: int, role: str, specs: Specs, buffers: frozenset[str]) -> None:

@@ -237,7 +237,7 @@ class Server:
         self.outbox.reply(ident, Op.PING, msg.id, {
             "version": self.engine.step_now(), "registered": len(m.workers), "workers": self.cfg.workers,
             "loss": self.engine.loss, "done": sum(w.done for w in m.workers.values()),
-            "incarnation": m.incarnation, **self.metrics.ping_fields()})
+            "incarnation": m.incarnation, "formation": m.formation, **self.metrics.ping_fields()})
 
     # ------------------------------------------------------------------ housekeeping
     def _check_liveness(self, now: float) -> None:

@@ -99,6 +99,13 @@ class Channel:
         """The first shard's last REGISTER reply."""
         return self._registrar.info
 
+    def formation_moved(self) -> bool:
+        """Whether the first shard's pipeline formation moved on since this worker's INIT: a stage
+        restarted or moved ([Note: pipeline formations] in ``ps.membership``)."""
+        beat = self.shards[0].beat
+        joined = self._registrar.formation
+        return beat is not None and beat.formation is not None and joined is not None and beat.formation > joined
+
     # ------------------------------------------------------------------ joining
     def register(self, reg: Registration, step: int = 0) -> dict[str, Any]:
         """REGISTER with every shard (see :meth:`worker.registration.Registrar.register`)."""

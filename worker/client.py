@@ -359,6 +359,10 @@ class PSClient:
         self.step, self.peers, self._joined = version, peers, True
         return theta
 
+    def formation_moved(self) -> bool:
+        """Pipeline stages: whether another stage restarted or moved since this one's INIT."""
+        return self._ch is not None and self._ch.formation_moved()
+
     def _guard(self, op: Op, fn: Callable[[], T]) -> T:
         """Run ``fn``; when a server forgot this worker (``worker.rejoin``), rejoin and raise
         :class:`worker.rejoin.Rejoined`."""

@@ -48,6 +48,7 @@ class Heartbeat(threading.Thread):
         self.last_reply = now
         self.last_progress = now
         self.incarnation: str | None = None
+        self.formation: int | None = None  # the server's pipeline formation, as its last PING reply said
         self._state: tuple[Any, ...] | None = None
         self._halt = threading.Event()
 
@@ -98,6 +99,9 @@ class Heartbeat(threading.Thread):
             if self.incarnation is not None and incarnation != self.incarnation:
                 log.warning("the server at %s restarted (a new process answers)", self.endpoint)
             self.incarnation = incarnation
+        formation = f.get("formation")
+        if isinstance(formation, int) and not isinstance(formation, bool):
+            self.formation = formation  # pipeline stages watch it ([Note: pipeline formations] in ps.membership)
         state = (incarnation, f.get("version"), f.get("done"), f.get("registered"))
         if state != self._state:
             self._state = state

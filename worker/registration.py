@@ -107,6 +107,7 @@ class Registrar:
         self.narrowing = narrowing
         self.layout = Layout()
         self.info: dict[str, Any] = {}
+        self.formation: int | None = None  # the pipeline formation the last INIT reply was part of
 
     def register(self, reg: Registration, step: int = 0) -> dict[str, Any]:
         """REGISTER every piece with its shard; set up gradient segments the servers offer.
@@ -234,6 +235,8 @@ class Registrar:
             restorable[s] = {int(x) for x in reply.fields.get("restorable") or () if isinstance(x, int)}
             if s == 0:
                 peers = list(reply.fields.get("peers") or [])
+                formation = reply.fields.get("formation")
+                self.formation = formation if isinstance(formation, int) else None
         if len(set(versions.values())) > 1:
             common = set.intersection(*(restorable[s] | {versions[s]} for s in versions))
             common = {x for x in common if x <= min(versions.values())}

@@ -181,19 +181,28 @@ class StepEngine:
         self.members.parking.wake(self._answerable, self._answer)
 
     def _answerable(self, w: Waiter) -> bool:
+        if self.members.outdated(w):
+            return True  # answered with REFORMING ([Note: pipeline formations])
         if self.groups is None or not self.store.initialized:
             return False
-        if w.op is Op.INIT and self.members.stage_missing(w.rank):
+        if w.op is Op.INIT and self.members.stage_barrier(w.rank):
             return False
         return self.ready(w.rank, w.step, w.keys)
 
     def _answer(self, w: Waiter) -> None:
+        if self.members.outdated(w):
+            self.s.outbox.error(w.ident, ErrorCode.REFORMING, f"rank {w.rank}: another stage restarted or moved: "
+                                                              f"every stage starts again together", w.req_id)
+            return
         version = self.store.version(w.keys)
         self.on_read(w.rank, version)
         fields: dict[str, Any] = {"version": version, "loss": self.loss}
         if w.op is Op.INIT:
             fields["version"] = self.start_step(w.rank, version)
             fields["peers"] = self.members.peer_table()
+            fields["formation"] = self.members.formation
+            if (me := self.members.workers.get(w.rank)) is not None:
+                me.formation = self.members.formation
             fields.update(self.s.fast.theta_fields(w.keys))
             # the steps this shard could go back to ([Note: shards rewind together])
             fields["restorable"] = sorted({*self.s.checkpoints.restorable(), self.step_now()})

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from common.partition import merge_files
 from tests.nemesis.models import SLOW_ENV
-from tests.nemesis.schedule import SLOW_BACKWARD_S, Schedule
+from tests.nemesis.schedule import SLOW_BACKWARD_S, SLOW_STAGE_S, Schedule
 from tests.reference import replay, steps_per_epoch, worker_rows
 from tests.reference_pipeline import replay_pipeline
 
@@ -76,8 +76,12 @@ def worker_args(s: Schedule, rank: int, servers: str, curve: tuple[Path, Path] |
 
 
 def worker_env(s: Schedule) -> dict[str, str]:
-    """Environment of the workers (the pause of :func:`tests.nemesis.models.slow_mlp64`)."""
-    return {SLOW_ENV: str(SLOW_BACKWARD_S)} if s.job.model.endswith(":slow_mlp64") else {}
+    """Environment of the workers (the pause of the slow models, :mod:`tests.nemesis.models`)."""
+    if s.job.model.endswith(":slow_mlp64"):
+        return {SLOW_ENV: str(SLOW_BACKWARD_S)}
+    if s.job.model.startswith("tests.nemesis.models:slow_"):
+        return {SLOW_ENV: str(SLOW_STAGE_S)}
+    return {}
 
 
 def reference(s: Schedule) -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ so :func:`tests.reference.replay` is their reference:
   (``NEMESIS_SLOW_BACKWARD_S`` seconds, set by the runner in the workers only). Gradients are
   pushed bucket by bucket during backward, so with small buckets the pause is a window in which
   a worker has pushed some buckets of a step and not the others: a kill lands there often.
+* :func:`slow_seed_pipe64`, :func:`slow_tuple_pipe64` - the pipeline test models
+  (``tests.pipeline_jobs``) with the same pause after their first layer, so that a pipeline
+  job trains long enough for a kill or a stop to land in it (``NEMESIS_SLOW_BACKWARD_S`` is
+  set shorter for them: it is paid per microbatch).
 * :func:`spare_mlp64` - has a head the loss never reaches: its parameters get no gradient, so
   the server's optimizer must leave them alone (DESIGN.md: "a parameter that got no gradient
   on any worker in a step is skipped"); with weight decay that is visible in θ.
@@ -66,3 +70,17 @@ class SpareHead(nn.Module):
 def spare_mlp64() -> nn.Module:
     """:class:`SpareHead` in float64."""
     return SpareHead().double()
+
+
+def slow_seed_pipe64() -> nn.Sequential:
+    """``tests.pipeline_jobs.seed_pipe64`` with a pause in backward after its first layer (``0:2,2:3``)."""
+    return nn.Sequential(nn.Linear(10, 5), PauseInBackward(), nn.Linear(5, 1)).double()
+
+
+def slow_tuple_pipe64() -> nn.Sequential:
+    """``tests.pipeline_jobs.tuple_pipe64`` with a pause in backward after its first layer
+    (``0:4,4:6,6:7``)."""
+    from tests.pipeline_jobs import Mix, Split
+
+    return nn.Sequential(nn.Linear(10, 8), PauseInBackward(), nn.Tanh(), Split(5), Mix(5, 3, 4), nn.Tanh(),
+                         nn.Linear(4, 1)).double()

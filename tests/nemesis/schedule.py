@@ -61,6 +61,8 @@ DATA_MODELS = ("tests.jobs:linear64", "tests.jobs:mlp64", "tests.nemesis.models:
 no loss reaches (:mod:`tests.nemesis.models`)."""
 SLOW_BACKWARD_S = 0.06
 """The pause in :func:`tests.nemesis.models.slow_mlp64`'s backward, in the workers."""
+SLOW_STAGE_S = 0.015
+"""The pause in the slow pipeline models' backward, per microbatch."""
 
 STARTS = ("server-first", "workers-first", "late-worker", "server-restart")
 MAX_STOP_S = 3.0
@@ -189,14 +191,16 @@ def _job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
     if mode in PIPE_MODES:
         replicas = 2 if mode == "pipe-replicas" else 1
         stages = 2 if replicas == 2 else rng.choice((2, 3))
-        model, partition = (("tests.pipeline_jobs:seed_pipe64", "0:1,1:2") if stages == 2
-                            else ("tests.pipeline_jobs:tuple_pipe64", "0:3,3:5,5:6"))
+        model, partition = (("tests.nemesis.models:slow_seed_pipe64", "0:2,2:3") if stages == 2
+                            else ("tests.nemesis.models:slow_tuple_pipe64", "0:4,4:6,6:7"))
         epochs = rng.randint(6, 10)
+        micro = rng.choice((1, 2, 4))
         job = Job(model=model, data="tests.pipeline_jobs:data246", loss="mse",
                   optimizer=rng.choice(("sgd", "momentum")), lr=0.05, epochs=epochs, batch=60, stall=0.0,
                   bucket_mb=0.0, checkpoint_every=rng.choice((0, 1, 2)), stages=stages, replicas=replicas,
-                  microbatches=rng.choice((1, 2, 4)), partition=partition, seed=rng.randrange(1000))
-        return job, stages * replicas, 0.04 * epochs * 5 + 0.3
+                  microbatches=micro, partition=partition, seed=rng.randrange(1000))
+        steps = epochs * (5 if replicas == 1 else 3)  # 246 rows in batches of 60 (per replica: 123 rows, 30)
+        return job, stages * replicas, steps * (micro * SLOW_STAGE_S + 0.01) + 0.5
     workers = 2 if mode == "shards" else rng.choice((2, 3))
     model = rng.choices(DATA_MODELS, weights=(1, 1, 2, 1))[0]
     data, loss, rows = (("tests.jobs:data64", "mse", 1000) if model == "tests.jobs:linear64"

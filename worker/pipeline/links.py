@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import zmq
@@ -107,6 +107,8 @@ class PeerLinks:
         self._taken: set[tuple[Op, int, int]] = set()
         self._step = 0
         self._micros = max_micros
+        self.interrupted: Callable[[], str | None] | None = None
+        """Asked while waiting: a reason to stop waiting now (the pipeline re-forms), or None."""
 
     # ------------------------------------------------------------------ set-up
     def connect(self, prev: Neighbour | None, nxt: Neighbour | None) -> None:
@@ -163,8 +165,11 @@ class PeerLinks:
             raise self._err(step, micro, action, f"stage {self.me.stage} has no neighbour to send {_WHAT[op]}")
         deadline = time.monotonic() + self.timeout
         while key not in self._early:
+            moved = self.interrupted() if self.interrupted is not None else None
+            if moved:
+                raise self._err(step, micro, action, moved)
             left = deadline - time.monotonic()
-            if left <= 0 or not self.inbox.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            if left <= 0 or not self.inbox.poll(max(1, int(min(left, 0.5) * 1000)), zmq.POLLIN):
                 if time.monotonic() >= deadline:
                     raise StageTimeoutError(
                         self.me.stage, self.me.rank, step, micro, action,

@@ -135,6 +135,10 @@ def resolve_partition(cfg: JobFields, replicas: int, model: nn.Sequential | None
     return choose(model, cfg.partition, cfg.stages, sample)
 
 
+REFORMS = ("another stage of the pipeline restarted or moved (the server's formation changed): stopping, so that "
+           "every stage starts again together")
+
+
 def _rewound(me: Place, step: int, server_step: int) -> PSError:
     """The server went back to an older step (it restarted from a checkpoint).
 
@@ -222,6 +226,7 @@ def train_stage(cfg: WorkerConfig) -> StageResult:
         state.load(theta)
         check_plans(me, plan, [p for p in client.peers if p.get("role") == "stage"])
         links.connect(*neighbours(cfg, me, client.peers))
+        links.interrupted = lambda: (REFORMS if client.formation_moved() else None)  # [Note: pipeline formations]
         start = client.step
         # the last stage of replica 0 has the loss: it shows the progress as rank 0 would
         shows = ProgressView(rank=0 if (me.last and me.replica == 0) else me.rank + 1, epochs=cfg.epochs,
