@@ -20,7 +20,7 @@ else): the same seed always gives the same plan, on any machine. The plan choose
 * the **proxy's** fault rates (:class:`tests.nemesis.proxy.ProxyRates`), or none for CURVE.
 
 [Note: what is excluded] Only faults zmqps claims to survive are drawn (README "Faults and
-recovery", docs/ARCHITECTURE.md "Faults, recovery and security"):
+recovery", docs/ARCHITECTURE.md "6. Exactly once, and what each failure does"):
 
 * a killed server needs a checkpoint to resume from: runs that kill it use
   ``--checkpoint-every`` 1-3; a killed worker needs its lease to lapse before its restart takes
