@@ -47,6 +47,7 @@ class WireLimits:
     max_message_bytes: int = 8 << 30
     max_depth: int = 8  # nesting depth of header values
     max_map_len: int = 1024  # entries of any map in a header
+    max_objects: int = 1 << 20  # values in all the arrays and maps of a header, together
 
 
 DEFAULT_LIMITS = WireLimits()
@@ -185,6 +186,41 @@ def _check_specs(specs: Any, limits: WireLimits) -> list[tuple[str, str, tuple[i
     return out
 
 
+BUDGET_FROM_BYTES = 64 << 10
+"""Headers larger than this are unpacked under :class:`_Budget`; a smaller one cannot hold
+enough values to matter, and the hot path's headers stay free of the per-container call."""
+
+
+class _Budget:
+    """[Note: msgpack bombs] Counts the values msgpack builds and stops it past a budget.
+
+    One header byte can become a Python object of 50-70 bytes (an empty array is one byte, a
+    list is 56), so a 4 MiB header of empty arrays costs ~300 MB and a second of the loop
+    before any rule could look at it. The caps on array and map lengths bound each container,
+    not how many there are; this bounds their sum while they are built (msgpack calls the
+    hooks as each container completes), so the work done on a bomb stops at ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def _take(self, n: int) -> None:
+        self.left -= n + 1
+        if self.left < 0:
+            raise _bad("header holds too many values", ErrorCode.TOO_LARGE)
+
+    def _list(self, value: list[Any]) -> list[Any]:
+        self._take(len(value))
+        return value
+
+    def _map(self, value: dict[str, Any]) -> dict[str, Any]:
+        self._take(2 * len(value))
+        return value
+
+    def hooks(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`msgpack.unpackb`."""
+        return {"list_hook": self._list, "object_hook": self._map}
+
+
 def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:
     """Decode and fully validate one message; raise :class:`ProtocolError` on any violation.
 
@@ -200,11 +236,12 @@ def decode(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Mess
     if total > limits.max_message_bytes:
         raise _bad(f"message of {total} bytes exceeds the cap of {limits.max_message_bytes}",
                    ErrorCode.TOO_LARGE)
+    hooks = _Budget(limits.max_objects).hooks() if head.nbytes > BUDGET_FROM_BYTES else {}
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
                                  ext_hook=_no_ext, timestamp=0, max_bin_len=0, max_ext_len=0,
                                  max_str_len=limits.max_header_bytes, max_map_len=limits.max_map_len,
-                                 max_array_len=max(limits.max_tensors, limits.max_ndim, 3))
+                                 max_array_len=max(limits.max_tensors, limits.max_ndim, 3), **hooks)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises several unrelated types for corrupt input

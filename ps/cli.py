@@ -15,6 +15,7 @@ from common.config import ServerConfig, parse_config
 from common.errors import ConfigError
 from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
+from common.malloc import keep_frame_memory
 
 if TYPE_CHECKING:
     from ps.server import Server
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ps-server: error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, "server")
+    keep_frame_memory()  # [Note: the server's frames]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         faults.arm(cfg.fault)

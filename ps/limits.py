@@ -19,6 +19,8 @@ from common.wire import WireLimits
 SLACK = 16
 HEADER_SLACK = 64 << 10
 """Room for a header's own fields besides the tensor list (ids, steps, loss, a key list)."""
+OBJECT_SLACK = 1 << 16
+"""Values a header may hold besides those about θ's tensors (a pipeline's peer table...)."""
 
 
 def schema_limits(specs: Mapping[str, tuple[str, tuple[int, ...]]], base: WireLimits) -> WireLimits:
@@ -36,6 +38,10 @@ def schema_limits(specs: Mapping[str, tuple[str, tuple[int, ...]]], base: WireLi
                    max_tensors=min(base.max_tensors, len(specs) + SLACK),
                    max_name_len=min(base.max_name_len, max(len(n) for n in specs) + 4 * SLACK),
                    max_ndim=min(base.max_ndim, max(len(s) for _, s in specs.values()) + SLACK // 4),
+                   # a tensor's [name, dtype, shape] listing, its name in key, bucket and absent
+                   # lists, an alias pair: well under 16 values plus its dimensions
+                   max_objects=min(base.max_objects,
+                                   OBJECT_SLACK + sum(16 + len(shape) for _, shape in specs.values())),
                    max_message_bytes=min(base.max_message_bytes, header + data))
 
 

@@ -184,3 +184,46 @@ def test_replies_are_checked_against_their_schema() -> None:
     for bad in ({"applied": True}, {"applied": "yes", "version": 3}, {"applied": True, "version": 3, "extra": 1}):
         with pytest.raises(ProtocolError):
             check_reply(Op.PUSH, bad)
+
+
+def _bomb(nbytes: int) -> bytes:
+    """A ping whose header is ``nbytes`` of empty arrays: one byte each on the wire, 56 in Python."""
+    inner = [[] for _ in range(60000)]
+    return msgpack.packb({"v": PROTOCOL_VERSION, "op": "ping", "id": 1, "x": [inner] * (nbytes // 60000)})
+
+
+def test_a_msgpack_bomb_stops_at_the_value_budget() -> None:
+    """4 MiB of empty arrays (fits every length and size cap) would be ~4 M Python lists, ~300 MB,
+    before any rule looked at them; the budget stops msgpack after ``max_objects`` of them."""
+    import tracemalloc
+
+    head = _bomb(4_000_000)
+    assert len(head) <= WireLimits().max_header_bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError) as e:
+            decode([head])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.code is ErrorCode.TOO_LARGE and "too many values" in str(e.value)
+    assert peak < 120 << 20, f"decoding the bomb took {peak >> 20} MiB"
+
+
+def test_a_large_honest_header_fits_the_budget() -> None:
+    """A REGISTER of 20,000 tensors (a header over the budget's threshold) still decodes, and
+    the tight caps of a known θ leave room for every value a message about it can hold."""
+    from ps.limits import schema_limits
+
+    specs = {f"layer{i}.weight": ("float32", (64, 64, 3, 3)) for i in range(20000)}
+    fields = {"v": PROTOCOL_VERSION, "op": "register", "id": 1, "rank": 0, "world_size": 1,
+              "specs": [[n, d, list(s)] for n, (d, s) in specs.items()], "buckets": [list(specs)]}
+    head = msgpack.packb(fields)
+    assert len(head) > 64 << 10
+    tight = schema_limits(specs, WireLimits())
+    assert tight.max_objects < WireLimits().max_objects
+    for limits in (WireLimits(), tight):
+        try:
+            decode([head], limits)
+        except ProtocolError as e:  # the schema may refuse the made-up fields; never the budget
+            assert "too many values" not in str(e), e
