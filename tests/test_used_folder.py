@@ -8,7 +8,9 @@ another model names the checkpoint θ came from, and two servers never share one
 
 from __future__ import annotations
 
+
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,9 @@ def test_another_model_in_a_used_folder_names_the_old_checkpoint(procs: Procs) -
     with PSClient(ep, 0, 1, timeout=60) as ps:  # a job that never finishes (its process dies)
         ps.init(dict(W))
         ps.push_pull(dict(ONES), 0)
+    deadline = time.monotonic() + 30  # step 1's checkpoint is written off the loop: let it land
+    while not list(ckpt.rglob("ckpt-000000001.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.kill()
     server.wait(30)
     server, ep = procs.server(1, ckpt=ckpt)
