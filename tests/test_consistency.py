@@ -44,10 +44,12 @@ def test_ssp_with_zero_staleness_reproduces_the_bsp_math(procs, tmp_path):
     ckpt, log = run_job(procs, tmp_path, 2, ["--sync", "ssp", "--staleness", "0"], job=job)
     want = reference.replay(linear64, teacher64, world=2, batch=80, epochs=2, lr=0.05)
     got = final_theta(ckpt)
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-9)
     recs = pushes(log)
-    assert len(recs) == 2 * 2 * 10 and max(r["lead"] for r in recs) == 0
+    # the server's record first: if θ is off, it says which push was applied out of turn
+    trail = "\n".join(json.dumps(r) for r in recs)
+    assert len(recs) == 2 * 2 * 10 and max(r["lead"] for r in recs) == 0, trail
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-9, msg=lambda m: f"{m}\n{trail}")
 
 
 def test_ssp_never_runs_more_than_s_ahead_of_a_slow_worker(procs, tmp_path):

@@ -8,7 +8,6 @@ another model names the checkpoint θ came from, and two servers never share one
 
 from __future__ import annotations
 
-
 import sys
 import time
 from pathlib import Path
@@ -148,9 +147,8 @@ def test_another_model_in_a_used_folder_names_the_old_checkpoint(procs: Procs) -
     server.wait(30)
     server, ep = procs.server(1, ckpt=ckpt)
     assert "holds an unfinished job" in server.output() and "resuming it" in server.output()
-    with PSClient(ep, 0, 1, timeout=60) as ps:
-        with pytest.raises(RemoteError) as e:
-            ps.init({"0.weight": torch.zeros(3)})
+    with PSClient(ep, 0, 1, timeout=60) as ps, pytest.raises(RemoteError) as e:
+        ps.init({"0.weight": torch.zeros(3)})
     text = str(e.value)
     assert "SCHEMA_MISMATCH" in text and "ckpt-000000001.safetensors" in text
     assert "--checkpoint-dir" in text and "--resume never" in text
