@@ -278,35 +278,31 @@ def check_reply(request: Op, fields: Mapping[str, Any], limits: WireLimits = DEF
     schema = REPLIES.get(request)
     if schema is None:
         return
+    _check_fields(request, f"reply to {request.value}", schema, fields, limits)
+
+
+def _check_fields(op: Op, what: str, schema: tuple[Mapping[str, str], Mapping[str, str]],
+                  fields: Mapping[str, Any], limits: WireLimits) -> None:
+    """Every required field of ``schema`` is in ``fields``, every other field is an optional one
+    (or matches the wildcard ``*``), each of its kind; else BAD_MESSAGE naming ``what``."""
     required, optional = schema
     for name, kind in required.items():
         if name not in fields:
-            raise _bad(f"reply to {request.value}: missing field {name!r}")
-        _check_kind(request, name, kind, fields[name], limits)
-    for name, value in fields.items():
-        if name in required:
-            continue
-        kind = optional.get(name)
-        if kind is None:
-            raise _bad(f"reply to {request.value}: unknown field {name!r}")
-        _check_kind(request, name, kind, value, limits)
-
-
-def _decode_body(op: Op, req_id: int, header: dict[str, Any], frames: Sequence[Frame],
-                 limits: WireLimits) -> Message:
-    required, optional = SCHEMA[op]
-    fields = {k: v for k, v in header.items() if k not in RESERVED}
-    for name, kind in required.items():
-        if name not in fields:
-            raise _bad(f"{op.value}: missing field {name!r}")
+            raise _bad(f"{what}: missing field {name!r}")
         _check_kind(op, name, kind, fields[name], limits)
     for name, value in fields.items():
         if name in required:
             continue
         kind = optional.get(name, optional.get("*"))
         if kind is None:
-            raise _bad(f"{op.value}: unknown field {name!r}")
+            raise _bad(f"{what}: unknown field {name!r}")
         _check_kind(op, name, kind, value, limits)
+
+
+def _decode_body(op: Op, req_id: int, header: dict[str, Any], frames: Sequence[Frame],
+                 limits: WireLimits) -> Message:
+    fields = {k: v for k, v in header.items() if k not in RESERVED}
+    _check_fields(op, op.value, SCHEMA[op], fields, limits)
     specs = _check_specs(header.get("tensors", []), limits)
     if len(frames) != 1 + len(specs):
         raise _bad(f"header lists {len(specs)} tensors but {len(frames) - 1} frames follow")
