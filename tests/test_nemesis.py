@@ -31,7 +31,7 @@ import zmq
 from tests.forkserver import ForkServer
 from tests.nemesis.proxy import FaultProxy, ProxyRates
 from tests.nemesis.runner import NemesisFailure, run
-from tests.nemesis.schedule import MODES, PIPE_MODES, Schedule, parse_seeds
+from tests.nemesis.schedule import MODES, Schedule, parse_seeds
 from tests.nemesis.triage import repeated_registers
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,7 @@ def test_schedules_draw_only_faults_that_are_claimed_survivable():
     for seed in range(2000):
         s = Schedule.generate(seed)
         kills = [f for f in s.faults if f.kind == "kill"]
-        if s.mode in PIPE_MODES:
-            assert not kills, s.text()
-        if s.mode == "shards":
-            assert not [f for f in kills if f.target.startswith("server")], s.text()
-        if any(f.target == "server" for f in kills):
+        if any(f.target.startswith("server") for f in kills):  # a killed server resumes from a checkpoint
             assert s.job.checkpoint_every >= 1, s.text()
         assert (s.proxy is None) == (s.mode == "curve"), s.text()
         assert all(f.gap <= 3.0 for f in s.faults if f.kind == "stop"), s.text()
