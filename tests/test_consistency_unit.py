@@ -133,3 +133,26 @@ def test_a_dropped_rank_no_longer_holds_ssp_back():
     assert not policy.ready(0, 6, ("w",))
     del workers[1]  # what --on-worker-loss shrink does
     assert policy.ready(0, 6, ("w",)) and policy.peers(0) == (0, 2)
+
+
+@pytest.mark.parametrize("sync", ["async", "ssp"])
+def test_on_arrival_rules_start_every_worker_from_one_theta(sync):
+    """[Note: one start] Until a push is applied, an INIT waits for every registered worker's INIT:
+    a worker that started early must not push step 0 before another one has read θ_0."""
+    from ps.parking import Waiter
+
+    policy, _, workers, _, group = setup(sync, [0, 0])
+    parking = policy.members.parking
+    parking.park(Waiter(b"0", 1, Op.INIT, 0, ("w",), step=0))
+    assert policy.start_barrier(0)  # rank 1 registered but has not sent its INIT yet
+    parking.park(Waiter(b"1", 1, Op.INIT, 1, ("w",), step=0))
+    assert not policy.start_barrier(0) and not policy.start_barrier(1)
+    parking.waiters.clear()  # both answered with θ_0
+    assert push(policy, workers[0], 0, group, {"w": torch.ones(3, dtype=torch.float64)}, 1.0, None)
+    parking.park(Waiter(b"1", 2, Op.INIT, 1, ("w",), step=0))  # a copy of an INIT, once training runs
+    assert not policy.start_barrier(1)
+
+
+def test_bsp_needs_no_start_barrier():
+    bsp, *_ = setup("bsp", [0, 0])
+    assert not bsp.start_barrier(0)

@@ -185,7 +185,7 @@ class StepEngine:
             return True  # answered with REFORMING ([Note: pipeline formations])
         if self.groups is None or not self.store.initialized:
             return False
-        if w.op is Op.INIT and self.members.stage_barrier(w.rank):
+        if w.op is Op.INIT and (self.members.stage_barrier(w.rank) or self.start_barrier(w.rank)):
             return False
         return self.ready(w.rank, w.step, w.keys)
 
@@ -222,6 +222,11 @@ class StepEngine:
         """Whether ``rank`` may get θ of ``keys`` to compute ``step`` now (default: once θ has
         ``step`` applied steps)."""
         return self.store.version(keys) >= step
+
+    def start_barrier(self, rank: int) -> bool:
+        """Whether ``rank``'s INIT must wait for the other workers' before training starts (default:
+        no; a rule whose steps wait for every worker needs none)."""
+        return False
 
     def start_step(self, rank: int, version: int) -> int:
         """The step ``rank`` starts (or resumes) at, told in the INIT reply."""

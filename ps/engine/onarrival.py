@@ -13,6 +13,12 @@ by 1/K are the same for plain SGD; the learning rate is what matches bsp for wei
 (applied once per K pushes, not K times) and for Adam, whose step does not depend on the
 gradient's scale. So the optimizer runs each on-arrival update with ``lr / K``.
 
+[Note: one start] Pushes are applied on arrival, so a worker whose INIT was answered could push
+step 0 before another worker's INIT is answered; that worker would then start from θ after
+the first one's update, not from θ_0 (with S = 0, no longer bsp's math: seen once in about a
+hundred loaded runs of the exactness test). So, until this server has applied a push, an INIT is
+answered only once every registered worker has its INIT parked, and all start from one θ.
+
 A push carries a whole step (no buckets), gradients as frames (no shared memory). Buffers
 take the lowest contributing rank's values, as in bsp ([Note: buffer values] in ``ps.aggregate``).
 """
@@ -25,6 +31,7 @@ from typing import Iterator
 import torch
 
 from common.errors import ErrorCode, ProtocolError
+from common.protocol import Op
 from ps.engine import register
 from ps.engine.base import Services, StepEngine
 from ps.engine.pushes import Push
@@ -50,6 +57,14 @@ class Async(StepEngine):
     def __init__(self, services: Services) -> None:
         super().__init__(services)
         self._losses: dict[int, float] = {}
+        self._applied_any = False  # a push was applied by this server process ([Note: one start])
+
+    def start_barrier(self, rank: int) -> bool:
+        """Before this server applied a push: wait until every registered worker's INIT is parked."""
+        if self._applied_any:
+            return False
+        parked = {(w.rank, w.ident) for w in self.members.parking.waiters if w.op is Op.INIT}
+        return any((r, w.identity) not in parked for r, w in self.members.workers.items() if not w.done)
 
     def ready(self, rank: int, step: int, keys: tuple[str, ...]) -> bool:
         return True
@@ -68,6 +83,7 @@ class Async(StepEngine):
             raise ProtocolError(ErrorCode.BAD_STEP, f"rank {w.rank} pushed step {step} but its clock is "
                                                     f"{w.clock} ({self.name}: push every step, in order)")
         self.apply(push)
+        self._applied_any = True
         w.clock = step + 1
         slowest = self.slowest(w.rank)
         self.metrics.step(w.clock if slowest is None else slowest)
