@@ -7,6 +7,7 @@ one ``push`` line per applied gradient, with the lead over the slowest other liv
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,33 @@ def test_an_out_of_order_async_push_is_refused_and_changes_nothing(procs, tmp_pa
         torch.testing.assert_close(c.pull(step=1)["w"], torch.full((2,), -0.5, dtype=torch.float64))
         c.done()
     procs.wait_ok([server], timeout=60)
+
+
+@pytest.mark.parametrize("sync", ["async", "ssp"])
+def test_on_arrival_workers_start_from_one_theta_whatever_the_order_of_their_inits(procs, sync):
+    """[Note: one start] Rank 1 has registered but sends its INIT a second after rank 0: rank 0
+    must not get θ (and push step 0) before rank 1 can read θ_0 too."""
+    import threading
+
+    from worker.client import PSClient
+
+    server, ep = procs.server(2, "--sync", sync, "--staleness", "0", "--lr", "0.5")
+    zeros = {"w": torch.zeros(2, dtype=torch.float64)}
+    early, late = PSClient(ep, 0, 2, timeout=30), PSClient(ep, 1, 2, timeout=30)
+    got: dict[str, torch.Tensor] = {}
+
+    def rank0() -> None:
+        got.update(early.init(dict(zeros)))
+        early.push({"w": torch.ones(2, dtype=torch.float64)}, step=0)
+
+    try:
+        late.register(dict(zeros))
+        t = threading.Thread(target=rank0)
+        t.start()
+        time.sleep(1.0)  # time for rank 0 to read θ and push step 0, were its INIT answered alone
+        theta = late.init(dict(zeros))
+        t.join(30)
+        assert torch.equal(theta["w"], zeros["w"]) and torch.equal(got["w"], zeros["w"]), (theta, got)
+    finally:
+        early.close()
+        late.close()
