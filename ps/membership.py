@@ -112,7 +112,9 @@ class Membership:
         if len(stages) < self.cfg.workers:
             return True
         parked = {(w.rank, w.ident) for w in self.parking.waiters if w.op is Op.INIT}
-        return any((r, w.identity) not in parked for r, w in stages.items())
+        # a stage that finished (its DONE is in) takes no part any more: a stage restarted after
+        # the last step (killed before its DONE) must not wait for it (nemesis seed 203)
+        return any((r, w.identity) not in parked for r, w in stages.items() if not w.done)
 
     def moved(self, old: WorkerInfo | None, identity: bytes, role: str, endpoint: str) -> bool:
         """A registration: a stage in a new process or at a new endpoint starts a new formation

@@ -156,3 +156,18 @@ def test_on_arrival_rules_start_every_worker_from_one_theta(sync):
 def test_bsp_needs_no_start_barrier():
     bsp, *_ = setup("bsp", [0, 0])
     assert not bsp.start_barrier(0)
+
+
+def test_a_stage_restarted_after_the_last_step_does_not_wait_for_stages_that_are_done():
+    """[Note: pipeline formations] Stages start together, but one that finished (its DONE is in)
+    takes no part any more: a stage killed before its DONE and restarted must not wait for it
+    (found by the nemesis, seed 203: a deadlock)."""
+    from ps.parking import Waiter
+
+    members = Membership(ServerConfig(workers=2))
+    for r in range(2):
+        members.workers[r] = WorkerInfo(rank=r, identity=b"%d" % r, keys=(f"{r}.weight",), role="stage")
+    members.parking.park(Waiter(b"1", 1, Op.INIT, 1, ("1.weight",), step=0))
+    assert members.stage_barrier(1)  # stage 0 has not sent its INIT
+    members.workers[0].done = True
+    assert not members.stage_barrier(1)
