@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from common.config import ServerConfig
 from common.errors import ErrorCode, ProtocolError
@@ -111,10 +111,14 @@ class Membership:
         stages = {r: w for r, w in self.workers.items() if w.role == "stage"}
         if len(stages) < self.cfg.workers:
             return True
+        return self.init_missing(stages)
+
+    def init_missing(self, workers: Mapping[int, WorkerInfo]) -> bool:
+        """Whether any of ``workers`` has no INIT parked from its current connection. A worker that
+        finished (its DONE is in) takes no part any more: one restarted after the last step
+        (killed before its DONE) must not wait for it (nemesis seed 203)."""
         parked = {(w.rank, w.ident) for w in self.parking.waiters if w.op is Op.INIT}
-        # a stage that finished (its DONE is in) takes no part any more: a stage restarted after
-        # the last step (killed before its DONE) must not wait for it (nemesis seed 203)
-        return any((r, w.identity) not in parked for r, w in stages.items() if not w.done)
+        return any((r, w.identity) not in parked for r, w in workers.items() if not w.done)
 
     def moved(self, old: WorkerInfo | None, identity: bytes, role: str, endpoint: str) -> bool:
         """A registration: a stage in a new process or at a new endpoint starts a new formation

@@ -31,7 +31,6 @@ from typing import Iterator
 import torch
 
 from common.errors import ErrorCode, ProtocolError
-from common.protocol import Op
 from ps.engine import register
 from ps.engine.base import Services, StepEngine
 from ps.engine.pushes import Push
@@ -61,10 +60,7 @@ class Async(StepEngine):
 
     def start_barrier(self, rank: int) -> bool:
         """Before this server applied a push: wait until every registered worker's INIT is parked."""
-        if self._applied_any:
-            return False
-        parked = {(w.rank, w.ident) for w in self.members.parking.waiters if w.op is Op.INIT}
-        return any((r, w.identity) not in parked for r, w in self.members.workers.items() if not w.done)
+        return not self._applied_any and self.members.init_missing(self.members.workers)
 
     def ready(self, rank: int, step: int, keys: tuple[str, ...]) -> bool:
         return True
