@@ -46,6 +46,7 @@ class ServerConfig:
     checkpoint_every: int = 0
     ready_file: str | None = None
     max_message_mb: int = 4096
+    max_frame_mb: int = 64
     shm: str = "auto"
     io_threads: int = 1
     metrics_port: int | None = None
@@ -77,6 +78,7 @@ class ServerConfig:
         _nonneg("staleness", self.staleness)
         _nonneg("checkpoint_every", self.checkpoint_every)
         _positive("max_message_mb", self.max_message_mb)
+        _positive("max_frame_mb", self.max_frame_mb)
         if self.momentum is not None:
             _nonneg("momentum", self.momentum)
         if self.clip_grad_norm is not None:
@@ -185,6 +187,7 @@ LAUNCHER_OMITS: dict[str, str] = {
     "bind": "the launcher binds tcp://127.0.0.1:0 (the OS picks the port) and gives the workers that endpoint",
     "ready_file": "the launcher's own: the server writes its endpoint there for the launcher",
     "max_message_mb": "a launched server hears only the launcher's own workers; ps-server's default serves them",
+    "max_frame_mb": "a launched server hears only the launcher's own workers; ps-server's default serves them",
     "curve_secret_key": "a launched job runs on one host, without CURVE",
     "curve_authorized_keys": "a launched job runs on one host, without CURVE",
     "fault": "testing: given to one ps-server or ps-worker directly",

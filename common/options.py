@@ -81,8 +81,12 @@ OPTIONS: dict[str, Option] = {
                                group="checkpoints"),
     "ready_file": Option("--ready-file", str, "write the bound endpoint to this file once listening",
                          group="server"),
-    "max_message_mb": Option("--max-message-mb", int, "largest frame accepted, in MiB (ZMQ_MAXMSGSIZE)",
-                             group="server"),
+    "max_message_mb": Option("--max-message-mb", int, "largest message (all its frames together) accepted, "
+                             "in MiB", group="server"),
+    "max_frame_mb": Option("--max-frame-mb", int, "largest frame a peer may send, in MiB: ZeroMQ drops a "
+                           "connection that announces a larger one before reading it (ZMQ_MAXMSGSIZE); "
+                           "workers send tensors in pieces of --chunk-mb, and a larger piece is refused "
+                           "at REGISTER", group="server"),
     "metrics_port": Option("--metrics-port", int, "serve Prometheus metrics over HTTP on this port "
                            "(0: the OS picks; the URL is logged and in PING replies)", group="metrics"),
     "metrics_bind": Option("--metrics-bind", str, "address the Prometheus endpoint listens on: 127.0.0.1 "

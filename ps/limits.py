@@ -2,9 +2,11 @@
 
 Before θ exists the server applies the generic caps of :class:`common.wire.WireLimits`. Once
 θ's names, dtypes and shapes are known, no valid message can be larger than one that carries
-every tensor of θ, so the caps shrink to that: a frame larger than θ's largest tensor (or the
-header cap) is dropped by ZeroMQ itself (``ZMQ_MAXMSGSIZE``, for connections made from then on),
-and every message is checked against the tight caps before it is decoded further.
+every tensor of θ, so the caps shrink to that, and every message is checked against the tight
+caps before it is decoded further. ZeroMQ itself drops a frame over the cap the socket was bound
+with (``ZMQ_MAXMSGSIZE``, copied to every connection when the socket binds): ``--max-frame-mb``,
+or θ's largest frame (:func:`largest_frame`) where a restarted server knows θ when it binds
+([Note: frame cap] in ``ps.server``).
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ server on its rank and its shared-memory segment.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable, Mapping
 
 from common.config import ServerConfig
+from common.dtypes import ITEMSIZE
 from common.errors import ErrorCode, ProtocolError
 from common.partition import base_of
 from common.protocol import Op
@@ -69,6 +71,7 @@ class Registrar:
         specs = {name: (dtype, tuple(shape)) for name, dtype, shape in f["params"]}
         if not specs:
             raise ProtocolError(ErrorCode.SCHEMA_MISMATCH, "a worker must register at least one parameter")
+        self._check_frames(rank, specs)
         buffers = frozenset(f.get("buffers", ()))
         role = f.get("role", "data")
         self._check_schema(rank, role, specs, buffers)
@@ -150,6 +153,19 @@ class Registrar:
                                 f"rank {rank} registers other keys than {whose} (data mode: every worker holds the "
                                 f"same model): it has {extra} that {whose} lacks, lacks {missing}"
                                 f"{origin if not peers else ''}")
+
+    def _check_frames(self, rank: int, specs: Specs) -> None:
+        """Every key travels as one frame (INIT, pushes): none may be larger than the frame cap that
+        ZeroMQ enforces on every connection ([Note: frame cap]), or its INIT would be dropped unread."""
+        cap = self.cfg.max_frame_mb << 20
+        for k, (dtype, shape) in specs.items():
+            nbytes = ITEMSIZE[dtype] * math.prod(shape)
+            if nbytes > cap:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f"rank {rank}: {k!r} is one frame of {nbytes / (1 << 20):.1f} MiB, over the "
+                                    f"server's frame cap of {self.cfg.max_frame_mb} MiB: split it into pieces "
+                                    f"with the worker's --chunk-mb (at most {self.cfg.max_frame_mb}; a tensor "
+                                    f"splits along its first dimension) or raise ps-server --max-frame-mb")
 
     def _check_steps(self, rank: int, steps: int | None) -> None:
         """Every worker of a job must plan the same number of steps (``--epochs``, batch, data):

@@ -110,8 +110,11 @@ class Server:
         build_optimizer([warm], self.cfg).step()
         curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
                  if self.cfg.curve_secret_key else None)
-        # a socket copies its options when it binds: a restarted server binds knowing θ's largest frame
-        frame = largest_frame(self.store.specs(), self.limits) if self.store.initialized else None
+        # [Note: frame cap] a listening socket copies its options when it binds, so the cap is set once
+        # here, for every connection: --max-frame-mb, or θ's largest frame where a restarted server knows θ
+        frame = max(self.cfg.max_frame_mb << 20, self.limits.max_header_bytes)
+        if self.store.initialized:
+            frame = min(frame, largest_frame(self.store.specs(), self.limits))
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve, max_frame=frame)
         self.outbox.sock = self.sock
         self.bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the address itself (port 0 resolved)
