@@ -41,6 +41,9 @@ class ServerConfig:
     clip_grad_norm: float | None = None
     sync: str = SyncModel.BSP.value
     staleness: int = 0
+    inner_steps: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     checkpoint_dir: str = "checkpoints"
     resume: str = "auto"
     checkpoint_every: int = 0
@@ -76,6 +79,9 @@ class ServerConfig:
         _nonneg("lr", self.lr)
         _nonneg("weight_decay", self.weight_decay)
         _nonneg("staleness", self.staleness)
+        _positive("inner_steps", self.inner_steps)
+        _positive("outer_lr", self.outer_lr)
+        _nonneg("outer_momentum", self.outer_momentum)
         _nonneg("checkpoint_every", self.checkpoint_every)
         _positive("max_message_mb", self.max_message_mb)
         _positive("max_frame_mb", self.max_frame_mb)
@@ -148,6 +154,7 @@ class WorkerConfig(JobFields):
     peer_next: str | None = None
     worker_id: str | None = None
     heartbeat: float = 1.0
+    state_dir: str | None = None
     curve_server_key: str | None = None
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None

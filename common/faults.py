@@ -12,7 +12,8 @@
   - ``after-push`` (worker): the push of STEP has reached the server (the client waits for the
     answer to a PING sent after it on the same connection), its reply not yet received;
   - ``after-apply`` (server): the update of STEP is applied to θ, but neither checkpointed nor
-    answered.
+    answered;
+  - ``mid-round`` (worker, ``--sync diloco``): half of round STEP's local steps are taken.
 
 A fault fires at most once per process. Pass it through the environment (``PS_FAULT``) when the
 test restarts the process "with the same command": the restart then runs without it.
@@ -30,7 +31,7 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ACTIONS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}
-POINTS = ("before-push", "after-push", "after-apply")
+POINTS = ("before-push", "after-push", "after-apply", "mid-round")
 
 
 @dataclass(frozen=True)

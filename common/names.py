@@ -7,7 +7,7 @@ consistency model (``--sync``), the pipeline schedule (``--schedule``) and the l
 it lives, through :func:`implementations`, which checks the two agree when that module is
 imported:
 
-* :class:`Optimizer` - ``ps/optim.py``, ``OPTIMIZERS``
+* :class:`Optimizer` - ``common/optimizers.py``, ``OPTIMIZERS``
 * :class:`SyncModel` - ``ps/consistency.py``, ``MODELS``
 * :class:`PipelineSchedule` - ``worker/pipeline/schedule.py``, ``MAKERS``
 * :class:`Loss` - ``worker/losses.py``, ``LOSSES``
@@ -61,6 +61,7 @@ class Optimizer(Choice):
     SGD = "sgd", "is torch.optim.SGD, with momentum 0 unless --momentum is given"
     MOMENTUM = "momentum", "is torch.optim.SGD with --momentum, 0.9 unless given"
     ADAM = "adam", "is torch.optim.Adam"
+    ADAMW = "adamw", "is torch.optim.AdamW (decoupled weight decay; the usual inner optimizer of diloco)"
 
 
 class SyncModel(Choice):
@@ -69,6 +70,10 @@ class SyncModel(Choice):
     BSP = "bsp", "waits for every worker each step"
     ASYNC = "async", "applies each push on arrival with lr/K"
     SSP = "ssp", "applies each push on arrival but lets a worker run at most --staleness steps ahead"
+    DILOCO = "diloco", ("lets each worker take --inner-steps local steps with --optimizer, then averages "
+                        "their changes and applies them with Nesterov SGD (--outer-lr, --outer-momentum)")
+    DILOCO_ASYNC = "diloco-async", ("is diloco where each worker's change is applied on arrival (delayed "
+                                    "Nesterov: momentum moves once per K arrivals); nobody waits")
 
 
 class PipelineSchedule(Choice):

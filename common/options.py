@@ -69,6 +69,12 @@ OPTIONS: dict[str, Option] = {
     "weight_decay": Option("--weight-decay", float, "weight decay", group="optimizer"),
     "sync": Option("--sync", str, "consistency model", names=SyncModel, group="consistency"),
     "staleness": Option("--staleness", int, "SSP staleness bound S, in steps (clocks)", group="consistency"),
+    "inner_steps": Option("--inner-steps", int, "diloco: local steps H each worker takes with --optimizer "
+                          "between two exchanges with the server", group="consistency"),
+    "outer_lr": Option("--outer-lr", float, "diloco: learning rate of the server's Nesterov SGD on the mean "
+                       "change", group="consistency"),
+    "outer_momentum": Option("--outer-momentum", float, "diloco: momentum of the server's Nesterov SGD",
+                             group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
     "resume": Option("--resume", str, "a job already in --checkpoint-dir: auto resumes an unfinished one (as "
@@ -103,6 +109,9 @@ OPTIONS: dict[str, Option] = {
     "worker_id": Option("--worker-id", str, "id the server keys an assigned rank by, stable across restarts",
                         group="worker"),
     "world_size": Option("--world-size", int, "number of workers K", group="worker"),
+    "state_dir": Option("--state-dir", str, "folder for what only this worker knows (diloco: its inner "
+                        "optimizer after each round), so a restarted worker resumes exactly; one per job",
+                        group="worker"),
     "mode": Option("--mode", str, "data parallel or pipeline stages", ("data", "pipeline"), group="worker"),
     "model": Option("--model", str, "MODULE:FACTORY returning an nn.Module",
                     group="job"),

@@ -83,12 +83,18 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # ``segment``: the token of the gradient segment the ``grads`` were written to; the server
 # refuses a push naming any other segment than the one it gave this rank.
 
+# [Note: local steps] REGISTER reply ``inner`` (``--sync diloco``/``diloco-async`` only): what the
+# worker runs between two exchanges, ``{"steps": H, "optimizer", "lr", "momentum", "weight_decay",
+# "checkpoint_every"}``.
+# A step (PUSH, PUSH_PULL, the version) is then one round of H local steps, and a push carries the
+# worker's change θ_global − θ_local where other rules carry a gradient (worker/diloco.py).
+
 _THETA = {"version": INT, "loss": NUM_OR_NIL}
 _THETA_SHM = {"shm": BOOL}
 REPLIES: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: ({"world_size": INT, "sync": STR, "initialized": BOOL, "rank": INT, "optimizer": STR, "lr": NUM,
                    "incarnation": STR, "lease_s": NUM, "hold_s": NUM, "buckets": BOOL},
-                  {"clip_grad_norm": NUM_OR_NIL, "shm_grad": STR, "shm_grad_token": STR}),
+                  {"clip_grad_norm": NUM_OR_NIL, "shm_grad": STR, "shm_grad_token": STR, "inner": ANY}),
     Op.INIT: ({**_THETA, "peers": ANY, "restorable": ANY, "formation": INT},
               {**_THETA_SHM, "shm_theta": STR, "shm_theta_token": STR, "shm_theta_size": INT, "shm_offsets": ANY}),
     Op.PULL: (_THETA, _THETA_SHM),

@@ -94,7 +94,8 @@ class Registrar:
         reply = {"world_size": self.cfg.workers, "sync": self.cfg.sync, "initialized": self.store.initialized,
                  "rank": rank, "optimizer": self.cfg.optimizer, "lr": self.cfg.lr,
                  "clip_grad_norm": self.cfg.clip_grad_norm, "incarnation": m.incarnation,
-                 "lease_s": self.cfg.lease, "hold_s": self.cfg.rejoin_deadline, "buckets": bool(buckets), **fast}
+                 "lease_s": self.cfg.lease, "hold_s": self.cfg.rejoin_deadline, "buckets": bool(buckets), **fast,
+                 **self.engine.register_fields()}
         m.workers[rank] = WorkerInfo(rank=rank, identity=ident, keys=keys, role=role, endpoint=f.get("endpoint", ""),
                                      stage=f.get("stage", -1), plan=f.get("plan", ""), clock=old.clock if old else 0,
                                      buckets=buckets, request=dict(f), reply=reply)

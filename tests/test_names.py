@@ -20,7 +20,7 @@ from common.names import Choice, Loss, Optimizer, PipelineSchedule, SyncModel, i
 from tests.procs import ROOT, child_env
 
 # kind -> (option, the module implementing it, its registry)
-KINDS = {Optimizer: ("optimizer", "ps.optim", "OPTIMIZERS"), SyncModel: ("sync", "ps.engine", "BUILTIN_RULES"),
+KINDS = {Optimizer: ("optimizer", "common.optimizers", "OPTIMIZERS"), SyncModel: ("sync", "ps.engine", "BUILTIN_RULES"),
          PipelineSchedule: ("schedule", "worker.pipeline.schedule", "MAKERS"),
          Loss: ("loss", "worker.losses", "LOSSES")}
 

@@ -108,10 +108,12 @@ def server_argv(cfg: LaunchConfig, ready: Path, ckpt: str) -> list[str]:
     return [sys.executable, "-m", "ps", *to_argv(server, [*cfg.server_options(), "bind", "ready_file"])]
 
 
-def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int) -> list[str]:
-    """Command line of worker ``rank``."""
+def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int, ckpt: str | None = None) -> list[str]:
+    """Command line of worker ``rank`` (its ``--state-dir`` beside the server's checkpoints, in ``ckpt``)."""
     argv = [sys.executable, "-m", "worker", "--server", endpoint, "--rank", str(rank),
             "--world-size", str(world), *to_argv(cfg, JOB_OPTIONS)]
+    if ckpt is not None:
+        argv += ["--state-dir", os.path.join(ckpt, "worker-state")]
     return argv
 
 
@@ -154,7 +156,7 @@ def run(cfg: LaunchConfig) -> int:
             log.info("server at %s; starting %d worker(s); checkpoints in %s", endpoint, world, ckpt)
             tty = sys.stderr.isatty()
             for rank in range(world):
-                children.append(Child(worker_name(cfg, rank), worker_argv(cfg, endpoint, rank, world),
+                children.append(Child(worker_name(cfg, rank), worker_argv(cfg, endpoint, rank, world, ckpt),
                                       passthrough=(rank == shows_progress and tty)))
             code = _supervise(children)
             if code == 0 and cfg.example:

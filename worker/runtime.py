@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +31,7 @@ from common.partition import buckets
 from worker.buckets import BucketHooks
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
+from worker.diloco import LocalSteps, local_steps
 from worker.factories import build_data, build_model
 from worker.jitter import Stall
 from worker.losses import LOSSES  # also worker.runtime.LOSSES, as before
@@ -104,6 +106,9 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         assert cfg.rank is not None
         stall = Stall.from_option(cfg.stall, cfg.seed, cfg.rank)
         state.load(theta)
+        inner = local_steps(client.server_info)
+        if inner is not None:  # --sync diloco: rounds of local steps (worker.diloco)
+            return _train_rounds(cfg, client, state, data, loss_fn, device, inner, t0, on_step)
         bound = client.bind(params)
         if bound:
             log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
@@ -170,3 +175,30 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
              max(0, total - start), cfg.epochs, seconds, "-" if final_loss is None else f"{final_loss:.6g}",
              samples / seconds if seconds else 0.0)
     return TrainResult(max(0, total - start), start, final_loss, seconds, samples)
+
+
+def _train_rounds(cfg: WorkerConfig, client: PSClient, state: ModelState, data: object,
+                  loss_fn: Callable[..., torch.Tensor], device: torch.device, inner: dict, t0: float,
+                  on_step: Callable[[int], None] | None) -> TrainResult:
+    """The rest of :func:`train` under a local-steps rule: rounds of ``inner["steps"]`` local steps."""
+    assert cfg.rank is not None and cfg.world_size is not None
+    plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)  # type: ignore[arg-type]
+    loop = LocalSteps(cfg, client, state, data, plan, loss_fn, device, inner)
+    start = client.step
+    log.info("%s: %d rounds of %d local steps (%s, lr %g) = %d steps; starting at round %d",
+             client.server_info.get("sync"), loop.rounds, loop.h, inner["optimizer"], inner["lr"], loop.total, start)
+    spe = max(1, math.ceil(plan.steps_per_epoch / loop.h))
+    progress = Progress(cfg, loop.rounds, start, spe)
+
+    def on_round(r: int, loss: float | None) -> None:
+        progress.update(r, loss, plan.batch * loop.h)
+        if on_step is not None:
+            on_step(r)
+
+    with progress:
+        done = loop.run(on_round)
+    seconds = time.monotonic() - t0
+    log.info("done: %d rounds in %.2fs, final loss %s, %.0f samples/s on this worker", done.rounds, seconds,
+             "-" if done.final_loss is None else f"{done.final_loss:.6g}",
+             done.samples / seconds if seconds else 0.0)
+    return TrainResult(done.rounds, start, done.final_loss, seconds, done.samples)

@@ -2,7 +2,7 @@
 
 Each rule (``--sync``) is one :class:`ps.engine.base.StepEngine` subclass in a module of its own,
 registered by name with :func:`register`: ``bsp`` (``ps.engine.bsp``), ``async`` and ``ssp``
-(``ps.engine.onarrival``). Adding a rule is one new module with its ``@register``, and its name
+(``ps.engine.onarrival``), ``diloco`` and ``diloco-async`` (``ps.engine.diloco``). Adding a rule is one new module with its ``@register``, and its name
 in ``common.names.SyncModel`` to offer it as ``--sync`` (checked against each other at import);
 the server, the membership and the checkpoints do not change.
 """
@@ -44,7 +44,7 @@ def make_engine(services: Services) -> StepEngine:
     return rule_of(services.cfg.sync)(services)
 
 
-from ps.engine import bsp, onarrival  # noqa: E402,F401 - the built-in rules register themselves
+from ps.engine import bsp, diloco, onarrival  # noqa: E402,F401 - the built-in rules register themselves
 
 BUILTIN_RULES = implementations(SyncModel, dict(RULES), __name__)
 """The rules ``--sync`` offers: exactly the names ``common.names.SyncModel`` declares (checked

@@ -68,6 +68,10 @@ class StepEngine:
     skip_nonfinite: ClassVar[bool] = False  # --nonfinite skip: a push can be left out of a step
     prescaled: ClassVar[bool] = False  # takes gradients pre-scaled by samples / total
 
+    def register_fields(self) -> dict[str, Any]:
+        """Fields this rule adds to every REGISTER reply (what a worker must know to follow it)."""
+        return {}
+
     def __init__(self, services: Services) -> None:
         self.s = services
         self.cfg, self.store, self.members = services.cfg, services.store, services.members

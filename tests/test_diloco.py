@@ -1,0 +1,92 @@
+"""``--sync diloco``: K worker processes give the θ of the single-process DiLoCo math (float64 ≤ 1e-9),
+also when a worker or the server is killed with -9 and restarted; ``diloco-async`` applies each
+round exactly once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.jobs import class_data64, mlp64
+from tests.models import branchy64, branchy_data
+from tests.procs import Procs
+from tests.reference_diloco import replay_diloco
+from tests.test_exactness import assert_close
+
+pytestmark = pytest.mark.timeout(300)
+
+MLP = ("--model", "tests.jobs:mlp64", "--data", "tests.jobs:class_data64", "--loss", "cross_entropy",
+       "--epochs", "2", "--batch-size", "64")
+INNER = ("--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.01")
+
+
+def _final(procs: Procs) -> dict:
+    return load_file(str(procs.tmp / "ckpt" / "final.safetensors"))
+
+
+def _run(procs: Procs, world: int, server_args: tuple[str, ...], worker_args: tuple[str, ...]) -> dict:
+    server, ep = procs.server(world, *server_args)
+    workers = [procs.worker(ep, k, world, *worker_args, "--state-dir", str(procs.tmp / f"state{k}"))
+               for k in range(world)]
+    procs.wait_ok([*workers, server], timeout=240)
+    return _final(procs)
+
+
+@pytest.mark.parametrize("sync", ["diloco", "diloco-async"])
+def test_diloco_equals_single_process_math(procs: Procs, sync: str) -> None:
+    world = 2 if sync == "diloco" else 1  # on arrival, K = 1 is the only order-free case
+    got = _run(procs, world, ("--sync", sync, "--inner-steps", "4", *INNER), MLP)
+    want = replay_diloco(mlp64, class_data64, world, 4, batch=64, epochs=2, loss="cross_entropy",
+                         optimizer="adamw", lr=0.01, weight_decay=0.01, asynchronous=sync != "diloco")
+    assert_close(got, want)
+    torch.manual_seed(0)
+    assert (got["0.weight"] - mlp64()[0].weight.detach()).abs().max() > 1e-3  # training moved θ
+
+
+def test_diloco_on_a_real_model_frozen_unused_partly_used_layers_and_batchnorm(procs: Procs) -> None:
+    args = ("--model", "tests.models:branchy64", "--data", "tests.models:branchy_data", "--loss", "cross_entropy",
+            "--epochs", "1", "--batch-size", "20", "--no-shuffle")
+    got = _run(procs, 2, ("--sync", "diloco", "--inner-steps", "3", "--optimizer", "momentum", "--lr", "0.05",
+                          "--weight-decay", "0.01", "--outer-lr", "0.5"), args)
+    want = replay_diloco(branchy64, branchy_data, 2, 3, batch=20, epochs=1, shuffle=False, loss="cross_entropy",
+                         optimizer="momentum", lr=0.05, weight_decay=0.01, outer_lr=0.5)
+    assert_close(got, want)
+    torch.manual_seed(0)
+    start = branchy64()
+    assert torch.equal(got["frozen.weight"], start.frozen.weight.detach())
+    assert torch.equal(got["unused.weight"], start.unused.weight.detach())
+
+
+@pytest.mark.parametrize("point", ["mid-round", "before-push", "after-push"])
+def test_a_worker_killed_and_restarted_resumes_its_inner_optimizer_exactly(procs: Procs, point: str) -> None:
+    """Worker 1 kills itself at ``point`` of round 3 and is started again with the same command:
+    its round file ([Note: round files]) gives it the inner optimizer (and, past the inner
+    steps, the same push), so the job ends at the uninterrupted θ."""
+    server, ep = procs.server(2, "--sync", "diloco", "--inner-steps", "4", *INNER, "--lease", "1")
+    state = [("--state-dir", str(procs.tmp / f"state{k}")) for k in range(2)]
+    w0 = procs.worker(ep, 0, 2, *MLP, *state[0])
+    w1 = procs.worker(ep, 1, 2, *MLP, *state[1], env={"PS_FAULT": f"kill:{point}:3"})
+    assert w1.proc.wait(120) == -9
+    again = procs.worker(ep, 1, 2, *MLP, *state[1])
+    procs.wait_ok([w0, again, server], timeout=240)
+    want = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy",
+                         optimizer="adamw", lr=0.01, weight_decay=0.01)
+    assert_close(_final(procs), want)
+    assert "starts afresh" not in again.output(20000)
+
+
+def test_the_server_killed_resumes_from_its_checkpoint_and_the_workers_from_their_round_files(procs: Procs) -> None:
+    ckpt = procs.tmp / "ckpt"
+    args = ("--sync", "diloco", "--inner-steps", "4", *INNER, "--checkpoint-every", "2")
+    server, ep = procs.server(2, *args, env={"PS_FAULT": "kill:after-apply:4"})
+    state = [("--state-dir", str(procs.tmp / f"state{k}")) for k in range(2)]
+    workers = [procs.worker(ep, k, 2, *MLP, *state[k]) for k in range(2)]
+    assert server.proc.wait(120) == -9
+    server, ep2 = procs.server(2, *args, ckpt=ckpt, bind=ep)
+    procs.wait_ok([*workers, server], timeout=240)
+    want = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy",
+                         optimizer="adamw", lr=0.01, weight_decay=0.01)
+    assert_close(_final(procs), want)
+    for w in workers:
+        assert "starts afresh" not in w.output(20000)

@@ -1,0 +1,113 @@
+"""What a diloco worker alone knows, kept on its disk: its inner optimizer and its push, per round.
+
+[Note: round files] Under ``--sync diloco`` the server holds θ_global, but each worker's inner
+optimizer (AdamW's moments, momentum) lives only on the worker. Before it pushes round r, a
+worker writes ``rank<k>-round<r>.pt`` into ``--state-dir``: the push (its change Δ and buffer
+values, its loss) and its inner optimizer's state after round r. A restarted worker finds the
+server at round v and reads
+
+* round v's file: its push may not have been applied; it is sent again, the same bytes (a
+  replay is acknowledged and not applied twice), and the inner optimizer continues from it;
+* else round v − 1's file: round v starts from it, as in the uninterrupted run;
+* round 0 needs no file (a fresh optimizer); otherwise the state is lost: the worker says so
+  and starts a fresh inner optimizer (the run is no longer the single-process math).
+
+A server that restarts from its checkpoint at round c needs the files of round c − 1, so a
+worker keeps, besides its newest two, the files of the three newest rounds that end at a
+server checkpoint (the server keeps three, ``--checkpoint-every`` tells which). Writes are
+atomic (a temp file, fsync, rename) and the file names its rank, H and keys, which must match.
+The files are ``torch.save`` archives of tensors and numbers, read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KEEP_NEWEST = 2
+KEEP_AT_CHECKPOINTS = 3
+
+
+@dataclass
+class Round:
+    """One round's file: the push, the loss, the inner optimizer's state after the round."""
+
+    round: int
+    push: dict[str, torch.Tensor | None]
+    loss: float | None
+    optimizer: dict[str, Any]
+
+
+class RoundFiles:
+    """The round files of one worker in ``folder`` ([Note: round files]).
+
+    Args:
+        folder: ``--state-dir`` (created if missing).
+        rank: this worker's rank.
+        inner_steps: H, recorded in each file and checked on reading.
+        keys: the model's keys, recorded and checked likewise.
+        checkpoint_every: the server's ``--checkpoint-every`` (0: it only checkpoints θ_0).
+    """
+
+    def __init__(self, folder: str, rank: int, inner_steps: int, keys: list[str], checkpoint_every: int) -> None:
+        self.folder = folder
+        self.rank = rank
+        self.ident = {"rank": rank, "inner_steps": inner_steps, "keys": list(keys)}
+        self.every = checkpoint_every
+        os.makedirs(folder, exist_ok=True)
+
+    def path(self, r: int) -> str:
+        """The file of round ``r``."""
+        return os.path.join(self.folder, f"rank{self.rank}-round{r:08d}.pt")
+
+    def save(self, rnd: Round) -> None:
+        """Write round ``rnd`` atomically, then drop the files no restart can need."""
+        path = self.path(rnd.round)
+        tmp = f"{path}.tmp"
+        blob = {"ident": self.ident, "round": rnd.round, "loss": rnd.loss, "optimizer": rnd.optimizer,
+                "push": {k: v for k, v in rnd.push.items() if v is not None},
+                "absent": [k for k, v in rnd.push.items() if v is None]}
+        with open(tmp, "wb") as fh:
+            torch.save(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self._prune(rnd.round)
+
+    def load(self, r: int, device: torch.device | str = "cpu") -> Round | None:
+        """Round ``r``'s file, or None when there is none (or it is another job's)."""
+        path = self.path(r)
+        if r < 0 or not os.path.exists(path):
+            return None
+        blob = torch.load(path, map_location=device, weights_only=True)
+        if blob.get("ident") != self.ident:
+            log.warning("%s belongs to another job (rank, --inner-steps or model differ): not used", path)
+            return None
+        push: dict[str, torch.Tensor | None] = dict(blob["push"])
+        push.update({k: None for k in blob["absent"]})
+        return Round(blob["round"], push, blob["loss"], blob["optimizer"])
+
+    def rounds(self) -> list[int]:
+        """The rounds this worker has files of, oldest first."""
+        pat = re.compile(rf"rank{self.rank}-round(\d+)\.pt$")
+        return sorted(int(m.group(1)) for name in os.listdir(self.folder) if (m := pat.match(name)))
+
+    def _prune(self, newest: int) -> None:
+        have = self.rounds()
+        keep = set(have[-KEEP_NEWEST:])
+        if self.every > 0:  # round r's file serves a server that resumes at round r + 1
+            keep |= set([r for r in have if (r + 1) % self.every == 0][-KEEP_AT_CHECKPOINTS:])
+        for r in have:
+            if r not in keep and r <= newest:
+                try:
+                    os.unlink(self.path(r))
+                except FileNotFoundError:
+                    pass
+
