@@ -90,3 +90,24 @@ def test_the_server_killed_resumes_from_its_checkpoint_and_the_workers_from_thei
     assert_close(_final(procs), want)
     for w in workers:
         assert "starts afresh" not in w.output(20000)
+
+
+def test_diloco_async_applies_every_round_of_every_worker_exactly_once_across_a_kill(procs: Procs) -> None:
+    """K = 2 on arrival: worker 1 dies right after its push of round 3 reached the server and is
+    started again; the metrics log holds one applied push per (rank, round), and the restarted
+    worker continued from its round file."""
+    import json
+
+    log = procs.tmp / "metrics.jsonl"
+    server, ep = procs.server(2, "--sync", "diloco-async", "--inner-steps", "4", *INNER, "--lease", "1",
+                              "--metrics-log", str(log))
+    state = [("--state-dir", str(procs.tmp / f"state{k}")) for k in range(2)]
+    w0 = procs.worker(ep, 0, 2, *MLP, *state[0])
+    w1 = procs.worker(ep, 1, 2, *MLP, *state[1], env={"PS_FAULT": "kill:after-push:3"})
+    assert w1.proc.wait(120) == -9
+    again = procs.worker(ep, 1, 2, *MLP, *state[1])
+    procs.wait_ok([w0, again, server], timeout=240)
+    applied = [(r["rank"], r["step"]) for r in map(json.loads, log.read_text().splitlines()) if r["ev"] == "push"]
+    rounds = 5  # 600 rows, 64 a step: 10 steps an epoch, 2 epochs, rounds of 4 steps
+    assert sorted(applied) == [(k, r) for k in range(2) for r in range(rounds)]
+    assert "starts afresh" not in again.output(20000)

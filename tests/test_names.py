@@ -64,10 +64,10 @@ def test_worker_runtime_losses_is_the_registry() -> None:
 
 
 def test_implementations_names_a_missing_and_an_undeclared_name() -> None:
-    both = {"sgd": 1, "momentum": 2, "adam": 3}
-    assert implementations(Optimizer, {"adam": 3, "sgd": 1, "momentum": 2}, "m") == both  # declared order
+    both = {"sgd": 1, "momentum": 2, "adam": 3, "adamw": 4}
+    assert implementations(Optimizer, {"adamw": 4, "adam": 3, "sgd": 1, "momentum": 2}, "m") == both  # declared order
     with pytest.raises(ImportError, match=r"^m: adam declared in common.names.Optimizer but not implemented$"):
-        implementations(Optimizer, {"sgd": 1, "momentum": 2}, "m")
+        implementations(Optimizer, {"sgd": 1, "momentum": 2, "adamw": 4}, "m")
     with pytest.raises(ImportError, match=r"lbfgs implemented but not declared in common.names.Optimizer"):
         implementations(Optimizer, {**both, "lbfgs": 4}, "m")
 
