@@ -14,6 +14,7 @@ BENCHMARKS = {
     "frames": "raw ZeroMQ throughput by frame size (why --chunk-mb 1)",
     "consistency": "bsp vs ssp vs async under jitter (also: python -m benchmarks.consistency)",
     "pipeline": "pipeline schedules against torch's (also: python -m benchmarks.pipeline)",
+    "wan": "zmqps modes vs DDP/gloo over rate-limited links (network namespaces + tc tbf; needs root)",
     "gpu_floor": "pinned host<->device copy rates and the GPU goal's floor (CUDA only)",
 }
 

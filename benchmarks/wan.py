@@ -1,0 +1,151 @@
+"""zmqps modes vs DDP/gloo across slow links: held-out loss against wall time, bytes on the wire.
+
+    python -m benchmarks wan [--links 1gbit,100mbit] [--workers 2,4] [--modes bsp,bsp+topk,diloco,diloco-async]
+                             [--example digits] [--epochs E] [--target X] [--out DIR] [--quick]
+
+For every link rate and K, a lab of K+1 hosts (network namespaces on a bridge, every host's
+link limited to the rate in both directions with ``tc tbf``: :mod:`benchmarks.netlab`) runs,
+one after the other: DDP/gloo with K ranks on hosts w0.., then each zmqps mode with its server
+on host ``server`` and K workers on w0.. (:mod:`benchmarks.wanrun`). A mode whose options the
+installed ps-server/ps-worker do not have is skipped with the reason. Each run logs held-out
+loss records; the report gives wall time, final held-out loss, bytes on the wire and the time
+to reach DDP's final held-out loss ([Note: target] in :mod:`benchmarks.wanreport`), as a
+markdown table (stdout and ``DIR/wan.md``), ``DIR/wan.json`` and one PNG per (link, K).
+Needs root (namespaces, tc); every namespace it makes is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import RESULTS, machine
+from benchmarks.linkprobe import measure
+from benchmarks.netlab import Lab, cleanup_stale, netns_available
+from benchmarks.wanmodes import MODES, help_text, select, unsupported
+from benchmarks.wanreport import TOL, plot, table, time_to
+from benchmarks.wanrun import Job, RunResult, run_ddp, run_zmqps
+from common.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks wan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--links", default="1gbit,100mbit", help="tc rates of every host's link, comma-separated")
+    ap.add_argument("--workers", default="2,4", help="values of K, comma-separated")
+    ap.add_argument("--modes", default=",".join(m.label for m in MODES), help="zmqps modes, comma-separated")
+    ap.add_argument("--add-mode", action="append", default=[], metavar="'LABEL;SERVER ARGS;WORKER ARGS'",
+                    help="define another mode (name it in --modes too)")
+    ap.add_argument("--no-ddp", action="store_true", help="skip DDP/gloo (then give --target)")
+    ap.add_argument("--example", default="digits", help="worker.examples.NAME: model, data, test data, presets")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the example's")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: 20 per run)")
+    ap.add_argument("--target", type=float, default=None, help="held-out loss to reach (default: DDP's final)")
+    ap.add_argument("--tol", type=float, default=TOL, help="relative tolerance of reaching the target")
+    ap.add_argument("--probe-seconds", type=float, default=2.0, help="length of the link throughput check")
+    ap.add_argument("--out", default=None, help="results folder (default: runs/bench/wan-TIME)")
+    ap.add_argument("--quick", action="store_true", help="one 100mbit lab, K=2, bsp + DDP, one epoch")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.links, a.workers, a.modes, a.probe_seconds = "100mbit", "2", "bsp", 0.5
+        a.epochs = a.epochs or 1
+    return a
+
+
+def _steps(job: Job, k: int) -> int:
+    from worker.data import ShardPlan
+    from worker.factories import build_data
+
+    return ShardPlan(len(build_data(job.data, job.seed)), k, job.batch, 0).steps_per_epoch * job.epochs
+
+
+def _result(r: RunResult) -> dict[str, Any]:
+    return {"label": r.label, "ok": r.ok, "error": r.error[-2000:], "wall_s": r.wall_s, "final_loss": r.final_loss,
+            "evals": r.evals, "bytes": r.bytes, "wire_bytes": r.wire_bytes}
+
+
+def run_cell(link: str, k: int, job: Job, modes: list, a: argparse.Namespace, out: Path,
+             skipped: dict[str, str], worker_evals: bool) -> dict[str, Any]:
+    """Every run of one (link, K) in one lab."""
+    steps = _steps(job, k)
+    job = job if job.eval_every else dataclasses.replace(job, eval_every=max(1, steps // 20))
+    hosts = ["server", *(f"w{i}" for i in range(k))]
+    cell: dict[str, Any] = {"link": link, "k": k, "steps": steps, "eval_every": job.eval_every, "runs": []}
+    d = out / f"{link}-K{k}"
+    with Lab(hosts, {h: link for h in hosts}) as lab:
+        mbit = measure(lab, "w0", "server", a.probe_seconds, job.python)
+        cell["measured_mbit"] = mbit
+        log.info("lab %s: every link %s (tbf both ways); TCP w0 -> server measured %.1f Mbit/s", lab.tag, link, mbit)
+        results: list[RunResult] = []
+        if not a.no_ddp:
+            log.info("%s K=%d: DDP/gloo, %d steps", link, k, steps)
+            results.append(run_ddp(lab, job, k, d / "ddp"))
+        for mode in modes:
+            if mode.label in skipped:
+                cell["runs"].append({"label": f"zmqps {mode.label}", "skipped": skipped[mode.label]})
+                continue
+            log.info("%s K=%d: zmqps %s, %d steps", link, k, mode.label, steps)
+            results.append(run_zmqps(lab, job, k, mode, d / mode.label, worker_evals))
+    ddp = results[0] if not a.no_ddp else None
+    target = a.target if a.target is not None else (ddp.final_loss if ddp else None)
+    ddp_tt = time_to(ddp.evals, target, a.tol) if ddp and target is not None else None
+    cell["target"] = target
+    for r in results:
+        row = _result(r)
+        row["time_to_target"] = time_to(r.evals, target, a.tol) if target is not None else None
+        row["vs_ddp"] = row["time_to_target"] / ddp_tt if row["time_to_target"] is not None and ddp_tt else None
+        log.info("%s K=%d %s: wall %.1fs, final held-out loss %s, %.1f MB on the wire, time to target %s",
+                 link, k, r.label, r.wall_s, r.final_loss, r.wire_bytes / 1e6, row["time_to_target"])
+        cell["runs"].append(row)
+    path = plot(cell, d.parent / f"heldout-{link}-K{k}.png", f"{job.model.split(':')[0]}: {link} links, K = {k}")
+    cell["plot"] = str(path) if path else None
+    return cell
+
+
+def main(argv: list[str]) -> int:
+    a = parse(argv)
+    out = Path(a.out) if a.out else RESULTS / f"wan-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging("info", "wan")
+    fh = logging.FileHandler(out / "wan.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(fh)
+    ok, why = netns_available()
+    if not ok:
+        log.error("the wan benchmark needs network namespaces: %s", why)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the labs are deleted
+    cleanup_stale()
+    job = Job.from_example(a.example, epochs=a.epochs, eval_every=a.eval_every or None)
+    modes = select([m for m in a.modes.split(",") if m], a.add_mode)
+    server_help, worker_help = help_text("ps"), help_text("worker")
+    skipped = {m.label: why for m in modes if (why := unsupported(m, server_help, worker_help))}
+    for label, why in skipped.items():
+        log.warning("mode %s skipped: %s", label, why)
+    worker_evals = "--eval-every" in worker_help
+    if not worker_evals:
+        log.info("ps-worker has no --eval-every: rank 0 runs as benchmarks.evalworker to log held-out loss")
+    log.info("job: %s on %s, batch %d, %d epoch(s), %s; results in %s", job.model, job.data, job.batch,
+             job.epochs, " ".join(job.server_args), out)
+    cells = [run_cell(link, int(k), job, modes, a, out, skipped, worker_evals)
+             for link in a.links.split(",") for k in a.workers.split(",")]
+    report = table(cells)
+    (out / "wan.md").write_text(report)
+    (out / "wan.json").write_text(json.dumps({"benchmark": "wan", "machine": machine(), "args": vars(a),
+                                              "job": job.__dict__, "cells": cells}, indent=2, default=str))
+    sys.stdout.write(report)
+    log.info("wrote %s, %s and %d plot(s)", out / "wan.json", out / "wan.md", sum(bool(c["plot"]) for c in cells))
+    return 0 if all(r.get("ok", True) for c in cells for r in c["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

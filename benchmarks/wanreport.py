@@ -1,0 +1,76 @@
+"""The wan benchmark's results: time to a target held-out loss, the markdown table, the plots.
+
+[Note: target] The target of a (link, K) cell is DDP/gloo's final held-out loss there unless
+``--target`` gives one. A run reaches it at its first eval record with a held-out loss within
+``tol`` (relative, default 0.5 %) of it: zmqps bsp computes DDP's math, and its loss differs
+from DDP's in the last digits only, which must not count as never reaching it. The clock of
+every run starts when its first worker is spawned, so process start-up is in every time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+TOL = 0.005
+
+
+def time_to(evals: Sequence[dict[str, float]], target: float, tol: float = TOL) -> float | None:
+    """Seconds until the first eval at or below ``target`` (within ``tol``), or None if never."""
+    bound = target + tol * abs(target)
+    return next((e["t"] for e in evals if e["loss"] <= bound), None)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def table(cells: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: one row per run of every (link, K) cell."""
+    lines = ["| link | K | run | wall (s) | final held-out loss | target | time to target (s) | vs DDP "
+             "| MB on the wire | MB sent by the busiest host |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cell in cells:
+        for r in cell["runs"]:
+            if r.get("skipped"):
+                lines.append(f"| {cell['link']} | {cell['k']} | {r['label']} | skipped: {r['skipped']} "
+                             "| | | | | | |")
+                continue
+            busiest = max((c["tx"] for c in r["bytes"].values()), default=0)
+            label = r["label"] + ("" if r["ok"] else " (failed)")
+            lines.append(f"| {cell['link']} | {cell['k']} | {label} | {_fmt(r['wall_s'], '.1f')} "
+                         f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(cell['target'], '.4f')} "
+                         f"| {_fmt(r['time_to_target'], '.1f')} | {_fmt(r['vs_ddp'], '.2f')}x "
+                         f"| {r['wire_bytes'] / 1e6:.1f} | {busiest / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cell: dict[str, Any], path: Path, title: str) -> Path | None:
+    """Held-out loss against wall time, one curve per run of the cell; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("no matplotlib (pip install -e '.[plot]'): %s not drawn", path)
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in cell["runs"]:
+        if r.get("evals"):
+            ax.plot([e["t"] for e in r["evals"]], [e["loss"] for e in r["evals"]], marker=".", lw=1,
+                    label=r["label"])
+    if cell.get("target") is not None:
+        ax.axhline(cell["target"], color="grey", ls="--", lw=0.8, label="target")
+    ax.set_xlabel("wall time since the workers were started (s)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,120 @@
+"""The throttled-link harness of ``python -m benchmarks wan``: the lab's limits and its clean-up,
+the stale-lab clean-up after a killed process, the mode checks, and the benchmark end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.netlab import Lab, cleanup_stale, lab_namespaces, netns_available, rate_bits
+from benchmarks.wanmodes import Mode, missing, select, unsupported
+from benchmarks.wanreport import time_to
+
+ROOT = Path(__file__).resolve().parent.parent
+NETNS_OK, NETNS_WHY = netns_available()
+needs_netns = pytest.mark.skipif(not NETNS_OK, reason=f"network namespaces unavailable: {NETNS_WHY}")
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+@needs_netns
+@pytest.mark.netns
+def test_the_lab_limits_both_directions_and_deletes_all_it_made_even_when_the_body_raises() -> None:
+    before, links = _netns(), _root_links()
+    made: list[str] = []
+    with pytest.raises(RuntimeError, match="the body failed"):
+        with Lab(["a", "b"], {"a": "100mbit", "b": "1gbit"}) as lab:
+            made = lab.namespaces()
+            assert len(made) == 3 and set(made) <= _netns() - before
+            for host, shown in (("a", "100Mbit"), ("b", "1Gbit")):
+                own, switch_side = lab.qdiscs(host)  # what the host sends, what it receives
+                assert "tbf" in own and f"rate {shown}" in own, own
+                assert "tbf" in switch_side and f"rate {shown}" in switch_side, switch_side
+            assert set(lab.counters()) == {"a", "b"}
+            raise RuntimeError("the body failed")
+    assert not set(made) & _netns()
+    assert not {n for n in _root_links() - links if n == "br0" or n.startswith(("p0", "p1", "eth0"))}
+
+
+@needs_netns
+@pytest.mark.netns
+def test_stale_cleanup_removes_a_killed_processs_lab_and_leaves_live_ones() -> None:
+    code = ("import sys, time\nfrom benchmarks.netlab import Lab\nlab = Lab(['x', 'y'], {'x': '100mbit'}).__enter__()\n"
+            "print(' '.join(lab.namespaces()), flush=True)\ntime.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.stdout is not None
+    names = child.stdout.readline().split()
+    child.send_signal(signal.SIGKILL)  # no context manager, no atexit: the lab is left behind
+    child.wait(10)
+    assert len(names) == 3 and set(names) <= _netns()
+    with Lab(["live"]) as live:
+        gone = cleanup_stale()
+        assert set(names) <= set(gone) and not set(names) & _netns()
+        assert set(live.namespaces()) <= set(lab_namespaces())  # this process's lab is not stale
+
+
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_wan_quick_runs_end_to_end_and_writes_its_json_and_png(tmp_path: Path) -> None:
+    before = _netns()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "wan", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "wan.json").read_text())
+    (cell,) = result["cells"]
+    assert (cell["link"], cell["k"]) == ("100mbit", 2)
+    runs = {r["label"]: r for r in cell["runs"]}
+    assert set(runs) == {"ddp/gloo", "zmqps bsp"}
+    for r in runs.values():
+        assert r["ok"] and r["evals"] and r["final_loss"] is not None and r["wire_bytes"] > 0
+        assert set(r["bytes"]) == {"server", "w0", "w1"}
+    assert runs["zmqps bsp"]["bytes"]["server"]["rx"] > 0 and runs["ddp/gloo"]["bytes"]["server"]["tx"] < 10_000
+    assert runs["zmqps bsp"]["final_loss"] == pytest.approx(runs["ddp/gloo"]["final_loss"], rel=1e-3)  # one math
+    assert runs["ddp/gloo"]["time_to_target"] is not None and runs["zmqps bsp"]["time_to_target"] is not None
+    assert (tmp_path / "heldout-100mbit-K2.png").stat().st_size > 0
+    assert "| 100mbit | 2 | zmqps bsp |" in proc.stdout
+    assert not {n for n in _netns() - before if n.startswith("zqlab-")}
+
+
+def test_a_mode_is_skipped_when_the_help_does_not_list_its_options() -> None:
+    server_help = "--sync {bsp,async,ssp} consistency --optimizer {sgd,momentum,adam} optimizer --lr LR"
+    worker_help = "--server SERVER --bucket-mb BUCKET_MB"
+    bsp, topk, diloco = select(["bsp", "bsp+topk", "diloco"])
+    assert unsupported(bsp, server_help, worker_help) is None
+    assert unsupported(topk, server_help, worker_help) == "ps-worker --help does not list --compress"
+    assert "offers --sync {bsp,async,ssp}, not diloco" in unsupported(diloco, server_help, worker_help)
+    assert missing(["--sync", "ssp", "--lr", "0.1"], server_help) is None
+    assert missing(["--lr=0.1"], server_help) is None
+    assert missing(["--bucket-mb", "4"], server_help) == "does not list --bucket-mb"
+
+
+def test_modes_are_one_line_specs() -> None:
+    assert Mode.parse("fp16;--lr 0.1;--wire-dtype float16") == Mode("fp16", ("--lr", "0.1"), ("--wire-dtype", "float16"))
+    assert Mode.parse("plain") == Mode("plain")
+    assert [m.label for m in select(["x", "bsp"], ["x;;--bucket-mb 0"])] == ["x", "bsp"]
+    with pytest.raises(ValueError, match="unknown mode"):
+        select(["nope"])
+
+
+def test_time_to_target_is_the_first_eval_within_the_tolerance() -> None:
+    evals = [{"t": 1.0, "loss": 2.0}, {"t": 2.0, "loss": 1.004}, {"t": 3.0, "loss": 0.9}]
+    assert time_to(evals, 1.0) == 2.0  # within 0.5 %
+    assert time_to(evals, 1.0, tol=0.0) == 3.0
+    assert time_to(evals, 0.5) is None
+    assert rate_bits("100mbit") == 1e8 and rate_bits("1gbit") == 1e9
