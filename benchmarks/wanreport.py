@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +28,21 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or x != x else format(x, spec)
 
 
-def table(cells: Sequence[dict[str, Any]]) -> str:
-    """A markdown table: one row per run of every (link, K) cell."""
+def table(cells: Sequence[dict[str, Any]], skipped: Mapping[str, str] | None = None) -> str:
+    """A markdown table: one row per run of every (link, K) cell; then the modes skipped, and why."""
     lines = ["| link | K | run | wall (s) | final held-out loss | target | time to target (s) | vs DDP "
              "| MB on the wire | MB sent by the busiest host |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for cell in cells:
         for r in cell["runs"]:
-            if r.get("skipped"):
-                lines.append(f"| {cell['link']} | {cell['k']} | {r['label']} | skipped: {r['skipped']} "
-                             "| | | | | | |")
-                continue
             busiest = max((c["tx"] for c in r["bytes"].values()), default=0)
             label = r["label"] + ("" if r["ok"] else " (failed)")
             lines.append(f"| {cell['link']} | {cell['k']} | {label} | {_fmt(r['wall_s'], '.1f')} "
                          f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(cell['target'], '.4f')} "
                          f"| {_fmt(r['time_to_target'], '.1f')} | {_fmt(r['vs_ddp'], '.2f')}x "
                          f"| {r['wire_bytes'] / 1e6:.1f} | {busiest / 1e6:.1f} |")
-    return "\n".join(lines) + "\n"
+    lines += [""] + [f"Skipped {label}: {why}." for label, why in (skipped or {}).items()]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def plot(cell: dict[str, Any], path: Path, title: str) -> Path | None:

@@ -137,7 +137,8 @@ def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: boo
     group, evlog, ready = Group(d), d / "eval.jsonl", d / "ready"
     env = child_env(1)
     server = [job.python, "-m", "ps", "--bind", f"tcp://{lab.addr['server']}:0", "--workers", str(k),
-              "--ready-file", str(ready), "--checkpoint-dir", str(d / "ckpt"), "--metrics-log", str(d / "metrics.jsonl"),
+              "--ready-file", str(ready), "--checkpoint-dir", str(d / "ckpt"),
+              "--metrics-log", str(d / "metrics.jsonl"),
               "--shm", "off", *job.server_args, *mode.server]
     res = RunResult(f"zmqps {mode.label}")
     group.spawn("server", lab.wrap("server", server), env)

@@ -105,7 +105,8 @@ def test_a_mode_is_skipped_when_the_help_does_not_list_its_options() -> None:
 
 
 def test_modes_are_one_line_specs() -> None:
-    assert Mode.parse("fp16;--lr 0.1;--wire-dtype float16") == Mode("fp16", ("--lr", "0.1"), ("--wire-dtype", "float16"))
+    want = Mode("fp16", ("--lr", "0.1"), ("--wire-dtype", "float16"))
+    assert Mode.parse("fp16;--lr 0.1;--wire-dtype float16") == want
     assert Mode.parse("plain") == Mode("plain")
     assert [m.label for m in select(["x", "bsp"], ["x;;--bucket-mb 0"])] == ["x", "bsp"]
     with pytest.raises(ValueError, match="unknown mode"):
