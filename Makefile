@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (each sets up .venv itself):
 #   make run    - the default job: ps-launch starts a server and 2 workers as separate processes
 #   make test   - the test suite
-#   make bench NAME=ddp|transport|hotpath|memory|scaling|frames|pipeline|consistency - a side-by-side benchmark
+#   make bench NAME=ddp|transport|hotpath|memory|scaling|frames|pipeline|consistency|wan - a side-by-side benchmark
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

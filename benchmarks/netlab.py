@@ -12,6 +12,8 @@ when its process was killed before either ran, by :func:`cleanup_stale`, which d
 namespaces of every ``zqlab-`` lab whose process is gone and nothing else (other tools' and
 other engineers' namespaces have other names).
 
+``python -m benchmarks.netlab cleanup`` runs :func:`cleanup_stale`; ``python -m benchmarks.netlab
+probe RATE`` measures the TCP throughput of a two-host lab at ``RATE``, both ways.
 ``tests/netns.py`` re-exports :class:`Lab` and :func:`netns_available` for the multi-host tests.
 """
 
@@ -25,6 +27,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import weakref
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -204,3 +207,24 @@ def cleanup_stale() -> list[str]:
 def _close_open_labs() -> None:
     for lab in list(_OPEN):
         lab.close()
+
+
+def main(argv: Sequence[str]) -> int:
+    """``cleanup`` or ``probe RATE``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if argv[:1] == ["cleanup"]:
+        log.info("%d stale namespace(s) deleted", len(cleanup_stale()))
+        return 0
+    if len(argv) == 2 and argv[0] == "probe":
+        from benchmarks.linkprobe import measure
+
+        with Lab(["a", "b"], {"a": argv[1], "b": argv[1]}) as lab:
+            log.info("tbf %s: a -> b %.1f Mbit/s, b -> a %.1f Mbit/s", argv[1], measure(lab, "a", "b"),
+                     measure(lab, "b", "a"))
+        return 0
+    sys.stderr.write("usage: python -m benchmarks.netlab cleanup | probe RATE\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks.harness import RESULTS, machine
 from benchmarks.linkprobe import measure
 from benchmarks.netlab import Lab, cleanup_stale, netns_available
-from benchmarks.wanmodes import MODES, help_text, select, unsupported
+from benchmarks.wanmodes import MODES, help_texts, select, unsupported
 from benchmarks.wanreport import TOL, plot, table, time_to
 from benchmarks.wanrun import Job, RunResult, run_ddp, run_zmqps
 from common.logs import setup_logging
@@ -49,6 +49,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--example", default="digits", help="worker.examples.NAME: model, data, test data, presets")
     ap.add_argument("--epochs", type=int, default=None, help="default: the example's")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: 20 per run)")
+    ap.add_argument("--bench-eval", action="store_true",
+                    help="zmqps rank 0 logs held-out loss through benchmarks.evalworker (DDP's own evaluation) even "
+                         "where ps-worker has --eval-every")
     ap.add_argument("--target", type=float, default=None, help="held-out loss to reach (default: DDP's final)")
     ap.add_argument("--tol", type=float, default=TOL, help="relative tolerance of reaching the target")
     ap.add_argument("--probe-seconds", type=float, default=2.0, help="length of the link throughput check")
@@ -130,13 +133,14 @@ def main(argv: list[str]) -> int:
     cleanup_stale()
     job = Job.from_example(a.example, epochs=a.epochs, eval_every=a.eval_every or None)
     modes = select([m for m in a.modes.split(",") if m], a.add_mode)
-    server_help, worker_help = help_text("ps"), help_text("worker")
+    server_help, worker_help = help_texts(("ps", "worker"))
     skipped = {m.label: why for m in modes if (why := unsupported(m, server_help, worker_help))}
     for label, why in skipped.items():
         log.warning("mode %s skipped: %s", label, why)
-    worker_evals = "--eval-every" in worker_help
+    worker_evals = "--eval-every" in worker_help and not a.bench_eval
     if not worker_evals:
-        log.info("ps-worker has no --eval-every: rank 0 runs as benchmarks.evalworker to log held-out loss")
+        log.info("%s: zmqps rank 0 runs as benchmarks.evalworker to log held-out loss",
+                 "--bench-eval" if a.bench_eval else "ps-worker has no --eval-every")
     log.info("job: %s on %s, batch %d, %d epoch(s), %s; results in %s", job.model, job.data, job.batch,
              job.epochs, " ".join(job.server_args), out)
     cells = [run_cell(link, int(k), job, modes, a, out, skipped, worker_evals)

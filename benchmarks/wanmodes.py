@@ -44,12 +44,12 @@ MODES: list[Mode] = [
 ]
 
 
-def help_text(module: str, python: str = sys.executable) -> str:
-    """``python -m MODULE --help`` (``ps`` or ``worker``), whitespace collapsed."""
+def help_texts(modules: Sequence[str] = ("ps", "worker"), python: str = sys.executable) -> list[str]:
+    """``python -m MODULE --help`` of each module (``ps``, ``worker``), whitespace collapsed; run at once."""
     env = child_env(1, {"COLUMNS": "2000"})
-    out = subprocess.run([python, "-m", module, "--help"], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=120)
-    return " ".join(out.stdout.split())
+    procs = [subprocess.Popen([python, "-m", m, "--help"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env, cwd=ROOT) for m in modules]
+    return [" ".join(p.communicate(timeout=120)[0].split()) for p in procs]
 
 
 def missing(args: Sequence[str], helptext: str) -> str | None:
