@@ -102,15 +102,17 @@ def run_cell(link: str, k: int, job: Job, modes: list, a: argparse.Namespace, ou
             log.info("%s K=%d: zmqps %s, %d steps", link, k, mode.label, steps)
             results.append(run_zmqps(lab, job, k, mode, d / mode.label, worker_evals))
     ddp = results[0] if not a.no_ddp else None
-    target = a.target if a.target is not None else (ddp.final_loss if ddp else None)
+    target = a.target if a.target is not None else (ddp.final_loss if ddp and ddp.ok else None)
     ddp_tt = time_to(ddp.evals, target, a.tol) if ddp and target is not None else None
     cell["target"] = target
     for r in results:
         row = _result(r)
         row["time_to_target"] = time_to(r.evals, target, a.tol) if target is not None else None
         row["vs_ddp"] = row["time_to_target"] / ddp_tt if row["time_to_target"] is not None and ddp_tt else None
+        tt = row["time_to_target"]
         log.info("%s K=%d %s: wall %.1fs, final held-out loss %s, %.1f MB on the wire, time to target %s",
-                 link, k, r.label, r.wall_s, r.final_loss, r.wire_bytes / 1e6, row["time_to_target"])
+                 link, k, r.label, r.wall_s, "-" if r.final_loss is None else f"{r.final_loss:.4f}",
+                 r.wire_bytes / 1e6, "never" if tt is None else f"{tt:.1f}s")
         cell["runs"].append(row)
     path = plot(cell, d.parent / f"heldout-{link}-K{k}.png", f"{job.model.split(':')[0]}: {link} links, K = {k}")
     cell["plot"] = str(path) if path else None
