@@ -5,9 +5,10 @@
 optimizer options]`` trains what a zmqps worker trains (same factories and seed, the same
 shard rows per step through :class:`worker.data.ShardPlan`, shuffled as ``ps-worker`` does)
 with the optimizer ``ps-server`` would build from the options after ``--`` (through
-:func:`ps.optim.build_optimizer`). Rank 0 appends held-out loss records (:mod:`benchmarks.heldout`)
-at step 0, every N steps and after the last. Gloo's interface comes from ``GLOO_SOCKET_IFNAME``
-(the lab host's ``eth0``).
+:func:`ps.optim.build_optimizer`; ``--clip-grad-norm`` clips the averaged gradient, as
+there). Rank 0 appends held-out loss records (:mod:`benchmarks.heldout`) at step 0, every N
+steps and after the last. Gloo's interface comes from ``GLOO_SOCKET_IFNAME`` (the lab host's
+``eth0``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main(argv: list[str]) -> int:
             x, y = fetch(data, plan.rows(step, True, a.seed))
             opt.zero_grad(set_to_none=True)
             loss_fn(net(x), y).backward()
+            if scfg.clip_grad_norm is not None:  # the server's --clip-grad-norm: on the averaged gradient
+                torch.nn.utils.clip_grad_norm_(model.parameters(), scfg.clip_grad_norm)
             opt.step()
             if evals is not None and due(step + 1, a.eval_every, total):
                 evals.write(step + 1, model)

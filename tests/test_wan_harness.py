@@ -99,6 +99,9 @@ def test_a_mode_is_skipped_when_the_help_does_not_list_its_options() -> None:
     assert unsupported(bsp, server_help, worker_help) is None
     assert unsupported(topk, server_help, worker_help) == "ps-worker --help does not list --compress"
     assert "offers --sync {bsp,async,ssp}, not diloco" in unsupported(diloco, server_help, worker_help)
+    later = "--sync {bsp,async,ssp,diloco,diloco-async} --inner-steps INNER_STEPS --optimizer {sgd,adam,adamw}"
+    assert unsupported(diloco, later, worker_help) is None  # runs once the flags are merged
+    assert unsupported(topk, server_help, "--compress COMPRESS") is None
     assert missing(["--sync", "ssp", "--lr", "0.1"], server_help) is None
     assert missing(["--lr=0.1"], server_help) is None
     assert missing(["--bucket-mb", "4"], server_help) == "does not list --bucket-mb"
