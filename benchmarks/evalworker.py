@@ -1,11 +1,13 @@
 """Child entry point: ``ps-worker`` plus held-out loss records, for workers that cannot log them yet.
 
 ``python -m benchmarks.evalworker --eval-every N --eval-log PATH --eval-data MODULE:FACTORY
-[ps-worker options]`` runs the worker's own training loop (:func:`worker.runtime.train`, as
-``ps-worker`` does, with its allocator and collector settings); rank 0 evaluates the model it
-holds (θ as the server returned it) at step 0, every N steps and after the last, and appends
-:mod:`benchmarks.heldout` records. The wan benchmark uses it only when ``ps-worker --help``
-has no ``--eval-every``.
+[--eval-round-steps H] [ps-worker options]`` runs the worker's own training loop
+(:func:`worker.runtime.train`, as ``ps-worker`` does, with its allocator and collector
+settings); rank 0 evaluates the model it holds (θ as the server returned it) at step 0, every
+N steps and after the last, and appends :mod:`benchmarks.heldout` records. Under ``--sync
+diloco`` (``--eval-round-steps H``, the server's ``--inner-steps``) it evaluates θ_global after
+every round of H local steps. The wan benchmark uses it only when ``ps-worker --help`` has no
+``--eval-every`` (or with ``--bench-eval``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from common.gcpolicy import frozen_startup
 from common.logs import setup_logging
 from common.malloc import keep_freed_memory
 
-OWN = ("--eval-every", "--eval-log", "--eval-data")
+OWN = ("--eval-every", "--eval-log", "--eval-data", "--eval-round-steps")
 
 
 def split(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -59,6 +61,7 @@ def main(argv: list[str]) -> int:
     runtime.build_model, runtime.build_data = keep_model, keep_data  # this process only: see the model
     evals = EvalLog(own["--eval-log"], own["--eval-data"], cfg.loss, cfg.seed) if cfg.rank == 0 else None
     every = int(own.get("--eval-every", "0"))
+    h = int(own.get("--eval-round-steps", "0"))  # --sync diloco: train calls on_step once a round
     state: dict[str, int] = {}
 
     def on_step(step: int) -> None:
@@ -66,7 +69,9 @@ def main(argv: list[str]) -> int:
         if "total" not in state:
             state["total"] = ShardPlan(len(built["data"]), cfg.world_size, cfg.batch_size, 0).steps_per_epoch \
                 * cfg.epochs
-        if due(step + 1, every, state["total"]):
+        if h:  # after round r the model holds θ_global of step (r + 1)·H: every round is a new θ
+            evals.write(min((step + 1) * h, state["total"]), built["model"])
+        elif due(step + 1, every, state["total"]):
             evals.write(step + 1, built["model"])
 
     if evals is not None:

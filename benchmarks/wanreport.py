@@ -39,7 +39,7 @@ def table(cells: Sequence[dict[str, Any]], skipped: Mapping[str, str] | None = N
             label = r["label"] + ("" if r["ok"] else " (failed)")
             lines.append(f"| {cell['link']} | {cell['k']} | {label} | {_fmt(r['wall_s'], '.1f')} "
                          f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(cell['target'], '.4f')} "
-                         f"| {_fmt(r['time_to_target'], '.1f')} | {_fmt(r['vs_ddp'], '.2f')}x "
+                         f"| {_fmt(r['time_to_target'], '.1f')} | {_fmt(r['vs_ddp'], '.2f')}{'x' if r['vs_ddp'] else ''} "
                          f"| {r['wire_bytes'] / 1e6:.1f} | {busiest / 1e6:.1f} |")
     lines += [""] + [f"Skipped {label}: {why}." for label, why in (skipped or {}).items()]
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -22,7 +22,7 @@ from benchmarks.harness import Group, child_env, wait_file
 from benchmarks.heldout import read_evals
 from benchmarks.netlab import Lab
 from benchmarks.wanmodes import Mode
-from common.config import ServerConfig, WorkerConfig
+from common.config import ServerConfig, WorkerConfig, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,12 @@ def _finish(res: RunResult, group: Group, lab: Lab, before: dict, t0: float, evl
     return res
 
 
+def round_steps(server_args: list[str]) -> int:
+    """Steps in a round of local steps (``--inner-steps`` under ``--sync diloco[-async]``), else 0."""
+    cfg = parse_config(ServerConfig, server_args, prog="ps-server", environ={})
+    return int(getattr(cfg, "inner_steps", 0) or 0) if cfg.sync.startswith("diloco") else 0
+
+
 def run_ddp(lab: Lab, job: Job, k: int, d: Path) -> RunResult:
     """K DDP/gloo ranks on hosts ``w0..w{K-1}``."""
     d.mkdir(parents=True, exist_ok=True)
@@ -152,7 +158,8 @@ def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: boo
     before, t0 = lab.counters(), time.time()
     for r in range(k):
         evals = ["--eval-every", str(job.eval_every), "--eval-log", str(evlog)] if r == 0 else []
-        entry = ["-m", "worker"] if worker_evals or r else ["-m", "benchmarks.evalworker", "--eval-data", job.test_data]
+        entry = ["-m", "worker"] if worker_evals or r else ["-m", "benchmarks.evalworker", "--eval-data", job.test_data,
+                                                             "--eval-round-steps", str(round_steps(server[3:]))]
         argv = [job.python, *entry, "--server", endpoint, "--rank", str(r), "--world-size", str(k),
                 "--model", job.model, "--data", job.data, "--loss", job.loss, "--batch-size", str(job.batch),
                 "--epochs", str(job.epochs), "--seed", str(job.seed), "--shm", "off", "--progress", "off",

@@ -15,6 +15,7 @@ import pytest
 from benchmarks.netlab import Lab, cleanup_stale, lab_namespaces, netns_available, rate_bits
 from benchmarks.wanmodes import Mode, missing, select, unsupported
 from benchmarks.wanreport import time_to
+from benchmarks.wanrun import round_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_OK, NETNS_WHY = netns_available()
@@ -114,6 +115,12 @@ def test_modes_are_one_line_specs() -> None:
     assert [m.label for m in select(["x", "bsp"], ["x;;--bucket-mb 0"])] == ["x", "bsp"]
     with pytest.raises(ValueError, match="unknown mode"):
         select(["nope"])
+
+
+def test_a_round_of_local_steps_is_read_from_the_server_options() -> None:
+    assert round_steps(["--workers", "2", "--sync", "diloco", "--inner-steps", "7", "--optimizer", "adamw"]) == 7
+    assert round_steps(["--workers", "2", "--sync", "diloco-async"]) == 50  # ps-server's default H
+    assert round_steps(["--workers", "2", "--lr", "0.1"]) == 0
 
 
 def test_time_to_target_is_the_first_eval_within_the_tolerance() -> None:
