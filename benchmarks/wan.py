@@ -21,16 +21,17 @@ import dataclasses
 import json
 import logging
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks.harness import RESULTS, machine
 from benchmarks.linkprobe import measure
 from benchmarks.netlab import Lab, cleanup_stale, netns_available
 from benchmarks.wanmodes import MODES, help_texts, select, unsupported
-from benchmarks.wanreport import TOL, plot, table, time_to
+from benchmarks.wanreport import TOL, plot, summarize, table, time_to
 from benchmarks.wanrun import Job, RunResult, run_ddp, run_zmqps
 from common.logs import setup_logging
 
@@ -54,6 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                          "where ps-worker has --eval-every")
     ap.add_argument("--target", type=float, default=None, help="held-out loss to reach (default: DDP's final)")
     ap.add_argument("--tol", type=float, default=TOL, help="relative tolerance of reaching the target")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="repetitions of every run, in alternation; the table gives medians (ratios: of each pair)")
     ap.add_argument("--probe-seconds", type=float, default=2.0, help="length of the link throughput check")
     ap.add_argument("--out", default=None, help="results folder (default: runs/bench/wan-TIME)")
     ap.add_argument("--quick", action="store_true", help="one 100mbit lab, K=2, bsp + DDP, one epoch")
@@ -76,44 +79,62 @@ def _result(r: RunResult) -> dict[str, Any]:
             "evals": r.evals, "bytes": r.bytes, "wire_bytes": r.wire_bytes}
 
 
+def _scored(rep: dict[str, RunResult], a: argparse.Namespace, link: str, k: int) -> dict[str, dict[str, Any]]:
+    """One repetition's rows, with the time to its target ([Note: target]) and the ratio to DDP's."""
+    ddp = rep.get("ddp/gloo")
+    target = a.target if a.target is not None else (ddp.final_loss if ddp and ddp.ok else None)
+    ddp_tt = time_to(ddp.evals, target, a.tol) if ddp and target is not None else None
+    rows = {}
+    for name, r in rep.items():
+        row = _result(r)
+        tt = row["time_to_target"] = time_to(r.evals, target, a.tol) if target is not None else None
+        row["vs_ddp"] = tt / ddp_tt if tt is not None and ddp_tt else None
+        row["target"] = target
+        log.info("%s K=%d %s: wall %.1fs, final held-out loss %s, %.1f MB on the wire, time to target %s",
+                 link, k, name, r.wall_s, "-" if r.final_loss is None else f"{r.final_loss:.4f}",
+                 r.wire_bytes / 1e6, "never" if tt is None else f"{tt:.1f}s")
+        rows[name] = row
+    return rows
+
+
 def run_cell(link: str, k: int, job: Job, modes: list, a: argparse.Namespace, out: Path,
              skipped: dict[str, str], worker_evals: bool) -> dict[str, Any]:
-    """Every run of one (link, K) in one lab."""
+    """Every run of one (link, K) in one lab, ``a.reps`` times in alternation ([Note: fairness])."""
     steps = _steps(job, k)
     job = job if job.eval_every else dataclasses.replace(job, eval_every=max(1, steps // 20))
     hosts = ["server", *(f"w{i}" for i in range(k))]
-    cell: dict[str, Any] = {"link": link, "k": k, "steps": steps, "eval_every": job.eval_every, "runs": []}
+    cell: dict[str, Any] = {"link": link, "k": k, "steps": steps, "eval_every": job.eval_every}
     d = out / f"{link}-K{k}"
     with Lab(hosts, {h: link for h in hosts}) as lab:
         mbit = measure(lab, "w0", "server", a.probe_seconds, job.python)
         cell["measured_mbit"] = mbit
         log.info("lab %s: every link %s (tbf both ways); TCP w0 -> server measured %.1f Mbit/s", lab.tag, link, mbit)
-        results: list[RunResult] = []
-        if not a.no_ddp:
-            log.info("%s K=%d: DDP/gloo, %d steps", link, k, steps)
-            ddp = run_ddp(lab, job, k, d / "ddp")
-            if not ddp.ok:  # gloo aborts a rank now and then on a loaded machine (tests/ddp_job.py retries too)
+
+        def ddp(path: Path) -> RunResult:
+            r = run_ddp(lab, job, k, path)
+            if not r.ok:  # gloo aborts a rank now and then on a loaded machine (tests/ddp_job.py retries too)
                 log.warning("%s K=%d: DDP/gloo failed; running it again", link, k)
-                ddp = run_ddp(lab, job, k, d / "ddp-again")
-            results.append(ddp)
+                r = run_ddp(lab, job, k, path.with_name(path.name + "-again"))
+            return r
+
+        contenders: dict[str, tuple[str, Callable[[Path], RunResult]]] = {}
+        if not a.no_ddp:
+            contenders["ddp/gloo"] = ("ddp", ddp)
         for mode in modes:
-            if mode.label in skipped:
-                continue
-            log.info("%s K=%d: zmqps %s, %d steps", link, k, mode.label, steps)
-            results.append(run_zmqps(lab, job, k, mode, d / mode.label, worker_evals))
-    ddp = results[0] if not a.no_ddp else None
-    target = a.target if a.target is not None else (ddp.final_loss if ddp and ddp.ok else None)
-    ddp_tt = time_to(ddp.evals, target, a.tol) if ddp and target is not None else None
-    cell["target"] = target
-    for r in results:
-        row = _result(r)
-        row["time_to_target"] = time_to(r.evals, target, a.tol) if target is not None else None
-        row["vs_ddp"] = row["time_to_target"] / ddp_tt if row["time_to_target"] is not None and ddp_tt else None
-        tt = row["time_to_target"]
-        log.info("%s K=%d %s: wall %.1fs, final held-out loss %s, %.1f MB on the wire, time to target %s",
-                 link, k, r.label, r.wall_s, "-" if r.final_loss is None else f"{r.final_loss:.4f}",
-                 r.wire_bytes / 1e6, "never" if tt is None else f"{tt:.1f}s")
-        cell["runs"].append(row)
+            if mode.label not in skipped:
+                contenders[f"zmqps {mode.label}"] = (
+                    mode.label, lambda path, m=mode: run_zmqps(lab, job, k, m, path, worker_evals))
+        names, reps = list(contenders), []
+        for rep in range(a.reps if names else 0):
+            got = {}
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                folder, run = contenders[name]
+                log.info("%s K=%d, repetition %d/%d: %s, %d steps", link, k, rep + 1, a.reps, name, steps)
+                got[name] = run(d / (folder if a.reps == 1 else f"{folder}-{rep + 1}"))
+            reps.append(_scored({n: got[n] for n in names}, a, link, k))
+    cell["runs"] = [summarize([rep[name] for rep in reps]) for name in names]
+    targets = [rep[names[0]]["target"] for rep in reps if names and rep[names[0]]["target"] is not None]
+    cell["target"] = statistics.median(targets) if targets else None
     path = plot(cell, d.parent / f"heldout-{link}-K{k}.png", f"{job.model.split(':')[0]}: {link} links, K = {k}")
     cell["plot"] = str(path) if path else None
     return cell

@@ -10,6 +10,7 @@ every run starts when its first worker is spawned, so process start-up is in eve
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +23,32 @@ def time_to(evals: Sequence[dict[str, float]], target: float, tol: float = TOL) 
     """Seconds until the first eval at or below ``target`` (within ``tol``), or None if never."""
     bound = target + tol * abs(target)
     return next((e["t"] for e in evals if e["loss"] <= bound), None)
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None and v == v]
+    return statistics.median(got) if got else None
+
+
+def summarize(reps: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One run's row over its repetitions: medians (the ratio to DDP: of each repetition's pair).
+
+    The curve and per-host bytes shown are the first repetition's; every repetition is kept
+    under ``"reps"``. A time to target is the median over the repetitions that reached it
+    (``"reached"`` says how many did).
+    """
+    first = reps[0]
+    return {**first, "ok": all(r["ok"] for r in reps),
+            "wall_s": _median([r["wall_s"] for r in reps]), "final_loss": _median([r["final_loss"] for r in reps]),
+            "time_to_target": _median([r["time_to_target"] for r in reps]),
+            "vs_ddp": _median([r["vs_ddp"] for r in reps]),
+            "wire_bytes": int(_median([r["wire_bytes"] for r in reps]) or 0),
+            "reached": sum(r["time_to_target"] is not None for r in reps), "reps": list(reps)}
+
+
+def _reached(row: dict[str, Any]) -> str:
+    n = len(row.get("reps", ()))
+    return f" ({row['reached']}/{n} reached)" if n > 1 and row["reached"] < n else ""
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -37,9 +64,10 @@ def table(cells: Sequence[dict[str, Any]], skipped: Mapping[str, str] | None = N
         for r in cell["runs"]:
             busiest = max((c["tx"] for c in r["bytes"].values()), default=0)
             label = r["label"] + ("" if r["ok"] else " (failed)")
+            ratio = _fmt(r["vs_ddp"], ".2f") + ("x" if r["vs_ddp"] else "")
             lines.append(f"| {cell['link']} | {cell['k']} | {label} | {_fmt(r['wall_s'], '.1f')} "
                          f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(cell['target'], '.4f')} "
-                         f"| {_fmt(r['time_to_target'], '.1f')} | {_fmt(r['vs_ddp'], '.2f')}{'x' if r['vs_ddp'] else ''} "
+                         f"| {_fmt(r['time_to_target'], '.1f')}{_reached(r)} | {ratio} "
                          f"| {r['wire_bytes'] / 1e6:.1f} | {busiest / 1e6:.1f} |")
     lines += [""] + [f"Skipped {label}: {why}." for label, why in (skipped or {}).items()]
     return "\n".join(lines).rstrip("\n") + "\n"

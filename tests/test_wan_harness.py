@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.netlab import Lab, cleanup_stale, lab_namespaces, netns_available, rate_bits
 from benchmarks.wanmodes import Mode, missing, select, unsupported
-from benchmarks.wanreport import time_to
+from benchmarks.wanreport import summarize, table, time_to
 from benchmarks.wanrun import round_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,17 @@ def test_a_round_of_local_steps_is_read_from_the_server_options() -> None:
     assert round_steps(["--workers", "2", "--sync", "diloco", "--inner-steps", "7", "--optimizer", "adamw"]) == 7
     assert round_steps(["--workers", "2", "--sync", "diloco-async"]) == 50  # ps-server's default H
     assert round_steps(["--workers", "2", "--lr", "0.1"]) == 0
+
+
+def test_repetitions_are_summarized_by_medians_and_the_first_ones_curve() -> None:
+    def row(wall: float, tt: float | None, ratio: float | None) -> dict:
+        return {"label": "zmqps bsp", "ok": True, "wall_s": wall, "final_loss": 0.1, "time_to_target": tt,
+                "vs_ddp": ratio, "wire_bytes": 10, "evals": [{"t": wall, "step": 1, "loss": 0.1}], "bytes": {}}
+
+    got = summarize([row(3.0, 2.0, 0.5), row(1.0, None, None), row(2.0, 4.0, 0.7)])
+    assert (got["wall_s"], got["time_to_target"], got["vs_ddp"], got["reached"]) == (2.0, 3.0, 0.6, 2)
+    assert got["evals"][0]["t"] == 3.0 and len(got["reps"]) == 3
+    assert "3.0 (2/3 reached)" in table([{"link": "1gbit", "k": 2, "target": 0.1, "runs": [got]}])
 
 
 def test_time_to_target_is_the_first_eval_within_the_tolerance() -> None:
