@@ -147,6 +147,7 @@ def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: boo
               "--metrics-log", str(d / "metrics.jsonl"),
               "--shm", "off", *job.server_args, *mode.server]
     res = RunResult(f"zmqps {mode.label}")
+    before, t0 = lab.counters(), time.time()  # the server's start counts, as DDP's rendezvous does
     group.spawn("server", lab.wrap("server", server), env)
     try:
         endpoint = wait_file(ready, group)
@@ -155,7 +156,6 @@ def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: boo
         res.ok, res.error = False, str(e)
         log.error("%s: the server did not start: %s", res.label, str(e).splitlines()[0])
         return res
-    before, t0 = lab.counters(), time.time()
     for r in range(k):
         evals = ["--eval-every", str(job.eval_every), "--eval-log", str(evlog)] if r == 0 else []
         entry = ["-m", "worker"] if worker_evals or r else ["-m", "benchmarks.evalworker", "--eval-data", job.test_data,
