@@ -137,6 +137,9 @@ OPTIONS: dict[str, Option] = {
                         "produces them (0: one push after backward)", group="performance"),
     "wire_dtype": Option("--wire-dtype", str, "dtype of floating-point gradients on the wire (auto: as computed)",
                          ("auto", "float16", "bfloat16"), group="performance"),
+    "compress": Option("--compress", str, "compress pushed gradients (frames, data parallel): none, or topk:RATIO "
+                       "to send the RATIO share of entries of largest magnitude with error feedback (e.g. "
+                       "topk:0.01); pulls of θ stay exact", group="performance"),
     # pipeline
     "stages": Option("--stages", int, "pipeline: number of stages P", group="pipeline"),
     "replicas": Option("--replicas", int, "pipeline: replicas R of every stage; ps-launch starts P x R "
