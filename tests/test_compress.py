@@ -3,6 +3,7 @@ error-feedback identity, determinism, and the receiver's checks of hostile parts
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -193,3 +194,23 @@ def test_expand_refuses_a_hostile_field(how: str) -> None:
     with pytest.raises(ProtocolError) as e:
         expand(tensors, field, specs, BUFFERS)
     assert e.value.code in (ErrorCode.BAD_MESSAGE, ErrorCode.SCHEMA_MISMATCH)
+
+
+def test_push_bytes_reach_prometheus_and_the_jsonl(tmp_path) -> None:
+    from prometheus_client import generate_latest
+
+    from common.config import ServerConfig
+    from ps.metrics import ServerMetrics
+
+    log = tmp_path / "m.jsonl"
+    m = ServerMetrics(ServerConfig(workers=1, metrics_log=str(log)))
+    m.start()
+    m.push_frames(0, 24, 88)  # two bucket pushes of one step, then its record
+    m.push_frames(0, 12, 40)
+    m.push(0, 0, 0, 0, 1.0, None)
+    m.close(1, None)
+    text = generate_latest(m.registry).decode()
+    assert 'zmqps_push_bytes_total{rank="0"} 36.0' in text and 'zmqps_push_dense_bytes_total{rank="0"} 128.0' in text
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (recs[1]["bytes"], recs[1]["dense_bytes"]) == (36, 128)
+    assert (recs[-1]["push_bytes"], recs[-1]["push_dense_bytes"]) == (36, 128)
