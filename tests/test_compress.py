@@ -214,3 +214,16 @@ def test_push_bytes_reach_prometheus_and_the_jsonl(tmp_path) -> None:
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     assert (recs[1]["bytes"], recs[1]["dense_bytes"]) == (36, 128)
     assert (recs[-1]["push_bytes"], recs[-1]["push_dense_bytes"]) == (36, 128)
+
+
+def test_compress_option_from_flag_and_environment() -> None:
+    from common.config import WorkerConfig, parse_config
+    from common.errors import ConfigError
+
+    assert parse_config(WorkerConfig, ["--world-size", "2"], "t", environ={"PS_COMPRESS": "topk:0.01"}).compress \
+        == "topk:0.01"
+    for kwargs, why in [({"compress": "topk:0"}, "topk:RATIO"),
+                        ({"compress": "topk:0.1", "wire_dtype": "float16"}, "--wire-dtype"),
+                        ({"compress": "topk:0.1", "mode": "pipeline", "rank": 0, "stages": 2}, "pipeline")]:
+        with pytest.raises(ConfigError, match=why):
+            WorkerConfig(world_size=2, **kwargs)
