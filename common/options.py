@@ -139,7 +139,8 @@ OPTIONS: dict[str, Option] = {
                          ("auto", "float16", "bfloat16"), group="performance"),
     "compress": Option("--compress", str, "compress pushed gradients (frames, data parallel): none, or topk:RATIO "
                        "to send the RATIO share of entries of largest magnitude with error feedback (e.g. "
-                       "topk:0.01); pulls of θ stay exact", group="performance"),
+                       "topk:0.01), or powersgd:RANK to send tensors of 2+ dimensions as rank-RANK factors with error "
+                       "feedback (vectors dense); pulls of θ stay exact", group="performance"),
     # pipeline
     "stages": Option("--stages", int, "pipeline: number of stages P", group="pipeline"),
     "replicas": Option("--replicas", int, "pipeline: replicas R of every stage; ps-launch starts P x R "

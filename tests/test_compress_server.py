@@ -67,7 +67,17 @@ CASES = {
     "sent dense too": lambda: (_push()[0], {**_push()[1], "w": torch.zeros(2, 3, dtype=torch.float64)}),
     "missing part": lambda: (_push()[0], {k: v for k, v in _push()[1].items() if k != "w::indices"}),
     "with shared-memory grads": lambda: ({**_push()[0], "grads": ["w"]}, _push()[1]),
+    "powersgd factors that do not fit": lambda: _lowrank(torch.ones(2, 1, dtype=torch.float64),
+                                                         torch.ones(2, 1, dtype=torch.float64)),
+    "powersgd of a vector": lambda: _lowrank(torch.ones(1, 1, dtype=torch.float64),
+                                             torch.ones(1, 1, dtype=torch.float64), key="b"),
 }
+
+
+def _lowrank(p: torch.Tensor, q: torch.Tensor, key: str = "w") -> tuple[dict, dict]:
+    dense = {k: torch.ones_like(v) for k, v in THETA.items() if k != key}
+    field, tensors = pack(dense, {key: Encoded("powersgd", {"p": p, "q": q})})
+    return {"rank": 0, "step": 0, "samples": 1.0, "compressed": field}, tensors
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -77,6 +87,12 @@ def test_a_bad_compressed_push_is_refused_and_changes_nothing(pair: PSClient, ca
         pair._req.request(Op.PUSH, fields, tensors, timeout_s=10)
     assert e.value.code in (ErrorCode.BAD_MESSAGE, ErrorCode.SCHEMA_MISMATCH), e.value
     _unchanged(pair)
+
+
+def test_a_good_powersgd_push_is_taken(pair: PSClient) -> None:
+    fields, tensors = _lowrank(torch.ones(2, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64))
+    assert pair._req.request(Op.PUSH, fields, tensors, timeout_s=10).fields["applied"] in (True, False)
+    _unchanged(pair)  # rank 1 has not pushed: staged, not applied
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -47,7 +47,8 @@ __all__ = ["Channel", "ShardsApart", "WIRE"]
 
 def compress_text(comp: Compressor) -> str:
     """The ``--compress`` value ``comp`` was made from."""
-    return f"{comp.spec.codec}:{comp.spec.ratio:g}"
+    spec = comp.spec
+    return f"{spec.codec}:{spec.rank if spec.codec == 'powersgd' else format(spec.ratio, 'g')}"
 
 
 class Channel:

@@ -206,7 +206,7 @@ class StepIO:
         encoded = {}
         for k, t in part.items():
             assert t is not None
-            if t.is_floating_point() and t.numel() and by_key[k][0] not in buffers:
+            if by_key[k][0] not in buffers and self.compressor.applies(t):
                 encoded[k] = self.compressor.compress(k, t, fields["step"])
             else:
                 dense[k] = t

@@ -13,6 +13,8 @@ Codecs (``--compress``):
   (the tensor's dtype) and ``indices`` (flat, int32; int64 from 2**31 entries on), indices
   strictly increasing. Ties in magnitude go to the lower index, so a replay is bitwise equal;
   NaN counts as the largest magnitude, so a NaN gradient reaches the server's ``--nonfinite``.
+* ``powersgd:RANK``: 2-D+ tensors as rank-RANK factors ``p`` and ``q``
+  (:mod:`common.compression.lowrank`); vectors travel dense.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from typing import Mapping
 
 import torch
 
+from common.compression import lowrank
+from common.compression.lowrank import MAX_RANK, POWERSGD
+
 NONE, TOPK = "none", "topk"
 CODECS = {NONE: "dense frames (no compression)",
           TOPK: "topk:RATIO, the RATIO·numel entries of largest magnitude (values + int32 indices), "
-                "with error feedback"}
+                "with error feedback",
+          POWERSGD: f"powersgd:RANK, tensors of 2+ dimensions as rank-RANK factors (RANK <= {MAX_RANK}), "
+                    f"with error feedback; vectors dense"}
 """Every codec by name, with its description (``--compress`` help)."""
 
-PARTS = {TOPK: ("values", "indices")}
+PARTS = {TOPK: ("values", "indices"), POWERSGD: ("p", "q")}
 """The parts each compressing codec sends, in the order they travel."""
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -41,6 +48,7 @@ class Spec:
 
     codec: str = NONE
     ratio: float = 1.0  # topk: the share of entries sent
+    rank: int = 0  # powersgd: the rank of the factors
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +70,8 @@ class Encoded:
 
 
 def parse(text: str) -> Spec:
-    """Read a ``--compress`` value: ``none`` or ``topk:RATIO`` with 0 < RATIO <= 1.
+    """Read a ``--compress`` value: ``none``, ``topk:RATIO`` with 0 < RATIO <= 1, or
+    ``powersgd:RANK`` with 1 <= RANK <= :data:`MAX_RANK`.
 
     Raises:
         ValueError: anything else, with the accepted forms in the message.
@@ -77,7 +86,10 @@ def parse(text: str) -> Spec:
             ratio = math.nan
         if 0 < ratio <= 1:
             return Spec(TOPK, ratio)
-    raise ValueError(f"--compress must be none or topk:RATIO with 0 < RATIO <= 1 (e.g. topk:0.01), got {text!r}")
+    if name == POWERSGD and arg.isdigit() and 1 <= int(arg) <= MAX_RANK:
+        return Spec(POWERSGD, rank=int(arg))
+    raise ValueError(f"--compress must be none, topk:RATIO with 0 < RATIO <= 1 (e.g. topk:0.01) or powersgd:RANK "
+                     f"with 1 <= RANK <= {MAX_RANK}, got {text!r}")
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -120,6 +132,8 @@ def decompress(encoded: Encoded, shape: tuple[int, ...] | torch.Size, dtype: tor
     """The dense tensor of ``shape`` and ``dtype`` that ``encoded`` stands for (pure; no check:
     see :func:`check` for parts from the network)."""
     numel = math.prod(shape)
+    if encoded.codec == POWERSGD:
+        return lowrank.decompress(encoded.parts, shape, dtype)
     if encoded.codec != TOPK:
         raise ValueError(f"unknown codec {encoded.codec!r}")
     dense = torch.zeros(numel, dtype=dtype)
@@ -129,14 +143,17 @@ def decompress(encoded: Encoded, shape: tuple[int, ...] | torch.Size, dtype: tor
     return dense.reshape(tuple(shape))
 
 
-def check(codec: str, parts: Mapping[str, torch.Tensor], numel: int, dtype: torch.dtype) -> str | None:
-    """Why ``parts`` of ``codec`` are no valid encoding of a tensor of ``numel`` entries of
-    ``dtype``, or None when they are. Checks everything :func:`decompress` relies on."""
+def check(codec: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+    """Why ``parts`` of ``codec`` are no valid encoding of a tensor of ``shape`` and ``dtype``,
+    or None when they are. Checks everything :func:`decompress` relies on."""
     if codec not in PARTS:
         return f"unknown codec {codec!r} (known: {sorted(PARTS)})"
     want = PARTS[codec]
     if set(parts) != set(want):
         return f"{codec} carries the parts {list(want)}, got {sorted(parts)}"
+    if codec == POWERSGD:
+        return lowrank.check(parts, tuple(shape), dtype)
+    numel = math.prod(shape)
     values, idx = parts["values"], parts["indices"]
     if values.dim() != 1 or idx.dim() != 1:
         return f"{codec}: values and indices must be 1-D, got {list(values.shape)} and {list(idx.shape)}"

@@ -20,7 +20,8 @@ import logging
 
 import torch
 
-from common.compression.codecs import TOPK, Encoded, Spec, encode_topk, parse
+from common.compression import lowrank
+from common.compression.codecs import POWERSGD, TOPK, Encoded, Spec, encode_topk, parse
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,16 @@ class Compressor:
             raise ValueError("a Compressor needs a compressing codec, not none")
         self._residual: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple[int, Encoded]] = {}  # key -> (step, its encoding)
+        self._q: dict[str, torch.Tensor] = {}  # powersgd: key -> the Q to start the next step from
         self.dense_bytes = 0
         self.sent_bytes = 0
+
+    def applies(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` travels encoded: floating and not empty; for ``powersgd`` also 2-D+
+        with factors smaller than itself (a vector travels dense and exact, with no residual)."""
+        if not tensor.is_floating_point() or not tensor.numel():
+            return False
+        return self.spec.codec != POWERSGD or lowrank.applies(tensor.shape, self.spec.rank)
 
     def compress(self, name: str, tensor: torch.Tensor, step: int | None = None) -> Encoded:
         """Encode ``tensor`` (any shape, CPU) plus ``name``'s residual; keep what was not sent.
@@ -62,13 +71,16 @@ class Compressor:
             e = flat.to(wide, copy=True)
         else:
             e = r + flat.to(wide)
-        assert self.spec.codec == TOPK
-        enc = encode_topk(e, self.spec.ratio)
-        idx = enc.parts["indices"].long()
-        values = enc.parts["values"]
-        if values.dtype != flat.dtype:
-            enc = Encoded(enc.codec, {"values": values.to(flat.dtype), "indices": enc.parts["indices"]})
-        e[idx] -= enc.parts["values"].to(wide)  # the residual: e − what was sent
+        if self.spec.codec == TOPK:
+            enc = encode_topk(e, self.spec.ratio)
+            idx = enc.parts["indices"].long()
+            values = enc.parts["values"]
+            if values.dtype != flat.dtype:
+                enc = Encoded(enc.codec, {"values": values.to(flat.dtype), "indices": enc.parts["indices"]})
+            e[idx] -= enc.parts["values"].to(wide)  # the residual: e − what was sent
+        else:
+            enc = self._powersgd(name, e, tensor.shape, flat.dtype)
+            e -= lowrank.decompress(enc.parts, tensor.shape, flat.dtype).reshape(-1).to(wide)
         self._residual[name] = e
         self.dense_bytes += flat.numel() * flat.element_size()
         self.sent_bytes += enc.nbytes
@@ -76,14 +88,26 @@ class Compressor:
             self._last[name] = (step, enc)
         return enc
 
+    def _powersgd(self, name: str, e: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> Encoded:
+        """``e`` as rank-r factors, warm-started from ``name``'s previous Q."""
+        if not lowrank.applies(shape, self.spec.rank):
+            raise ValueError(f"{name!r} of shape {list(shape)} travels dense under powersgd:{self.spec.rank}")
+        _, m = lowrank.matrix_shape(shape)
+        q = self._q.get(name)
+        if q is None or q.shape != (m, self.spec.rank) or q.dtype != e.dtype:
+            q = lowrank.start_q(name, m, self.spec.rank, e.dtype)
+        parts, self._q[name] = lowrank.encode(e, shape, q, dtype)
+        return Encoded(POWERSGD, parts)
+
     def residual(self, name: str) -> torch.Tensor | None:
         """``name``'s residual (flat, the residual dtype), or None before its first step."""
         return self._residual.get(name)
 
     def reset(self) -> None:
-        """Forget every residual and cached encoding (a new job; a restart starts here too)."""
+        """Forget every residual, warm start and cached encoding (a new job; a restart starts here too)."""
         self._residual.clear()
         self._last.clear()
+        self._q.clear()
 
     @property
     def ratio(self) -> float:

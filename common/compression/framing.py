@@ -4,7 +4,8 @@
 in its header field ``compressed``: ``[[key, codec], ...]``. Key ``key``'s parts travel as
 ordinary tensors of the message (listed in ``tensors``, one raw frame each) named
 ``key::part``, e.g. ``fc.weight::values`` (θ's dtype, shape [k]) and ``fc.weight::indices``
-(int32, or int64 from 2**31 entries on, shape [k], strictly increasing). Every other tensor
+(int32, or int64 from 2**31 entries on, shape [k], strictly increasing) for ``topk``;
+``fc.weight::p`` ([n, r]) and ``fc.weight::q`` ([m, r], θ's dtype) for ``powersgd``. Every other tensor
 is a dense one, as without compression. So the message stays "a msgpack header + raw frames,
 every frame described in the header", and ``common.wire`` checks the frames as always.
 
@@ -19,7 +20,6 @@ reduction) sees exactly what a dense push would have carried.
 
 from __future__ import annotations
 
-import math
 from typing import AbstractSet, Any, Mapping
 
 import torch
@@ -102,7 +102,7 @@ def expand(tensors: Mapping[str, torch.Tensor], field: Any, specs: Mapping[str, 
         dtype_name, shape = specs[key]
         dtype = torch_dtype(dtype_name)
         mine = {p: tensors[part_name(key, p)] for p in PARTS[codec]}
-        why = check(codec, mine, math.prod(shape), dtype)
+        why = check(codec, mine, tuple(shape), dtype)
         if why is not None:
             raise _bad(f"{key!r}: {why}")
         out[key] = decompress(Encoded(codec, mine), tuple(shape), dtype)
