@@ -56,7 +56,7 @@ def run(procs: Procs, compress: str) -> tuple[dict, list[dict]]:
     workers = [procs.worker(endpoint, 0, WORLD, *ARGS, "--compress", compress),
                procs.worker(endpoint, 1, WORLD, *ARGS, env={"PS_COMPRESS": compress})]
     procs.wait_ok([*workers, server], timeout=120)
-    assert "compressed gradients (" in workers[0].output() and "compressed gradients (" in workers[1].output()
+    assert "compressed tensors (" in workers[0].output() and "compressed tensors (" in workers[1].output()
     return load_file(str(procs.tmp / "ckpt" / "final.safetensors")), \
         [json.loads(line) for line in log.read_text().splitlines()]
 

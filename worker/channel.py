@@ -221,7 +221,7 @@ class Channel:
         """Stop the heartbeats and close every socket (idempotent); log what compression saved."""
         comp = self._io.compressor
         if comp is not None and comp.dense_bytes:
-            log.info("pushed %d bytes of compressed gradients (%s) for %d bytes dense: ratio %.4f",
+            log.info("pushed %d bytes of compressed tensors (%s) for %d bytes dense: ratio %.4f",
                      comp.sent_bytes, compress_text(comp), comp.dense_bytes, comp.ratio)
             comp.dense_bytes = comp.sent_bytes = 0
         for shard in self.shards:
