@@ -16,14 +16,10 @@ encoded with the residual as it is then, so compressed runs are exact only witho
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from common.compression import lowrank
 from common.compression.codecs import POWERSGD, TOPK, Encoded, Spec, encode_topk, parse
-
-log = logging.getLogger(__name__)
 
 HALF = (torch.float16, torch.bfloat16)
 
