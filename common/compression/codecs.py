@@ -29,11 +29,11 @@ from common.compression import lowrank
 from common.compression.lowrank import MAX_RANK, POWERSGD
 
 NONE, TOPK = "none", "topk"
-CODECS = {NONE: "dense frames (no compression)",
-          TOPK: "topk:RATIO, the RATIO·numel entries of largest magnitude (values + int32 indices), "
-                "with error feedback",
-          POWERSGD: f"powersgd:RANK, tensors of 2+ dimensions as rank-RANK factors (RANK <= {MAX_RANK}), "
-                    f"with error feedback; vectors dense"}
+CODECS = {NONE: "none (the default)",
+          TOPK: "topk:RATIO sends the RATIO share of each tensor's entries of largest magnitude (values + "
+                "int32 indices, e.g. topk:0.01) with error feedback",
+          POWERSGD: f"powersgd:RANK sends tensors of 2+ dimensions as rank-RANK factors (RANK <= {MAX_RANK}) "
+                    f"with error feedback, vectors dense"}
 """Every codec by name, with its description (``--compress`` help)."""
 
 PARTS = {TOPK: ("values", "indices"), POWERSGD: ("p", "q")}
