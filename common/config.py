@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from common import compression
 from common.errors import ConfigError
 from common.faults import parse_fault
 from common.names import Loss, Optimizer, PipelineSchedule, SyncModel
@@ -119,9 +120,18 @@ class JobFields:
     chunk_mb: float = 1.0
     bucket_mb: float = 16.0
     wire_dtype: str = "auto"
+    compress: str = "none"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        try:
+            spec = compression.parse(self.compress)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if spec.enabled and self.mode == "pipeline":
+            raise ConfigError("--compress is not supported in pipeline mode (use --compress none)")
+        if spec.enabled and self.wire_dtype != "auto":
+            raise ConfigError("--compress sends values in the gradient's dtype: use it without --wire-dtype")
         if self.stall is not None:
             parse_stall(self.stall)
         _positive("io_threads", self.io_threads)

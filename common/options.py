@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from common.compression.codecs import CODECS
 from common.names import Choice, Loss, Optimizer, PipelineSchedule, SyncModel
 
 ENV_PREFIX = "PS_"
@@ -137,6 +138,8 @@ OPTIONS: dict[str, Option] = {
                         "produces them (0: one push after backward)", group="performance"),
     "wire_dtype": Option("--wire-dtype", str, "dtype of floating-point gradients on the wire (auto: as computed)",
                          ("auto", "float16", "bfloat16"), group="performance"),
+    "compress": Option("--compress", str, "compress pushed tensors (frames, data parallel; pulls of θ stay exact): "
+                       + "; ".join(CODECS.values()), group="performance"),
     # pipeline
     "stages": Option("--stages", int, "pipeline: number of stages P", group="pipeline"),
     "replicas": Option("--replicas", int, "pipeline: replicas R of every stage; ps-launch starts P x R "

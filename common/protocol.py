@@ -46,10 +46,11 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
     Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
     Op.PUSH: ({"rank": INT, "step": INT},
-              {"samples": NUM, "loss": NUM, "grads": STRLIST, "total": NUM, "absent": STRLIST, "segment": STR}),
+              {"samples": NUM, "loss": NUM, "grads": STRLIST, "total": NUM, "absent": STRLIST, "segment": STR,
+               "compressed": ANY}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT},
                    {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL, "total": NUM,
-                    "absent": STRLIST, "segment": STR}),
+                    "absent": STRLIST, "segment": STR, "compressed": ANY}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
     Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
@@ -81,7 +82,9 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # reached by the loss), a buffer its step did not change; a key absent on every worker is left
 # alone by the optimizer, as torch.optim leaves a parameter whose ``grad`` is None. PUSH
 # ``segment``: the token of the gradient segment the ``grads`` were written to; the server
-# refuses a push naming any other segment than the one it gave this rank.
+# refuses a push naming any other segment than the one it gave this rank. PUSH ``compressed``:
+# ``[[key, codec], ...]``, keys whose frames are a codec's parts named ``key::part``
+# ([Note: compressed pushes] in common/compression/framing.py); frames only, never with ``grads``.
 
 # [Note: local steps] REGISTER reply ``inner`` (``--sync diloco``/``diloco-async`` only): what the
 # worker runs between two exchanges, ``{"steps": H, "optimizer", "lr", "momentum", "weight_decay",

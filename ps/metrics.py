@@ -17,7 +17,9 @@ Names (all prefixed ``zmqps_``): ``version``, ``step``, ``updates_total``, ``pus
 newest checkpoint on disk), ``checkpoint_timestamp_seconds`` (when it reached the disk, Unix
 time: its age is ``time() - zmqps_checkpoint_timestamp_seconds``), ``checkpoint_seconds`` (cut → file
 on disk), ``checkpoint_failures_total``,
-``checkpoint_kept_bytes_total`` (θ and slots copied to keep background checkpoints exact); and
+``checkpoint_kept_bytes_total`` (θ and slots copied to keep background checkpoints exact),
+``push_bytes_total`` {rank} (tensor frames of pushes as they travelled: compressed size with
+``--compress``) and ``push_dense_bytes_total`` {rank} (what the same tensors take dense); and
 the standard ``process_*`` metrics (resident memory, CPU seconds, open files) of the server.
 """
 
@@ -87,6 +89,10 @@ class ServerMetrics:
                                    ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.p_in = Counter("zmqps_bytes_received", "bytes received (all frames)", registry=r)
         self.p_out = Counter("zmqps_bytes_sent", "bytes sent (all frames)", registry=r)
+        self.p_push_bytes = Counter("zmqps_push_bytes", "bytes of pushed tensor frames as they travelled "
+                                    "(compressed size with --compress), per worker", ["rank"], registry=r)
+        self.p_push_dense = Counter("zmqps_push_dense_bytes", "bytes the same pushed tensors take dense, "
+                                    "per worker", ["rank"], registry=r)
         self.p_stale = Histogram("zmqps_staleness", "staleness of applied gradients, in updates",
                                  buckets=STALENESS_BUCKETS, registry=r)
         self.p_lead = Histogram("zmqps_lead_steps", "steps a push was ahead of the slowest other worker",
@@ -111,6 +117,8 @@ class ServerMetrics:
         self.max_lead = 0
         self.pushes = self.updates = 0
         self.samples = self.bytes_in = self.bytes_out = 0.0
+        self.push_bytes = self.push_dense_bytes = 0
+        self._unrecorded: dict[int, tuple[int, int]] = {}  # rank -> push bytes since its last push record
         self._pending_samples = 0.0
         self._last: tuple[float, int, float, float, float] = (time.monotonic(), 0, 0.0, 0.0, 0.0)
 
@@ -136,7 +144,8 @@ class ServerMetrics:
     def close(self, version: int | None = None, loss: float | None = None) -> None:
         """Write the ``end`` record, close the log and stop the HTTP endpoint."""
         if self._log is not None:
-            self._write({"ev": "end", "version": version, "loss": loss})
+            self._write({"ev": "end", "version": version, "loss": loss, "push_bytes": self.push_bytes,
+                         "push_dense_bytes": self.push_dense_bytes})
             self._log.close()
             self._log = None
         if self._httpd is not None:
@@ -160,8 +169,20 @@ class ServerMetrics:
         self.p_samples.inc(samples)
         self.p_stale.observe(staleness)
         self.p_lead.observe(lead)
+        wire, dense = self._unrecorded.pop(rank, (0, 0))
         self._write({"ev": "push", "rank": rank, "step": step, "staleness": staleness, "lead": lead,
-                     "samples": samples, "loss": loss})
+                     "samples": samples, "loss": loss, "bytes": wire, "dense_bytes": dense})
+
+    def push_frames(self, rank: int, wire: int, dense: int) -> None:
+        """A push from ``rank`` carried ``wire`` bytes of tensor frames standing for ``dense`` bytes
+        of dense tensors (equal without compression); the JSONL's next ``push`` record of ``rank``
+        shows them (summed over its bucket pushes), as ``bytes`` and ``dense_bytes``."""
+        self.push_bytes += wire
+        self.push_dense_bytes += dense
+        self.p_push_bytes.labels(str(rank)).inc(wire)
+        self.p_push_dense.labels(str(rank)).inc(dense)
+        w, d = self._unrecorded.get(rank, (0, 0))
+        self._unrecorded[rank] = (w + wire, d + dense)
 
     def nonfinite(self, rank: int, step: int) -> None:
         """``rank``'s push of ``step`` held NaN or infinity and was left out (``--nonfinite skip``)."""

@@ -15,12 +15,13 @@ from typing import Any, Iterator, Sequence
 import msgpack
 import torch
 
+from common.compression import Encoded, pack
 from common.protocol import Op
 from common.wire import encode
 
 FIELDS = ("rank", "step", "world_size", "params", "keys", "samples", "loss", "min_version", "role", "stage",
           "micro", "code", "message", "endpoint", "worker_id", "tensors", "plan", "total", "absent", "segment",
-          "buffers", "aliases", "shards", "steps", "grads", "shm")
+          "buffers", "aliases", "shards", "steps", "grads", "shm", "compressed")
 DTYPES = ("float64", "float32", "bfloat16", "int8", "bool", "uint8", "complex64", "", 7)
 
 
@@ -86,6 +87,10 @@ def _pack(obj: Any) -> bytes:
 def valid_messages(theta: dict[str, torch.Tensor], ranks: Sequence[int]) -> list[list[bytes]]:
     """Well-formed messages of every kind about ``theta`` (the seeds of the mutations)."""
     specs = [[k, "float64", list(v.shape)] for k, v in theta.items()]
+    first, *rest = theta  # a compressed push: the first tensor as top-2 values + int32 indices
+    flat = theta[first].reshape(-1)
+    top = Encoded("topk", {"values": flat[:2].clone(), "indices": torch.arange(min(2, flat.numel()), dtype=torch.int32)})
+    compressed, ctensors = pack({k: theta[k] for k in rest}, {first: top})
     out = []
     for r in ranks:
         out += [encode(Op.REGISTER, {"rank": r, "world_size": len(ranks), "params": specs}),
@@ -93,6 +98,7 @@ def valid_messages(theta: dict[str, torch.Tensor], ranks: Sequence[int]) -> list
                 encode(Op.PULL, {"rank": r, "step": 0}),
                 encode(Op.PUSH, {"rank": r, "step": 0, "samples": 1.0}, theta),
                 encode(Op.PUSH_PULL, {"rank": r, "step": 0, "keys": list(theta)}, theta),
+                encode(Op.PUSH, {"rank": r, "step": 0, "compressed": compressed}, ctensors),
                 encode(Op.DONE, {"rank": r}),
                 encode(Op.PING, {"rank": r}),
                 encode(Op.ACTIVATION, {"stage": 0, "step": 0, "micro": 0}, theta)]

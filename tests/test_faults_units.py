@@ -108,7 +108,7 @@ def test_caps_from_the_schema_admit_theta_and_nothing_bigger():
     theta = {"weight": torch.zeros(1, 10, dtype=torch.float64), "bias": torch.zeros(1, dtype=torch.float64)}
     specs = {k: ("float64", tuple(v.shape)) for k, v in theta.items()}
     tight = schema_limits(specs, DEFAULT_LIMITS)
-    assert tight.max_tensors == 2 + 16 and tight.max_message_bytes < 80_000
+    assert tight.max_tensors == 2 * 2 + 16 and tight.max_message_bytes < 80_000  # compressed: 2 frames a key
     assert largest_frame(specs, tight) == tight.max_header_bytes
     ok = decode(encode(Op.PUSH, {"rank": 0, "step": 0}, theta), tight)
     assert set(ok.tensors) == set(theta)
@@ -116,7 +116,7 @@ def test_caps_from_the_schema_admit_theta_and_nothing_bigger():
     with pytest.raises(ProtocolError) as e:
         decode(encode(Op.PUSH, {"rank": 0, "step": 0}, big), tight)
     assert e.value.code is ErrorCode.TOO_LARGE
-    many = dict(theta, **{f"x{i}": torch.zeros(1, dtype=torch.float64) for i in range(17)})
+    many = dict(theta, **{f"x{i}": torch.zeros(1, dtype=torch.float64) for i in range(19)})
     with pytest.raises(ProtocolError) as e:
         decode(encode(Op.PUSH, {"rank": 0, "step": 0}, many), tight)
     assert e.value.code is ErrorCode.TOO_LARGE

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import zmq
 
+from common.compression import Compressor, parse
 from common.protocol import Op
 from common.transport import USE_DEFAULT
 from common.wire import Message
@@ -44,6 +45,12 @@ WIRE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 __all__ = ["Channel", "ShardsApart", "WIRE"]
 
 
+def compress_text(comp: Compressor) -> str:
+    """The ``--compress`` value ``comp`` was made from."""
+    spec = comp.spec
+    return f"{spec.codec}:{spec.rank if spec.codec == 'powersgd' else format(spec.ratio, 'g')}"
+
+
 class Channel:
     """Pieces, shards and the fast path for one worker (see the module docstring).
 
@@ -58,6 +65,8 @@ class Channel:
         who: how the log names this worker before it has a rank (its worker id).
         heartbeat: seconds between heartbeats to each shard (0: none).
         curve: CURVE settings (:class:`common.security.Curve`); by default the process's.
+        compress: ``none``, or a codec such as ``topk:0.01`` for pushed gradients
+            (``common.compression``; frames, never the gradient segment).
 
     Attributes:
         shards: one :class:`worker.shard.Shard` per server.
@@ -66,7 +75,7 @@ class Channel:
 
     def __init__(self, ctx: zmq.Context, servers: Sequence[str], rank: int | None, timeout: float,
                  chunk_mb: float = 1.0, shm: str = "auto", wire_dtype: str = "auto", who: str | None = None,
-                 heartbeat: float = 1.0, curve: Any = USE_DEFAULT) -> None:
+                 heartbeat: float = 1.0, curve: Any = USE_DEFAULT, compress: str = "none") -> None:
         self.ctx = ctx
         identity = f"w{'?' if rank is None else rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         name = f"worker {who if who is not None else rank}"
@@ -76,7 +85,10 @@ class Channel:
         wire = WIRE.get(wire_dtype)
         self._registrar = Registrar(ctx, self.shards, self.stager, identity, rank, int(chunk_mb * (1 << 20)),
                                shm != "off", heartbeat, curve, narrowing=wire is not None)
-        self._io = StepIO(self.shards, self.stager, self._theta, wire)
+        spec = parse(compress)
+        if spec.enabled and wire is not None:
+            raise ValueError("compress sends values in the gradient's dtype: use it without wire_dtype")
+        self._io = StepIO(self.shards, self.stager, self._theta, wire, Compressor(spec) if spec.enabled else None)
 
     # ------------------------------------------------------------------ what registration decided
     @property
@@ -206,7 +218,12 @@ class Channel:
             shard.caller.sync()
 
     def close(self) -> None:
-        """Stop the heartbeats and close every socket (idempotent)."""
+        """Stop the heartbeats and close every socket (idempotent); log what compression saved."""
+        comp = self._io.compressor
+        if comp is not None and comp.dense_bytes:
+            log.info("pushed %d bytes of compressed tensors (%s) for %d bytes dense: ratio %.4f",
+                     comp.sent_bytes, compress_text(comp), comp.dense_bytes, comp.ratio)
+            comp.dense_bytes = comp.sent_bytes = 0
         for shard in self.shards:
             shard.close()
         self._theta.bound.clear()

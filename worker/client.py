@@ -86,12 +86,14 @@ class PSClient:
         shm: ``auto`` uses shared memory with a same-host server; ``off`` always frames.
         wire_dtype: ``float16``/``bfloat16`` send floating gradients narrowed (frames only).
         io_threads: ZeroMQ I/O threads of the client's own context.
+        compress: ``none``, or ``topk:RATIO``: pushed gradients travel compressed, with error
+            feedback (``common.compression``); θ comes back exact.
     """
 
     def __init__(self, server: str, rank: int | None, world_size: int, timeout: float = 60.0,
                  role: str = "data", ctx: zmq.Context | None = None, worker_id: str | None = None,
                  heartbeat: float = 1.0, curve: Any = USE_DEFAULT, chunk_mb: float = 1.0, shm: str = "auto",
-                 wire_dtype: str = "auto", io_threads: int = 1) -> None:
+                 wire_dtype: str = "auto", io_threads: int = 1, compress: str = "none") -> None:
         self.server = server
         self.rank = rank
         self.worker_id = worker_id or default_worker_id()
@@ -103,7 +105,7 @@ class PSClient:
         endpoints = [e.strip() for e in server.split(",") if e.strip()]
         self._ch: Channel | None = Channel(self.ctx, endpoints, rank, timeout, chunk_mb, shm, wire_dtype,
                                            who=self.worker_id if rank is None else None, heartbeat=heartbeat,
-                                           curve=curve)
+                                           curve=curve, compress=compress)
         self._reg: Registration | None = None  # what every (re-)registration sends
         self._state: ModelState | None = None  # the module given to init, if one was
         self._joined = False

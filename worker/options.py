@@ -33,10 +33,10 @@ def curve_of(cfg: WorkerConfig) -> Any:
 def client_options(cfg: WorkerConfig) -> dict[str, Any]:
     """The keyword arguments of :class:`worker.client.PSClient` that ``cfg`` sets, beside the
     server, rank and world size: timeout, worker id, heartbeat, chunk size, shared memory,
-    wire dtype, I/O threads and CURVE."""
+    wire dtype, compression, I/O threads and CURVE."""
     return {"timeout": cfg.timeout, "worker_id": cfg.worker_id, "heartbeat": cfg.heartbeat,
             "curve": curve_of(cfg), "chunk_mb": cfg.chunk_mb, "shm": cfg.shm, "wire_dtype": cfg.wire_dtype,
-            "io_threads": cfg.io_threads}
+            "io_threads": cfg.io_threads, "compress": cfg.compress}
 
 
 def default_worker_id() -> str:

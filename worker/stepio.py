@@ -14,7 +14,13 @@ What a push carries, per shard:
 * the pieces this worker has nothing for this step under ``absent`` (a parameter whose
   gradient is None, a buffer the step left unchanged), never zeros ("No gradient, no update"
   in docs/ARCHITECTURE.md);
-* buffers as values: never scaled by ``samples / total`` and never narrowed to the wire dtype.
+* buffers as values: never scaled by ``samples / total``, never narrowed to the wire dtype and
+  never compressed;
+* with ``--compress`` (a :class:`common.compression.Compressor`), floating gradients go as a
+  codec's parts (frames, never the gradient segment: the segment is a same-host path with
+  nothing to save), each piece encoded once per step with error feedback, so a resent or
+  recomputed push of the same step carries the same bytes ([Note: compressed pushes] in
+  ``common/compression/framing.py``).
 
 Every call goes through the shard's :class:`worker.retry.Caller`, so it rides out lost
 connections and server restarts, with several calls in flight at once.
@@ -27,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from common.compression import FIELD, Compressor, pack
 from common.errors import PSError
 from common.protocol import Op
 from worker.pieces import Layout
@@ -48,8 +55,9 @@ class StepIO:
     """
 
     def __init__(self, shards: Sequence[Shard], stager: Stager, theta: SharedTheta,
-                 wire: torch.dtype | None) -> None:
+                 wire: torch.dtype | None, compressor: Compressor | None = None) -> None:
         self.shards = shards
+        self.compressor = compressor
         self.stager = stager
         self.theta = theta
         self.wire = wire
@@ -112,7 +120,7 @@ class StepIO:
                 g = g.to_dense() if g.layout != torch.strided else g.contiguous()
             for q in pieces.pieces[name]:
                 shard = self.shards[pieces.owner[q.key]]
-                if shard.grad_seg is not None:
+                if self._segment(shard):
                     scale = (None if self._total is None or name in self.layout.buffers
                              else self._fields["samples"] / self._total)
                     self.stager.copy_to(shard.grad_views[q.key], q.of(g), scale)
@@ -139,7 +147,7 @@ class StepIO:
         for name in self.layout.buckets[i]:
             for q in pieces.pieces[name]:
                 s = pieces.owner[q.key]
-                shm = self.shards[s].grad_seg is not None
+                shm = self._segment(self.shards[s])
                 if q.key in absent:
                     missing.setdefault(s, []).append(q.key)
                     per_shard.setdefault(s, {})
@@ -162,7 +170,8 @@ class StepIO:
                     self._pulled.add(s)
                 else:
                     fields["keys"] = keys
-            if shard.grad_seg is not None:
+            if self._segment(shard):
+                assert shard.grad_seg is not None
                 if self._total is not None:
                     fields["total"] = self._total
                 fields["segment"] = shard.grad_seg.token
@@ -171,6 +180,8 @@ class StepIO:
                 if self.wire is not None:
                     part = {k: t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire and
                             pieces.by_key[k][0] not in buffers else t for k, t in part.items()}
+                if self.compressor is not None:
+                    part = self._compress(part, fields)
                 call = shard.caller.start(op, fields, part, fields["step"])  # the call keeps part until answered
             if final:
                 self._pulls.append((s, call))
@@ -182,6 +193,27 @@ class StepIO:
                 f = {"rank": self.rank, "step": self._fields["step"] + 1, "keys": keys}
                 self._pulls.append((s, shard.caller.start(Op.PULL, f, step=f["step"] - 1)))
         self._sent.add(i)
+
+    def _segment(self, shard: Shard) -> bool:
+        """Whether this worker's gradients for ``shard`` go through its gradient segment."""
+        return shard.grad_seg is not None and self.compressor is None
+
+    def _compress(self, part: Mapping[str, torch.Tensor | None], fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``part``'s floating gradients encoded (listed in ``fields``), the rest (buffers) dense."""
+        assert self.compressor is not None
+        buffers, by_key = self.layout.buffers, self.layout.pieces.by_key
+        dense: dict[str, torch.Tensor] = {}
+        encoded = {}
+        for k, t in part.items():
+            assert t is not None
+            if by_key[k][0] not in buffers and self.compressor.applies(t):
+                encoded[k] = self.compressor.compress(k, t, fields["step"])
+            else:
+                dense[k] = t
+        if not encoded:
+            return dense
+        fields[FIELD], tensors = pack(dense, encoded)
+        return tensors
 
     def finish(self, want_theta: bool = True, params: Tensors | None = None) -> dict[str, torch.Tensor]:
         """Wait for every push of the step; then θ's pieces after it (none from shared memory).

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from common.compression.framing import FIELD, expand
 from common.config import ServerConfig
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import Op
@@ -63,7 +64,7 @@ def read_push(msg: Message, w: WorkerInfo, groups: Sequence[KeyGroup], cfg: Serv
     if not mine:
         raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"rank {w.rank} rejoins between steps: call init first")
     keys = requested_keys(msg, w, store) if msg.op is Op.PUSH_PULL else w.keys
-    tensors = _tensors(w, msg, fast)
+    tensors = _tensors(w, msg, fast, store)
     absent = frozenset(f.get("absent", ()))
     covered = _covered(w, mine, tensors, absent)
     check_tensors(tensors, (k for g in covered for k in g.keys), msg.op.value, store.specs(), store.buffers, True,
@@ -80,6 +81,9 @@ def read_push(msg: Message, w: WorkerInfo, groups: Sequence[KeyGroup], cfg: Serv
         if not prescaled:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"pre-scaled gradients (total) need --sync bsp, "
                                                        f"not {cfg.sync}")
+    if f.get("grads") is None:
+        metrics.push_frames(w.rank, sum(t.numel() * t.element_size() for t in msg.tensors.values()),
+                            sum(t.numel() * t.element_size() for t in tensors.values()))
     loss = f.get("loss")
     if cfg.nonfinite != "apply":
         bad = nonfinite_keys({k: t for k, t in tensors.items() if k not in store.buffers})
@@ -106,9 +110,15 @@ def requested_keys(msg: Message, w: WorkerInfo, store: ParameterStore) -> tuple[
     return tuple(dict.fromkeys(keys))
 
 
-def _tensors(w: WorkerInfo, msg: Message, fast: FastPath) -> Mapping[str, torch.Tensor]:
-    """The pushed tensors: frames, or views of the worker's segment (``grads``)."""
+def _tensors(w: WorkerInfo, msg: Message, fast: FastPath, store: ParameterStore) -> Mapping[str, torch.Tensor]:
+    """The pushed tensors: frames (compressed ones decoded to dense), or views of the worker's
+    segment (``grads``)."""
     names = msg.fields.get("grads")
+    if FIELD in msg.fields:
+        if names is not None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a push carries compressed frames or names shared-memory "
+                                                       "grads, not both")
+        return expand(msg.tensors, msg.fields[FIELD], store.specs(), store.buffers)
     if names is None:
         return msg.tensors
     if msg.tensors:
