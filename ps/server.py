@@ -112,7 +112,7 @@ class Server:
                  if self.cfg.curve_secret_key else None)
         # [Note: frame cap] a listening socket copies its options when it binds, so the cap is set once
         # here, for every connection: --max-frame-mb, or θ's largest frame where a restarted server knows θ
-        frame = max(self.cfg.max_frame_mb << 20, self.limits.max_header_bytes)
+        frame = self.cfg.max_frame_mb << 20
         if self.store.initialized:
             frame = min(frame, largest_frame(self.store.specs(), self.limits))
         self.sock, self.endpoint = bind_router(self.ctx, self.cfg.bind, self.limits, curve=curve, max_frame=frame)

@@ -149,7 +149,7 @@ def test_semantic_errors_are_typed_and_change_nothing(live_server, case, code) -
 def test_oversized_frame_is_dropped_by_zmq_and_server_lives(tmp_path) -> None:
     procs = Procs(tmp_path)
     try:
-        server, endpoint = procs.server(1, "--max-message-mb", "1")
+        server, endpoint = procs.server(1, "--max-frame-mb", "1")
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
