@@ -44,13 +44,13 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
          "buckets": ANY, "buffers": STRLIST, "aliases": ANY, "shards": INT, "steps": INT},
     ),
     Op.INIT: ({"rank": INT}, {"shm": BOOL}),
-    Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL}),
+    Op.PULL: ({"rank": INT}, {"keys": STRLIST, "step": INT, "shm": BOOL, "have": INT}),
     Op.PUSH: ({"rank": INT, "step": INT},
               {"samples": NUM, "loss": NUM, "grads": STRLIST, "total": NUM, "absent": STRLIST, "segment": STR,
                "compressed": ANY}),
     Op.PUSH_PULL: ({"rank": INT, "step": INT},
                    {"samples": NUM, "loss": NUM, "keys": STRLIST, "grads": STRLIST, "shm": BOOL, "total": NUM,
-                    "absent": STRLIST, "segment": STR, "compressed": ANY}),
+                    "absent": STRLIST, "segment": STR, "compressed": ANY, "have": INT}),
     Op.DONE: ({"rank": INT}, {"step": INT}),
     Op.PING: ({}, {"rank": INT}),
     Op.ACTIVATION: ({"stage": INT, "step": INT, "micro": INT}, {"rank": INT, "pack": STR}),
@@ -92,8 +92,15 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 # A step (PUSH, PUSH_PULL, the version) is then one round of H local steps, and a push carries the
 # worker's change θ_global − θ_local where other rules carry a gradient (worker/diloco.py).
 
+# [Note: sparse pulls] PULL/PUSH_PULL ``have``: the version of θ the worker holds, unchanged, in
+# the tensors the reply goes into. Where the server knows exactly which entries of a key the
+# step from ``have`` to the reply's version changed (plain SGD changes only the entries of a
+# nonzero averaged gradient, e.g. under --compress topk), and they are few, the reply lists the
+# key in ``sparse`` and carries ``KEY::indices`` (int32/int64, increasing) and ``KEY::values``
+# (the new values, exact) instead of the whole tensor (ps/store.py, worker/stepio.py).
+
 _THETA = {"version": INT, "loss": NUM_OR_NIL}
-_THETA_SHM = {"shm": BOOL}
+_THETA_SHM = {"shm": BOOL, "sparse": STRLIST}
 REPLIES: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
     Op.REGISTER: ({"world_size": INT, "sync": STR, "initialized": BOOL, "rank": INT, "optimizer": STR, "lr": NUM,
                    "incarnation": STR, "lease_s": NUM, "hold_s": NUM, "buckets": BOOL},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 import zmq
 
 from common.errors import ErrorCode
@@ -35,15 +36,21 @@ class Outbox:
         return send_zero_copy(self.sock, [ident, *frames], track)
 
     def reply(self, ident: bytes, op: Op, req_id: int, fields: Mapping[str, Any] | None = None,
-              keys: tuple[str, ...] = (), shm: bool = False) -> None:
+              keys: tuple[str, ...] = (), shm: bool = False, have: int | None = None) -> None:
         """Answer request ``req_id`` (of ``op``), with θ of ``keys`` as frames or, with ``shm`` and θ in
-        shared memory, named only (the worker reads the segment)."""
+        shared memory, named only (the worker reads the segment). ``have``: the version the worker
+        holds; keys the step from it changed in few entries go as those entries ([Note: sparse pulls])."""
         fields = dict(fields or {})
         if shm and keys and self.store.shared:
             fields["shm"] = True
             keys = ()
+        sparse: dict[str, torch.Tensor] = {}
+        if have is not None and keys:
+            keys, sparse = self.store.sparse_view(keys, have)
+            if sparse:
+                fields["sparse"] = sorted({k.rsplit("::", 1)[0] for k in sparse})
         check_reply(op, fields)
-        tensors = self.store.view(keys) if keys else None
+        tensors = {**self.store.view(keys), **sparse} if keys or sparse else None
         tracker = self.send(ident, encode(Op.REPLY, fields, tensors, req_id), track=bool(keys))
         self.store.track(keys, tracker)
 

@@ -30,6 +30,7 @@ class Waiter:
     step: int
     shm: bool = False  # reply with θ in shared memory (ps.fastpath) instead of frames
     t0: float = field(default_factory=time.monotonic)  # arrival, for the latency metric
+    have: int | None = None  # the version the worker holds ([Note: sparse pulls] in common.protocol)
 
 
 class Parking:

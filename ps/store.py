@@ -41,6 +41,8 @@ class ParameterStore:
         self.aliases: dict[str, str] = {}  # other state_dict names of θ's tensors (tied weights)
         self._inflight: dict[str, list[zmq.MessageTracker]] = {}
         self.cow_clones = 0
+        # [Note: sparse pulls] key -> (version, flat indices of the entries the step to it changed)
+        self.support: dict[str, tuple[int, torch.Tensor]] = {}
         self.shared = False  # θ lives in a shared-memory segment (see ps.fastpath)
         # called with the keys an update is about to write in place (θ and their optimizer
         # slots), before it does: a checkpoint being written keeps its copy (ps.snapshot)
@@ -139,5 +141,54 @@ class ParameterStore:
         with torch.no_grad():
             for k, v in values.items():
                 self.params[k].copy_(v)
-        for k in (written if keys is None else keys):
+        covered = written if keys is None else keys
+        for k in covered:
             self.versions[k] += 1
+        self._record_support(grads, values, covered)
+
+    def _sparse_updates(self) -> bool:
+        """Whether an update changes only the entries where the gradient is nonzero: plain SGD
+        (no momentum, no weight decay; clipping only scales the gradient)."""
+        opt = self.optimizer
+        return type(opt) is torch.optim.SGD and all(
+            not g["momentum"] and not g["weight_decay"] for g in opt.param_groups)  # type: ignore[union-attr]
+
+    def _record_support(self, grads: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor],
+                        covered: Iterable[str]) -> None:
+        """Remember which entries this step changed, per key, where that makes a smaller reply."""
+        if not self._sparse_updates():
+            self.support.clear()
+            return
+        for k in covered:
+            p = self.params[k]
+            if k in values:
+                self.support.pop(k, None)
+                continue
+            g = grads.get(k)
+            if g is None:  # skipped by the optimizer: nothing changed
+                self.support[k] = (self.versions[k], torch.empty(0, dtype=torch.int32))
+                continue
+            nnz = int(torch.count_nonzero(g))
+            wide = p.numel() >= 1 << 31
+            if nnz * (p.element_size() + (8 if wide else 4)) >= p.numel() * p.element_size():
+                self.support.pop(k, None)
+                continue
+            idx = torch.nonzero(g.reshape(-1)).reshape(-1)
+            self.support[k] = (self.versions[k], idx if wide else idx.to(torch.int32))
+
+    def sparse_view(self, keys: Iterable[str], have: int) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
+        """Split ``keys`` for a worker that holds θ at version ``have``: those to send whole, and
+        ``KEY::indices``/``KEY::values`` (copies) of the keys whose step from ``have`` changed few
+        entries ([Note: sparse pulls])."""
+        dense: list[str] = []
+        sparse: dict[str, torch.Tensor] = {}
+        for k in keys:
+            rec = self.support.get(k)
+            v = self.versions[k]
+            if rec is None or rec[0] != v or v != have + 1:
+                dense.append(k)
+                continue
+            idx = rec[1]
+            sparse[f"{k}::indices"] = idx
+            sparse[f"{k}::values"] = self.params[k].detach().reshape(-1)[idx.long()].clone()
+        return tuple(dense), sparse

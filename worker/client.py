@@ -250,6 +250,12 @@ class PSClient:
         step = self.step if step is None else step
         self._channel(Op.PUSH).begin(step, samples, loss, total=total)
 
+    def allow_sparse_pulls(self) -> None:
+        """Promise that the parameters given to :meth:`end_step` are never written between two
+        steps (they hold θ as the server sent it): θ may then come back as just the entries a step
+        changed, exactly (plain SGD on a sparse gradient, e.g. with ``compress``)."""
+        self._channel(Op.PUSH).allow_sparse_pulls()
+
     def push_bucket(self, index: int, grads: Grads) -> None:
         """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""
         self._channel(Op.PUSH).push_bucket(index, grads)

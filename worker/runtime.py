@@ -112,6 +112,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         bound = client.bind(params)
         if bound:
             log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
+        client.allow_sparse_pulls()  # this loop never writes the parameters: θ may come back sparse
         hooks = (BucketHooks(params, client.buckets, client.push_bucket, state.step_tensors)
                  if len(client.buckets) > 1 else None)
         targets = state.targets()  # θ goes into the parameters and buffers after each step

@@ -75,6 +75,8 @@ class StepIO:
         self._total: float | None = None  # the step's samples over every worker (pre-scaling)
         self.applied = True
         self.last_loss: float | None = None
+        self.sparse_pulls = False  # the caller never writes the tensors θ goes into ([Note: sparse pulls])
+        self._holds: int | None = None  # the version θ's frames last went into those tensors
 
     @property
     def step(self) -> int:
@@ -170,6 +172,7 @@ class StepIO:
                     self._pulled.add(s)
                 else:
                     fields["keys"] = keys
+                    fields.update(self._have())
             if self._segment(shard):
                 assert shard.grad_seg is not None
                 if self._total is not None:
@@ -190,9 +193,14 @@ class StepIO:
             if self.pull_each and not shm_theta:
                 # θ of this bucket comes back as soon as the bucket's step is applied, while
                 # later buckets are still being pushed (or computed).
-                f = {"rank": self.rank, "step": self._fields["step"] + 1, "keys": keys}
+                f = {"rank": self.rank, "step": self._fields["step"] + 1, "keys": keys, **self._have()}
                 self._pulls.append((s, shard.caller.start(Op.PULL, f, step=f["step"] - 1)))
         self._sent.add(i)
+
+    def _have(self) -> dict[str, int]:
+        """``have`` for a pull after this step, when the tensors θ goes into hold θ of the step."""
+        step = self._fields["step"]
+        return {"have": step} if self.sparse_pulls and self._holds == step else {}
 
     def _segment(self, shard: Shard) -> bool:
         """Whether this worker's gradients for ``shard`` go through its gradient segment."""
@@ -258,15 +266,27 @@ class StepIO:
                         self.applied = self.applied and bool(reply.fields.get("applied", True))
                         continue
                     self.last_loss = reply.fields.get("loss", self.last_loss)
+                    sparse = reply.fields.get("sparse") or ()
                     if params is None:
+                        if sparse:
+                            raise PSError(f"worker {self.rank}: the server sent θ as changed entries, but "
+                                          f"there are no tensors to apply them to")
                         theta.update(reply.tensors)
                         continue
+                    for key in sparse:
+                        idx, vals = reply.tensors.pop(f"{key}::indices"), reply.tensors.pop(f"{key}::values")
+                        name, q = self.layout.pieces.by_key[key]
+                        _scatter(q.of(params[name]), idx, vals)
                     for key, t in reply.tensors.items():
                         name, q = self.layout.pieces.by_key[key]
                         if name not in self.theta.bound:
                             q.of(params[name]).copy_(t, non_blocking=True)
+        except BaseException:
+            self._holds = None
+            raise
         finally:
             self._pending.clear()
+        self._holds = step + 1 if params is not None and want_theta and not self.theta.any else None
         if params is not None:
             if self.theta.any:
                 self.theta.load(params, self.layout.pieces)  # the pieces θ's segments hold
@@ -276,6 +296,7 @@ class StepIO:
 
     def reset(self) -> None:
         """Forget the step in progress and every call in flight (before rejoining)."""
+        self._holds = None
         for shard in self.shards:
             shard.caller.abandon()
         self._pending.clear()
@@ -284,3 +305,14 @@ class StepIO:
         self._queued.clear()
         self._sent.clear()
         self._absent.clear()
+
+
+def _scatter(dst: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """``dst.view(-1)[idx] = vals`` in place, also for a non-contiguous ``dst``."""
+    vals = vals.to(dst.device)
+    if dst.is_contiguous():
+        dst.view(-1)[idx.to(dst.device).long()] = vals
+        return
+    flat = dst.reshape(-1).clone()
+    flat[idx.to(dst.device).long()] = vals
+    dst.copy_(flat.view_as(dst))

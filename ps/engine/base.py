@@ -158,7 +158,7 @@ class StepEngine:
             raise ProtocolError(ErrorCode.NOT_INITIALIZED, "pull before every worker has called init")
         keys = requested_keys(msg, w, self.store)
         self.members.parking.park(Waiter(ident, msg.id, Op.PULL, w.rank, keys, step=msg.fields.get("step", 0),
-                                         shm=bool(msg.fields.get("shm"))))
+                                         shm=bool(msg.fields.get("shm")), have=msg.fields.get("have")))
         self.wake()
 
     def on_push(self, ident: bytes, msg: Message) -> None:
@@ -177,7 +177,7 @@ class StepEngine:
             self.metrics.request(msg.op.value, time.monotonic() - t0)
         else:
             self.members.parking.park(Waiter(ident, msg.id, Op.PUSH_PULL, w.rank, push.keys, step=push.step + 1,
-                                             shm=push.shm, t0=t0))
+                                             shm=push.shm, t0=t0, have=msg.fields.get("have")))
         self.wake()
 
     def wake(self) -> None:
@@ -210,7 +210,7 @@ class StepEngine:
             fields.update(self.s.fast.theta_fields(w.keys))
             # the steps this shard could go back to ([Note: shards rewind together])
             fields["restorable"] = sorted({*self.s.checkpoints.restorable(), self.step_now()})
-        self.s.outbox.reply(w.ident, w.op, w.req_id, fields, w.keys, shm=w.shm)
+        self.s.outbox.reply(w.ident, w.op, w.req_id, fields, w.keys, shm=w.shm, have=w.have)
         self.metrics.request(w.op.value, time.monotonic() - w.t0)
 
     # ------------------------------------------------------------------ the rule
