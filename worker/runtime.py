@@ -32,6 +32,7 @@ from worker.buckets import BucketHooks
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
 from worker.diloco import LocalSteps, local_steps
+from worker.evaluation import HeldOut
 from worker.factories import build_data, build_model
 from worker.jitter import Stall
 from worker.losses import LOSSES  # also worker.runtime.LOSSES, as before
@@ -131,6 +132,8 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         elif start:
             log.info("resuming at step %d of %d", start, total)
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
+        heldout = HeldOut.from_config(cfg, loss_fn, device, cfg.rank)
+        heldout.start(start, model)
         with progress:
             while True:
                 while client.step < total:
@@ -160,6 +163,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                     samples += len(rows)
                     if client.step == step + 1:
                         progress.update(step, client.last_loss, len(rows) * cfg.world_size)
+                        heldout.after_step(client.step, model)
                         if on_step is not None:
                             on_step(step)
                     else:
@@ -169,6 +173,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                 log.warning("recomputing from step %d, where the server resumed", client.step)
                 client.pull_into(targets)
                 state.loaded()
+        heldout.final(client.step, model)
         final_loss = client.last_loss
     seconds = time.monotonic() - t0
     log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",
