@@ -104,7 +104,8 @@ OPTIONS: dict[str, Option] = {
     "status_every": Option("--status-every", float, "seconds between the server's one-line status logs",
                            group="metrics"),
     "eval_every": Option("--eval-every", int, "data mode: rank 0 evaluates the job's loss on the held-out "
-                         "--eval-data every N steps, before the first step and after the last (0: never)", group="metrics"),
+                         "--eval-data every N steps, before the first step and after the last (0: never)",
+                         group="metrics"),
     "eval_data": Option("--eval-data", str, "MODULE:FACTORY returning the held-out map-style dataset of (x, y) "
                         "that --eval-every evaluates", group="metrics"),
     "eval_rows": Option("--eval-rows", int, "evaluate on the first N rows of --eval-data (0: all)",

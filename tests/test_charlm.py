@@ -40,7 +40,12 @@ def test_the_corpus_is_fixed_and_the_splits_are_disjoint_windows_of_it():
 
 
 def test_the_model_gives_per_position_logits_for_cross_entropy():
-    net = charlm.model()
+    threads = torch.get_num_threads()
+    try:
+        net = charlm.model()
+        assert torch.get_num_threads() == 1  # [Note: one thread]
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session keeps its threads
     x, y = charlm.test_data().tensors
     out = net(x[:3])
     assert out.shape == (3, charlm.VOCAB, charlm.SEQ_LEN)
