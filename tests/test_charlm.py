@@ -76,6 +76,13 @@ def test_heldout_evaluates_at_start_every_n_steps_and_at_the_end(tmp_path: Path)
     net.train()
     held.evaluate(6, net)
     assert net.training  # back in the mode it was in
+    rounds = HeldOut(data, nn.functional.mse_loss, every=5)  # rounds of 4 local steps, the last of 2
+    rounds.start(0, net)
+    seen = [rounds.last_step]
+    for step in (4, 8, 12, 14):
+        rounds.after_step(step, net)
+        seen.append(rounds.last_step)
+    assert seen == [0, 0, 8, 12, 12]  # (4, 8] and (8, 12] hold a multiple of 5, (0, 4] and (12, 14] none
     off = HeldOut(None, nn.functional.mse_loss)
     off.start(0, net), off.after_step(2, net), off.final(3, net)
     assert not off.active and off.last_step is None
@@ -90,6 +97,19 @@ def test_eval_every_needs_held_out_data(capsys):
     assert launch_main(["--mode", "pipeline", "--eval-every", "5", "--eval-data", "m:f"]) == 2
     err = capsys.readouterr().err
     assert err.count("--eval-every 5 needs --eval-data") == 2 and "--eval-every is for data mode" in err
+
+
+def test_diloco_evaluates_theta_global_after_rounds(procs, tmp_path: Path):
+    """--sync diloco: rank 0 evaluates θ_global at the start, after each round (H = 5 >= N) and at the end."""
+    ckpt, log = tmp_path / "dl", tmp_path / "dl-eval.jsonl"
+    launch = procs.spawn("launch", [sys.executable, "-m", "worker.launch", "--example", "digits", "--workers", "2",
+                                    "--epochs", "1", "--sync", "diloco", "--inner-steps", "5", "--eval-every", "5",
+                                    "--eval-log", str(log), "--progress", "off", "--checkpoint-dir", str(ckpt)])
+    procs.wait_ok([launch], timeout=120)
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 5, 10, 15, 20, 23]  # 23 steps of batch 64: 5 rounds, the last of 3
+    assert not (ckpt / "eval.jsonl").exists()
+    assert recs[-1]["heldout_loss"] < recs[0]["heldout_loss"], recs
 
 
 def test_ps_launch_example_charlm_logs_a_falling_held_out_loss(procs, tmp_path: Path):

@@ -9,6 +9,10 @@ at known points. A training loop makes three calls::
     ...  heldout.after_step(step, model)                  # after each step: θ has had `step` updates
     heldout.final(step, model)                            # after the last one
 
+A loop of local steps (``--sync diloco``, :mod:`worker.diloco`) calls ``after_step`` once a
+round, with the inner steps done so far ((r+1)·H after round r): it evaluates θ_global when the
+round crossed a multiple of N, so every round when N ≤ H.
+
 Each evaluation logs one INFO line and, with ``--eval-log PATH``, appends one JSON line::
 
     {"ev": "eval", "t": <time.time() when it began>, "step": 100, "heldout_loss": 1.52,
@@ -71,6 +75,7 @@ class HeldOut:
         self.rank = rank
         self.last_step: int | None = None
         self.last_loss: float | None = None
+        self._prev: int | None = None  # the step of the previous call
 
     @classmethod
     def from_config(cls, cfg: JobFields, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -92,12 +97,18 @@ class HeldOut:
 
     def start(self, step: int, model: nn.Module) -> None:
         """Evaluate before training (θ of ``step`` updates: 0, or where a resumed job starts)."""
+        self._prev = step
         if self.active:
             self.evaluate(step, model)
 
     def after_step(self, step: int, model: nn.Module) -> None:
-        """Evaluate if ``step`` (the updates θ has had) is a multiple of ``every``."""
-        if self.active and self.every and step % self.every == 0 and step != self.last_step:
+        """Evaluate if a multiple of ``every`` lies in (the previous call's step, ``step``].
+
+        ``step`` counts the steps θ has had; one after another, that is: ``step`` is a multiple of ``every``.
+        """
+        prev = step - 1 if self._prev is None else self._prev
+        self._prev = step
+        if self.active and self.every and step // self.every > prev // self.every and step != self.last_step:
             self.evaluate(step, model)
 
     def final(self, step: int, model: nn.Module) -> None:

@@ -194,14 +194,18 @@ def _train_rounds(cfg: WorkerConfig, client: PSClient, state: ModelState, data: 
              client.server_info.get("sync"), loop.rounds, loop.h, inner["optimizer"], inner["lr"], loop.total, start)
     spe = max(1, math.ceil(plan.steps_per_epoch / loop.h))
     progress = Progress(cfg, loop.rounds, start, spe)
+    heldout = HeldOut.from_config(cfg, loss_fn, device, cfg.rank)
+    heldout.start(min(start * loop.h, loop.total), state.module)  # θ_global after `start` rounds
 
     def on_round(r: int, loss: float | None) -> None:
         progress.update(r, loss, plan.batch * loop.h)
+        heldout.after_step(min((r + 1) * loop.h, loop.total), state.module)
         if on_step is not None:
             on_step(r)
 
     with progress:
         done = loop.run(on_round)
+    heldout.final(min(client.step * loop.h, loop.total), state.module)
     seconds = time.monotonic() - t0
     log.info("done: %d rounds in %.2fs, final loss %s, %.0f samples/s on this worker", done.rounds, seconds,
              "-" if done.final_loss is None else f"{done.final_loss:.6g}",
