@@ -4,7 +4,7 @@ Rank 0 evaluates the job's loss on a held-out data set at the start (before its 
 every N steps, and at the end, so a curve of held-out loss against wall time starts and ends
 at known points. A training loop makes three calls::
 
-    heldout = HeldOut.from_config(cfg, loss_fn, device)   # a no-op unless rank 0 and --eval-every N
+    heldout = HeldOut.from_config(cfg, loss_fn, device, rank)  # a no-op unless rank 0 and --eval-every N
     heldout.start(step, model)                            # before the first step
     ...  heldout.after_step(step, model)                  # after each step: θ has had `step` updates
     heldout.final(step, model)                            # after the last one
