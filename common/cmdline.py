@@ -34,7 +34,8 @@ NONE_MEANS: dict[str, str] = {
     "worker_id": "HOSTNAME-PID", "peer_advertise": "the host of --peer-bind", "peer_prev": "from the server",
     "peer_next": "from the server", "example": "none", "curve_secret_key": "off (no CURVE)",
     "curve_authorized_keys": "off; workers: the directory of --curve-server-key",
-    "curve_server_key": "off (no CURVE)",
+    "curve_server_key": "off (no CURVE)", "eval_data": "none (an example's: its held-out rows)",
+    "eval_log": "off",
 }
 """What an option left at None means, as ``--help`` and the README's table show its default."""
 
@@ -43,6 +44,7 @@ _NONE_MEANS_BY_ROLE: dict[tuple[str, str], str] = {
     ("LaunchConfig", "checkpoint_dir"): "runs/launch-TIME",
     ("LaunchConfig", "metrics_log"): "metrics.jsonl in the checkpoint directory",
     ("LaunchConfig", "stages"): "the number of --partition ranges, else 2",
+    ("LaunchConfig", "eval_log"): "eval.jsonl in the checkpoint directory (with --eval-every)",
 }
 
 

@@ -121,6 +121,10 @@ class JobFields:
     bucket_mb: float = 16.0
     wire_dtype: str = "auto"
     compress: str = "none"
+    eval_every: int = 0
+    eval_data: str | None = None
+    eval_rows: int = 4096
+    eval_log: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -134,6 +138,7 @@ class JobFields:
             raise ConfigError("--compress sends values in the gradient's dtype: use it without --wire-dtype")
         if self.stall is not None:
             parse_stall(self.stall)
+        _check_eval(self)
         _positive("io_threads", self.io_threads)
         _nonneg("chunk_mb", self.chunk_mb)
         _nonneg("bucket_mb", self.bucket_mb)
@@ -172,6 +177,7 @@ class WorkerConfig(JobFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_eval_data(self)
         _nonneg("heartbeat", self.heartbeat)
         _check_fault(self.fault)
         if (self.curve_server_key is None) != (self.curve_secret_key is None):
@@ -355,6 +361,26 @@ def _nonneg(name: str, value: float) -> None:
 def _check_fault(spec: str | None) -> None:
     if spec is not None:
         parse_fault(spec)  # raises ConfigError
+
+
+def _check_eval(cfg: JobFields) -> None:
+    _nonneg("eval_every", cfg.eval_every)
+    _nonneg("eval_rows", cfg.eval_rows)
+    if cfg.eval_every and cfg.mode == "pipeline":
+        raise ConfigError("--eval-every is for data mode; a pipeline stage holds only its own layers")
+
+
+def check_eval_data(cfg: JobFields) -> None:
+    """``--eval-every`` needs ``--eval-data``.
+
+    Checked by :class:`WorkerConfig` and, once an example's presets are in, by ``ps-launch``
+    (its first reading, which only learns ``--example``, has not seen the example's data yet).
+
+    Raises:
+        ConfigError: ``--eval-every`` is on and there is no held-out data set.
+    """
+    if cfg.eval_every and cfg.eval_data is None:
+        raise ConfigError(f"--eval-every {cfg.eval_every} needs --eval-data MODULE:FACTORY (the held-out data set)")
 
 
 def _check_metrics(port: int | None, status_every: float) -> None:

@@ -103,6 +103,15 @@ OPTIONS: dict[str, Option] = {
                           "(ps-plot turns it into a PNG)", group="metrics"),
     "status_every": Option("--status-every", float, "seconds between the server's one-line status logs",
                            group="metrics"),
+    "eval_every": Option("--eval-every", int, "data mode: rank 0 evaluates the job's loss on the held-out "
+                         "--eval-data every N steps, before the first step and after the last (0: never)",
+                         group="metrics"),
+    "eval_data": Option("--eval-data", str, "MODULE:FACTORY returning the held-out map-style dataset of (x, y) "
+                        "that --eval-every evaluates", group="metrics"),
+    "eval_rows": Option("--eval-rows", int, "evaluate on the first N rows of --eval-data (0: all)",
+                        group="metrics"),
+    "eval_log": Option("--eval-log", str, "append one JSON line per held-out evaluation to this file "
+                       "(ps-plot draws them)", group="metrics"),
     # worker
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
     "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",
@@ -162,7 +171,7 @@ OPTIONS: dict[str, Option] = {
                     "(P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
     # launcher
     "example": Option("--example", str, "run a bundled example job (its model, data and hyper-parameters "
-                      "become the defaults)", ("digits",), group="job"),
+                      "become the defaults)", ("digits", "charlm"), group="job"),
     # faults and recovery
     "on_worker_loss": Option("--on-worker-loss", str, "bsp: when a worker's lease lapses, hold the step until "
                              "its rank returns (wait; the job fails after --rejoin-deadline) or continue with "

@@ -8,6 +8,7 @@
   :func:`mixed_lm` the same with a float32 layer between float64 ones (mixed dtypes).
 * :func:`sparse_emb` - ``nn.Embedding(sparse=True)``.
 * :func:`bn_pipe` - an ``nn.Sequential`` with BatchNorm, for pipeline stages.
+* :func:`charlm_short` - the head of the charlm example's training windows, for a short job.
 
 The data sets are laid out for K = 2 workers, a global batch of 20 (10 rows each), no shuffle.
 """
@@ -121,3 +122,11 @@ def bn_pipe() -> nn.Sequential:
 def pipe_data() -> TensorDataset:
     """240 float64 rows (batches of 60 split evenly over 1 or 2 replicas and 2 microbatches)."""
     return TensorDataset(torch.randn(240, 10, dtype=torch.float64), torch.randn(240, 1, dtype=torch.float64))
+
+
+def charlm_short() -> TensorDataset:
+    """The first 3,200 training windows of ``--example charlm``: 100 steps of batch 32, for a short job."""
+    from worker.examples import charlm
+
+    x, y = charlm.train_data().tensors
+    return TensorDataset(x[:3200], y[:3200])

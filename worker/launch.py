@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Sequence
 
-from common.config import JobFields, LaunchConfig, parse_config, to_argv
+from common.config import JobFields, LaunchConfig, check_eval_data, parse_config, to_argv
 from common.errors import ConfigError
 from common.logs import setup_logging
 
@@ -30,6 +30,8 @@ log = logging.getLogger("launch")
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
+EVAL_LOG = "eval.jsonl"
+"""The held-out evaluations' log in a launched job's checkpoint folder, unless ``--eval-log`` says otherwise."""
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -109,7 +111,13 @@ def server_argv(cfg: LaunchConfig, ready: Path, ckpt: str) -> list[str]:
 
 
 def worker_argv(cfg: LaunchConfig, endpoint: str, rank: int, world: int, ckpt: str | None = None) -> list[str]:
-    """Command line of worker ``rank`` (its ``--state-dir`` beside the server's checkpoints, in ``ckpt``)."""
+    """Command line of worker ``rank`` (its ``--state-dir`` beside the server's checkpoints, in ``ckpt``).
+
+    With ``--eval-every`` and no ``--eval-log``, the worker logs its held-out evaluations to
+    ``ckpt/eval.jsonl``.
+    """
+    if cfg.eval_every and cfg.eval_log is None and ckpt is not None:
+        cfg = dataclasses.replace(cfg, eval_log=os.path.join(ckpt, EVAL_LOG))
     argv = [sys.executable, "-m", "worker", "--server", endpoint, "--rank", str(rank),
             "--world-size", str(world), *to_argv(cfg, JOB_OPTIONS)]
     if ckpt is not None:
@@ -273,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = parse_config(LaunchConfig, argv, prog="ps-launch", description=description,
                                defaults=load_example(cfg.example).PRESETS)
+        check_eval_data(cfg)
     except ConfigError as e:
         sys.stderr.write(f"ps-launch: error: {e}\n")
         return 2

@@ -32,6 +32,7 @@ from worker.buckets import BucketHooks
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
 from worker.diloco import LocalSteps, local_steps
+from worker.evaluation import HeldOut
 from worker.factories import build_data, build_model
 from worker.jitter import Stall
 from worker.losses import LOSSES  # also worker.runtime.LOSSES, as before
@@ -132,6 +133,8 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         elif start:
             log.info("resuming at step %d of %d", start, total)
         progress = Progress(cfg, total, start, plan.steps_per_epoch)
+        heldout = HeldOut.from_config(cfg, loss_fn, device, cfg.rank)
+        heldout.start(start, model)
         with progress:
             while True:
                 while client.step < total:
@@ -161,6 +164,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                     samples += len(rows)
                     if client.step == step + 1:
                         progress.update(step, client.last_loss, len(rows) * cfg.world_size)
+                        heldout.after_step(client.step, model)
                         if on_step is not None:
                             on_step(step)
                     else:
@@ -170,6 +174,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
                 log.warning("recomputing from step %d, where the server resumed", client.step)
                 client.pull_into(targets)
                 state.loaded()
+        heldout.final(client.step, model)
         final_loss = client.last_loss
     seconds = time.monotonic() - t0
     log.info("done: %d steps (%d epochs) in %.2fs, final loss %s, %.0f samples/s on this worker",
@@ -190,14 +195,18 @@ def _train_rounds(cfg: WorkerConfig, client: PSClient, state: ModelState, data: 
              client.server_info.get("sync"), loop.rounds, loop.h, inner["optimizer"], inner["lr"], loop.total, start)
     spe = max(1, math.ceil(plan.steps_per_epoch / loop.h))
     progress = Progress(cfg, loop.rounds, start, spe)
+    heldout = HeldOut.from_config(cfg, loss_fn, device, cfg.rank)
+    heldout.start(min(start * loop.h, loop.total), state.module)  # θ_global after `start` rounds
 
     def on_round(r: int, loss: float | None) -> None:
         progress.update(r, loss, plan.batch * loop.h)
+        heldout.after_step(min((r + 1) * loop.h, loop.total), state.module)
         if on_step is not None:
             on_step(r)
 
     with progress:
         done = loop.run(on_round)
+    heldout.final(min(client.step * loop.h, loop.total), state.module)
     seconds = time.monotonic() - t0
     log.info("done: %d rounds in %.2fs, final loss %s, %.0f samples/s on this worker", done.rounds, seconds,
              "-" if done.final_loss is None else f"{done.final_loss:.6g}",

@@ -26,6 +26,7 @@ PRESETS: dict[str, Any] = {
     "lr": 0.05,
     "epochs": 20,
     "batch_size": 64,
+    "eval_data": "worker.examples.digits:test_data",
 }
 """Option values ``ps-launch --example digits`` runs with (anything given explicitly wins)."""
 
