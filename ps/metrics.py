@@ -145,7 +145,8 @@ class ServerMetrics:
         """Write the ``end`` record, close the log and stop the HTTP endpoint."""
         if self._log is not None:
             self._write({"ev": "end", "version": version, "loss": loss, "push_bytes": self.push_bytes,
-                         "push_dense_bytes": self.push_dense_bytes})
+                         "push_dense_bytes": self.push_dense_bytes, "bytes_in": self.bytes_in,
+                         "bytes_out": self.bytes_out})
             self._log.close()
             self._log = None
         if self._httpd is not None:

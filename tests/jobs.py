@@ -27,3 +27,13 @@ def class_data64() -> TensorDataset:
     x = torch.randn(600, 10, dtype=torch.float64)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     return TensorDataset(x, y)
+
+
+def wide64() -> nn.Module:
+    """A float64 linear layer of 64 x 256 weights (131 KB): its θ dwarfs a reply's header."""
+    return nn.Linear(256, 64).double()
+
+
+def wide_data64() -> TensorDataset:
+    """512 float64 samples of 256 features, 64 targets."""
+    return TensorDataset(torch.randn(512, 256, dtype=torch.float64), torch.randn(512, 64, dtype=torch.float64))

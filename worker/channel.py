@@ -195,9 +195,11 @@ class Channel:
         """Start pushing ``step`` (see :meth:`worker.stepio.StepIO.begin`)."""
         self._io.begin(self.layout, self.rank, step, samples, loss, pull, total)
 
-    def allow_sparse_pulls(self) -> None:
-        """θ may come back as the entries a step changed ([Note: sparse pulls] in ``common.protocol``)."""
+    def allow_sparse_pulls(self, holds: int) -> None:
+        """θ may come back as the entries a step changed ([Note: sparse pulls] in ``common.protocol``);
+        the tensors it goes into hold θ at version ``holds`` now."""
         self._io.sparse_pulls = True
+        self._io.holds(holds)
 
     def push_bucket(self, i: int, grads: Mapping[str, torch.Tensor | None]) -> None:
         """Stage bucket ``i`` now and send it (later, if called from another thread)."""

@@ -251,10 +251,10 @@ class PSClient:
         self._channel(Op.PUSH).begin(step, samples, loss, total=total)
 
     def allow_sparse_pulls(self) -> None:
-        """Promise that the parameters given to :meth:`end_step` are never written between two
-        steps (they hold θ as the server sent it): θ may then come back as just the entries a step
-        changed, exactly (plain SGD on a sparse gradient, e.g. with ``compress``)."""
-        self._channel(Op.PUSH).allow_sparse_pulls()
+        """Promise that the parameters given to :meth:`end_step` hold θ of :attr:`step` now and are
+        never written between two steps: θ may then come back as just the entries a step changed,
+        exactly (plain SGD on a sparse gradient, e.g. with ``compress``)."""
+        self._channel(Op.PUSH).allow_sparse_pulls(self.step)
 
     def push_bucket(self, index: int, grads: Grads) -> None:
         """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""

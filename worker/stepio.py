@@ -197,6 +197,10 @@ class StepIO:
                 self._pulls.append((s, shard.caller.start(Op.PULL, f, step=f["step"] - 1)))
         self._sent.add(i)
 
+    def holds(self, version: int) -> None:
+        """The tensors θ goes into were just given θ at ``version`` (by the caller)."""
+        self._holds = version
+
     def _have(self) -> dict[str, int]:
         """``have`` for a pull after this step, when the tensors θ goes into hold θ of the step."""
         step = self._fields["step"]
