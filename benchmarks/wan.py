@@ -49,6 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-ddp", action="store_true", help="skip DDP/gloo (then give --target)")
     ap.add_argument("--example", default="digits", help="worker.examples.NAME: model, data, test data, presets")
     ap.add_argument("--epochs", type=int, default=None, help="default: the example's")
+    ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the example's)")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: 20 per run)")
     ap.add_argument("--bench-eval", action="store_true",
                     help="zmqps rank 0 logs held-out loss through benchmarks.evalworker (DDP's own evaluation) even "
@@ -154,7 +155,7 @@ def main(argv: list[str]) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the labs are deleted
     cleanup_stale()
-    job = Job.from_example(a.example, epochs=a.epochs, eval_every=a.eval_every or None)
+    job = Job.from_example(a.example, epochs=a.epochs, batch=a.batch_size, eval_every=a.eval_every or None)
     modes = select([m for m in a.modes.split(",") if m], a.add_mode)
     server_help, worker_help = help_texts(("ps", "worker"))
     skipped = {m.label: why for m in modes if (why := unsupported(m, server_help, worker_help))}
