@@ -2,16 +2,21 @@
 
 Both start their processes in the lab's host namespaces (``ip netns exec NS python -m ...``):
 DDP's K ranks on hosts ``w0..`` (a file store for the rendezvous, gloo on each host's
-``eth0``); zmqps's ``ps-server`` on host ``server`` and K ``ps-worker`` s on ``w0..``, started as
-a user starts them. The clock starts when the first worker is spawned (a zmqps server is
-started and listening before, as a deployed one would be) and stops when every process of
-the run has exited. Bytes on the wire are each host's ``eth0`` counters, after minus before.
+``eth0``); zmqps's ``ps-server`` on host ``server`` (a mode of S shards: one on each of
+``server``, ``server1``, ...) and K ``ps-worker`` s on ``w0..``, started as a user starts them.
+The clock starts when the first worker is spawned (the zmqps servers are started and listening
+before, as deployed ones would be) and stops when every process of the run has exited. Bytes on
+the wire are each host's ``eth0`` counters, after minus before. Time per step: wall time over
+steps (start-up included), and for zmqps the median interval between consecutive ``update``
+records of the servers' ``--metrics-log`` s (:func:`update_interval`, start-up excluded).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +26,7 @@ from typing import Any
 from benchmarks.harness import Group, child_env, wait_file
 from benchmarks.heldout import read_evals
 from benchmarks.netlab import Lab
-from benchmarks.wanmodes import Mode
+from benchmarks.wanmodes import Mode, server_hosts
 from common.config import ServerConfig, WorkerConfig, parse_config
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,9 @@ class RunResult:
     ok: bool = True
     error: str = ""
     wall_s: float = float("nan")
+    family: str = ""  # the mode's label without "/N shards" (zmqps), "" for DDP
+    shards: int = 0  # server shards (zmqps), 0 for DDP
+    update_s: float | None = None  # median seconds between the servers' update records (zmqps)
     evals: list[dict[str, float]] = field(default_factory=list)  # {"t": s since start, "step", "loss"}
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> {"tx", "rx"}
 
@@ -92,6 +100,28 @@ class RunResult:
     def wire_bytes(self) -> int:
         """Bytes sent by every host (each byte on the wire once)."""
         return sum(c["tx"] for c in self.bytes.values())
+
+
+def update_interval(paths: list[Path]) -> float | None:
+    """Median seconds between consecutive ``update`` records of each metrics log, pooled over the logs.
+
+    Under bsp a server updates once per step, so this is the time per step without the start-up
+    (under diloco: per round of local steps). None if no log has two updates.
+    """
+    gaps: list[float] = []
+    for path in paths:
+        if not path.exists():
+            continue
+        times = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed server
+            if rec.get("ev") == "update":
+                times.append(float(rec["t"]))
+        gaps += [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps) if gaps else None
 
 
 def _delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -138,32 +168,41 @@ def run_ddp(lab: Lab, job: Job, k: int, d: Path) -> RunResult:
 
 
 def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: bool) -> RunResult:
-    """``ps-server`` on host ``server``, K ``ps-worker`` s on ``w0..``; ``worker_evals``: ps-worker has --eval-every."""
+    """``mode.shards`` ``ps-server`` s on hosts ``server``, ``server1``, ..., K ``ps-worker`` s on ``w0..``.
+
+    ``worker_evals``: ps-worker has --eval-every (else rank 0 runs benchmarks.evalworker).
+    """
     d.mkdir(parents=True, exist_ok=True)
-    group, evlog, ready = Group(d), d / "eval.jsonl", d / "ready"
+    group, evlog = Group(d), d / "eval.jsonl"
     env = child_env(1)
-    server = [job.python, "-m", "ps", "--bind", f"tcp://{lab.addr['server']}:0", "--workers", str(k),
-              "--ready-file", str(ready), "--checkpoint-dir", str(d / "ckpt"),
-              "--metrics-log", str(d / "metrics.jsonl"),
-              "--shm", "off", *job.server_args, *mode.server]
-    res = RunResult(f"zmqps {mode.label}")
-    before, t0 = lab.counters(), time.time()  # the server's start counts, as DDP's rendezvous does
-    group.spawn("server", lab.wrap("server", server), env)
+    hosts = server_hosts(mode.shards)
+    metrics = [d / ("metrics.jsonl" if i == 0 else f"metrics{i}.jsonl") for i in range(mode.shards)]
+    ready = [d / ("ready" if i == 0 else f"ready{i}") for i in range(mode.shards)]
+    server_args = ["--workers", str(k), "--shm", "off", *job.server_args, *mode.server]
+    res = RunResult(f"zmqps {mode.label}", family=mode.family, shards=mode.shards)
+    before, t0 = lab.counters(), time.time()  # the servers' start counts, as DDP's rendezvous does
+    for i, host in enumerate(hosts):
+        ckpt = d / ("ckpt" if i == 0 else f"ckpt{i}")  # every shard its own folder (README)
+        server = [job.python, "-m", "ps", "--bind", f"tcp://{lab.addr[host]}:0", "--ready-file", str(ready[i]),
+                  "--checkpoint-dir", str(ckpt), "--metrics-log", str(metrics[i]), *server_args]
+        group.spawn("server" if i == 0 else f"server{i}", lab.wrap(host, server), env)
     try:
-        endpoint = wait_file(ready, group)
+        endpoint = ",".join(wait_file(path, group) for path in ready)  # the shards, in order, for every worker
     except RuntimeError as e:
         group.stop()
         res.ok, res.error = False, str(e)
-        log.error("%s: the server did not start: %s", res.label, str(e).splitlines()[0])
+        log.error("%s: a server did not start: %s", res.label, str(e).splitlines()[0])
         return res
     for r in range(k):
         evals = ["--eval-every", str(job.eval_every), "--eval-log", str(evlog)] if r == 0 else []
         entry = ["-m", "worker"] if worker_evals or r else ["-m", "benchmarks.evalworker", "--eval-data", job.test_data,
-                                                             "--eval-round-steps", str(round_steps(server[3:]))]
+                                                             "--eval-round-steps", str(round_steps(server_args))]
         argv = [job.python, *entry, "--server", endpoint, "--rank", str(r), "--world-size", str(k),
                 "--model", job.model, "--data", job.data, "--loss", job.loss, "--batch-size", str(job.batch),
                 "--epochs", str(job.epochs), "--seed", str(job.seed), "--shm", "off", "--progress", "off",
                 *job.worker_args, *mode.worker, *evals]
         group.spawn(f"worker{r}", lab.wrap(f"w{r}", argv), env)
-    group.procs.append(group.procs.pop(0))  # wait for the workers first: a failed one is seen at once
-    return _finish(res, group, lab, before, t0, evlog, job.timeout)
+    group.procs[:] = group.procs[len(hosts):] + group.procs[:len(hosts)]  # the workers first: a failure shows at once
+    res = _finish(res, group, lab, before, t0, evlog, job.timeout)
+    res.update_s = update_interval(metrics)
+    return res
