@@ -5,6 +5,12 @@
 ``tol`` (relative, default 0.5 %) of it: zmqps bsp computes DDP's math, and its loss differs
 from DDP's in the last digits only, which must not count as never reaching it. The clock of
 every run starts when its first worker is spawned, so process start-up is in every time.
+
+[Note: time per step] Two per run: wall time over the run's steps (start-up and the final
+evaluation included; DDP has only this one), and, for zmqps, the median interval between the
+servers' ``update`` records (one per step under bsp; start-up excluded). A mode of S server
+shards is compared with the mode of one shard of the same family (its label without ``/S
+shards``) by the ratio of each: below 1, the shards made a step faster (:func:`shard_ratios`).
 """
 
 from __future__ import annotations
@@ -43,7 +49,25 @@ def summarize(reps: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "time_to_target": _median([r["time_to_target"] for r in reps]),
             "vs_ddp": _median([r["vs_ddp"] for r in reps]),
             "wire_bytes": int(_median([r["wire_bytes"] for r in reps]) or 0),
+            "step_s": _median([r.get("step_s") for r in reps]), "update_s": _median([r.get("update_s") for r in reps]),
             "reached": sum(r["time_to_target"] is not None for r in reps), "reps": list(reps)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b and a == a and b == b else None
+
+
+def shard_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every zmqps row of S > 1 shards against the one-shard row of its family ([Note: time per step])."""
+    one = {r["family"]: r for r in rows if r.get("shards") == 1}
+    out = []
+    for r in rows:
+        base = one.get(r.get("family", ""))
+        if (r.get("shards") or 0) > 1 and base is not None:
+            out.append({"family": r["family"], "shards": r["shards"], "label": r["label"], "vs": base["label"],
+                        "step_ratio": _ratio(r.get("step_s"), base.get("step_s")),
+                        "update_ratio": _ratio(r.get("update_s"), base.get("update_s"))})
+    return out
 
 
 def _reached(row: dict[str, Any]) -> str:
@@ -57,19 +81,27 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(cells: Sequence[dict[str, Any]], skipped: Mapping[str, str] | None = None) -> str:
     """A markdown table: one row per run of every (link, K) cell; then the modes skipped, and why."""
-    lines = ["| link | K | run | wall (s) | final held-out loss | target | time to target (s) | vs DDP "
-             "| MB on the wire | MB sent by the busiest host |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| link | K | run | wall (s) | ms/step (wall) | ms/update (median) | final held-out loss | target "
+             "| time to target (s) | vs DDP | MB on the wire | MB sent by the busiest host |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ms = (lambda x: None if x is None else 1e3 * x)
     for cell in cells:
         for r in cell["runs"]:
             busiest = max((c["tx"] for c in r["bytes"].values()), default=0)
             label = r["label"] + ("" if r["ok"] else " (failed)")
             ratio = _fmt(r["vs_ddp"], ".2f") + ("x" if r["vs_ddp"] else "")
             lines.append(f"| {cell['link']} | {cell['k']} | {label} | {_fmt(r['wall_s'], '.1f')} "
+                         f"| {_fmt(ms(r.get('step_s')), '.1f')} | {_fmt(ms(r.get('update_s')), '.1f')} "
                          f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(cell['target'], '.4f')} "
                          f"| {_fmt(r['time_to_target'], '.1f')}{_reached(r)} | {ratio} "
                          f"| {r['wire_bytes'] / 1e6:.1f} | {busiest / 1e6:.1f} |")
-    lines += [""] + [f"Skipped {label}: {why}." for label, why in (skipped or {}).items()]
+    lines.append("")
+    for cell in cells:
+        for c in cell.get("shards") or shard_ratios(cell["runs"]):
+            lines.append(f"{cell['link']}, K = {cell['k']}: time per step of {c['label']} / {c['vs']} = "
+                         f"{_fmt(c['step_ratio'], '.2f')} (wall / steps), {_fmt(c['update_ratio'], '.2f')} "
+                         "(median between updates); below 1: the shards are faster.")
+    lines += [f"Skipped {label}: {why}." for label, why in (skipped or {}).items()]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
