@@ -1,5 +1,6 @@
 """The throttled-link harness of ``python -m benchmarks wan``: the lab's limits and its clean-up,
-the stale-lab clean-up after a killed process, the mode checks, and the benchmark end to end."""
+the stale-lab clean-up after a killed process, the mode checks, server shards, time per step,
+and the benchmark end to end (DDP + bsp, and bsp with one and two server shards)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.netlab import Lab, cleanup_stale, lab_namespaces, netns_available, rate_bits
-from benchmarks.wanmodes import Mode, missing, select, unsupported
-from benchmarks.wanreport import summarize, table, time_to
-from benchmarks.wanrun import round_steps
+from benchmarks.wan import parse
+from benchmarks.wanmodes import SHARDS_MODES, Mode, missing, select, server_hosts, unsupported
+from benchmarks.wanreport import shard_ratios, summarize, table, time_to
+from benchmarks.wanrun import round_steps, update_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_OK, NETNS_WHY = netns_available()
@@ -93,6 +95,49 @@ def test_wan_quick_runs_end_to_end_and_writes_its_json_and_png(tmp_path: Path) -
     assert not {n for n in _netns() - before if n.startswith("zqlab-")}
 
 
+@needs_netns
+@pytest.mark.netns
+def test_a_lab_of_two_server_shards_limits_each_servers_own_link_and_counts_its_bytes() -> None:
+    hosts = [*server_hosts(2), "w0"]
+    assert hosts == ["server", "server1", "w0"]
+    with Lab(hosts, {h: "100mbit" for h in hosts}) as lab:
+        assert len(set(lab.addr.values())) == 3
+        for host in server_hosts(2):
+            own, switch_side = lab.qdiscs(host)
+            assert "rate 100Mbit" in own and "rate 100Mbit" in switch_side, (host, own, switch_side)
+        assert set(lab.counters()) == set(hosts)
+        made = lab.namespaces()
+    assert not set(made) & _netns()
+
+
+@needs_netns
+@pytest.mark.netns
+@pytest.mark.timeout(200)
+def test_wan_shards_only_runs_bsp_on_one_and_two_server_hosts(tmp_path: Path) -> None:
+    before = _netns()
+    argv = [sys.executable, "-m", "benchmarks", "wan", "--quick", "--shards-only", "--out", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (cell,) = json.loads((tmp_path / "wan.json").read_text())["cells"]
+    runs = {r["label"]: r for r in cell["runs"]}
+    assert set(runs) == {"zmqps bsp", "zmqps bsp/2 shards"}  # no DDP
+    one, two = runs["zmqps bsp"], runs["zmqps bsp/2 shards"]
+    for r in (one, two):
+        assert r["ok"] and set(r["bytes"]) == {"server", "server1", "w0", "w1"}
+        assert r["steps"] == cell["steps"] > 1 and r["step_s"] == pytest.approx(r["wall_s"] / r["steps"])
+        assert 0 < r["update_s"] < r["step_s"]  # start-up excluded
+    assert one["bytes"]["server1"]["rx"] < 10_000 < one["bytes"]["server"]["rx"]  # the idle second server host
+    assert two["bytes"]["server1"]["rx"] > 10_000 and two["bytes"]["server"]["rx"] > 10_000  # each owns a share
+    assert max(c["tx"] for c in two["bytes"].values()) < max(c["tx"] for c in one["bytes"].values())
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)  # sharding changes no math
+    (ratio,) = cell["shards"]
+    assert (ratio["label"], ratio["vs"]) == ("zmqps bsp/2 shards", "zmqps bsp")
+    assert ratio["update_ratio"] == pytest.approx(two["update_s"] / one["update_s"])
+    assert (tmp_path / "100mbit-K2" / "bsp-2shards" / "metrics1.jsonl").stat().st_size > 0
+    assert "| 100mbit | 2 | zmqps bsp/2 shards |" in proc.stdout and "zmqps bsp/2 shards / zmqps bsp =" in proc.stdout
+    assert not {n for n in _netns() - before if n.startswith("zqlab-")}
+
+
 def test_a_mode_is_skipped_when_the_help_does_not_list_its_options() -> None:
     server_help = "--sync {bsp,async,ssp} consistency --optimizer {sgd,momentum,adam} optimizer --lr LR"
     worker_help = "--server SERVER --bucket-mb BUCKET_MB"
@@ -115,6 +160,50 @@ def test_modes_are_one_line_specs() -> None:
     assert [m.label for m in select(["x", "bsp"], ["x;;--bucket-mb 0"])] == ["x", "bsp"]
     with pytest.raises(ValueError, match="unknown mode"):
         select(["nope"])
+
+
+def test_a_mode_of_server_shards_and_the_switch_that_runs_only_them() -> None:
+    (two,) = select(["bsp/2 shards"])
+    assert (two.shards, two.family, two.folder, two.server, two.worker) == (2, "bsp", "bsp-2shards", (), ())
+    assert (Mode("bsp").shards, Mode("bsp").family, Mode("bsp+topk").folder) == (1, "bsp", "bsp+topk")
+    assert Mode.parse("wide/3 shards;--lr 0.1;;3") == Mode("wide/3 shards", ("--lr", "0.1"), (), 3)
+    assert Mode.parse("wide/3 shards;--lr 0.1;;3").family == "wide"
+    with pytest.raises(ValueError, match="whole number"):
+        Mode.parse("x;;;two")
+    with pytest.raises(ValueError, match="at least 1"):
+        Mode("x", shards=0)
+    assert server_hosts(1) == ["server"] and server_hosts(3) == ["server", "server1", "server2"]
+    a = parse(["--shards-only"])
+    assert (a.modes.split(","), a.no_ddp, a.links) == (list(SHARDS_MODES), True, "100mbit")
+    assert parse(["--shards-only", "--links", "1gbit"]).links == "1gbit"
+    assert parse([]).links == "1gbit,100mbit" and "bsp/2 shards" in parse([]).modes.split(",")
+    assert (parse(["--quick"]).modes, parse(["--quick"]).no_ddp) == ("bsp", False)
+
+
+def test_time_per_step_is_the_median_gap_between_updates_and_shards_compare_by_ratio(tmp_path: Path) -> None:
+    logs = [tmp_path / "metrics.jsonl", tmp_path / "metrics1.jsonl"]
+    logs[0].write_text("\n".join(json.dumps(r) for r in [
+        {"t": 100.0, "ev": "start"}, {"t": 105.0, "ev": "update"}, {"t": 105.5, "ev": "push"},
+        {"t": 106.0, "ev": "update"}, {"t": 107.0, "ev": "update"}, {"t": 110.0, "ev": "update"}]) + "\n{\"t\": 1")
+    logs[1].write_text(json.dumps({"t": 1.0, "ev": "update"}) + "\n")  # one update: no interval
+    assert update_interval(logs) == 1.0  # gaps 1, 1, 3; the start and the cut line are not updates
+    assert update_interval([tmp_path / "missing.jsonl"]) is None
+
+    def row(label: str, shards: int, step: float, update: float | None) -> dict:
+        return {"label": label, "ok": True, "wall_s": 10 * step, "final_loss": 0.5, "time_to_target": None,
+                "vs_ddp": None, "wire_bytes": 10, "evals": [], "bytes": {"server": {"tx": 5, "rx": 5}},
+                "family": label.split()[1].split("/")[0] if shards else "", "shards": shards, "steps": 10,
+                "step_s": step, "update_s": update}
+
+    rows = [row("ddp/gloo", 0, 0.2, None), row("zmqps bsp", 1, 0.4, 0.3), row("zmqps bsp/2 shards", 2, 0.3, 0.15)]
+    (ratio,) = shard_ratios(rows)
+    assert (ratio["step_ratio"], ratio["update_ratio"]) == (pytest.approx(0.75), pytest.approx(0.5))
+    got = summarize([rows[2], {**rows[2], "step_s": 0.5, "update_s": 0.25}])
+    assert (got["step_s"], got["update_s"]) == (pytest.approx(0.4), pytest.approx(0.2))
+    md = table([{"link": "100mbit", "k": 2, "target": None, "runs": rows}])
+    assert "| 100mbit | 2 | zmqps bsp/2 shards | 3.0 | 300.0 | 150.0 |" in md
+    assert "| 100mbit | 2 | ddp/gloo | 2.0 | 200.0 | - |" in md
+    assert "zmqps bsp/2 shards / zmqps bsp = 0.75 (wall / steps), 0.50 (median between updates)" in md
 
 
 def test_a_round_of_local_steps_is_read_from_the_server_options() -> None:
