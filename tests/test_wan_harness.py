@@ -29,6 +29,24 @@ def _netns() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def _wan(args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``python -m benchmarks wan ARGS``, and the namespaces of its own labs still there after it.
+
+    Only its own (``zqlab-<its pid>-``, [Note: lab names]): someone else's benchmark may make
+    and delete labs on the same machine meanwhile.
+    """
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks", "wan", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.terminate()  # SIGTERM: it unwinds and deletes its labs
+        child.communicate(timeout=60)
+        raise
+    left = {n for n in _netns() if n.startswith(f"zqlab-{child.pid}-")}
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err), left
+
+
 def _root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
@@ -75,9 +93,7 @@ def test_stale_cleanup_removes_a_killed_processs_lab_and_leaves_live_ones() -> N
 @pytest.mark.netns
 @pytest.mark.timeout(300)
 def test_wan_quick_runs_end_to_end_and_writes_its_json_and_png(tmp_path: Path) -> None:
-    before = _netns()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "wan", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=280)
+    proc, left = _wan(["--quick", "--out", str(tmp_path)], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "wan.json").read_text())
     (cell,) = result["cells"]
@@ -92,7 +108,7 @@ def test_wan_quick_runs_end_to_end_and_writes_its_json_and_png(tmp_path: Path) -
     assert runs["ddp/gloo"]["time_to_target"] is not None and runs["zmqps bsp"]["time_to_target"] is not None
     assert (tmp_path / "heldout-100mbit-K2.png").stat().st_size > 0
     assert "| 100mbit | 2 | zmqps bsp |" in proc.stdout
-    assert not {n for n in _netns() - before if n.startswith("zqlab-")}
+    assert not left
 
 
 @needs_netns
@@ -114,9 +130,7 @@ def test_a_lab_of_two_server_shards_limits_each_servers_own_link_and_counts_its_
 @pytest.mark.netns
 @pytest.mark.timeout(200)
 def test_wan_shards_only_runs_bsp_on_one_and_two_server_hosts(tmp_path: Path) -> None:
-    before = _netns()
-    argv = [sys.executable, "-m", "benchmarks", "wan", "--quick", "--shards-only", "--out", str(tmp_path)]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc, left = _wan(["--quick", "--shards-only", "--out", str(tmp_path)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cell,) = json.loads((tmp_path / "wan.json").read_text())["cells"]
     runs = {r["label"]: r for r in cell["runs"]}
@@ -135,7 +149,7 @@ def test_wan_shards_only_runs_bsp_on_one_and_two_server_hosts(tmp_path: Path) ->
     assert ratio["update_ratio"] == pytest.approx(two["update_s"] / one["update_s"])
     assert (tmp_path / "100mbit-K2" / "bsp-2shards" / "metrics1.jsonl").stat().st_size > 0
     assert "| 100mbit | 2 | zmqps bsp/2 shards |" in proc.stdout and "zmqps bsp/2 shards / zmqps bsp =" in proc.stdout
-    assert not {n for n in _netns() - before if n.startswith("zqlab-")}
+    assert not left
 
 
 def test_a_mode_is_skipped_when_the_help_does_not_list_its_options() -> None:
