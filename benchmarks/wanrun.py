@@ -4,11 +4,11 @@ Both start their processes in the lab's host namespaces (``ip netns exec NS pyth
 DDP's K ranks on hosts ``w0..`` (a file store for the rendezvous, gloo on each host's
 ``eth0``); zmqps's ``ps-server`` on host ``server`` (a mode of S shards: one on each of
 ``server``, ``server1``, ...) and K ``ps-worker`` s on ``w0..``, started as a user starts them.
-The clock starts when the first worker is spawned (the zmqps servers are started and listening
-before, as deployed ones would be) and stops when every process of the run has exited. Bytes on
-the wire are each host's ``eth0`` counters, after minus before. Time per step: wall time over
-steps (start-up included), and for zmqps the median interval between consecutive ``update``
-records of the servers' ``--metrics-log`` s (:func:`update_interval`, start-up excluded).
+The clock starts when the first process is spawned (DDP's first rank, zmqps's first server)
+and stops when every process of the run has exited. Bytes on the wire are each host's ``eth0``
+counters, after minus before. Time per step: wall time over steps (start-up included), and for
+zmqps the median interval between consecutive ``update`` records of the servers'
+``--metrics-log`` s (:func:`update_interval`, start-up excluded).
 """
 
 from __future__ import annotations
