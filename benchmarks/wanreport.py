@@ -4,7 +4,7 @@
 ``--target`` gives one. A run reaches it at its first eval record with a held-out loss within
 ``tol`` (relative, default 0.5 %) of it: zmqps bsp computes DDP's math, and its loss differs
 from DDP's in the last digits only, which must not count as never reaching it. The clock of
-every run starts when its first worker is spawned, so process start-up is in every time.
+every run starts when its first process (a DDP rank, or a zmqps server) is spawned, so process start-up is in every time.
 
 [Note: time per step] Two per run: wall time over the run's steps (start-up and the final
 evaluation included; DDP has only this one), and, for zmqps, the median interval between the
