@@ -122,7 +122,7 @@ def plot(cell: dict[str, Any], path: Path, title: str) -> Path | None:
                     label=r["label"])
     if cell.get("target") is not None:
         ax.axhline(cell["target"], color="grey", ls="--", lw=0.8, label="target")
-    ax.set_xlabel("wall time since the workers were started (s)")
+    ax.set_xlabel("wall time since the run started (s)")
     ax.set_ylabel("held-out loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
