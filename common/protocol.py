@@ -88,7 +88,7 @@ SCHEMA: dict[Op, tuple[dict[str, str], dict[str, str]]] = {
 
 # [Note: local steps] REGISTER reply ``inner`` (``--sync diloco``/``diloco-async`` only): what the
 # worker runs between two exchanges, ``{"steps": H, "optimizer", "lr", "momentum", "weight_decay",
-# "checkpoint_every"}``.
+# "checkpoint_every", "job"}`` (``job``: the job's id, kept in the server's checkpoints).
 # A step (PUSH, PUSH_PULL, the version) is then one round of H local steps, and a push carries the
 # worker's change θ_global − θ_local where other rules carry a gradient (worker/diloco.py).
 

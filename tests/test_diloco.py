@@ -111,3 +111,20 @@ def test_diloco_async_applies_every_round_of_every_worker_exactly_once_across_a_
     rounds = 5  # 600 rows, 64 a step: 10 steps an epoch, 2 epochs, rounds of 4 steps
     assert sorted(applied) == [(k, r) for k in range(2) for r in range(rounds)]
     assert "starts afresh" not in again.output(20000)
+
+
+def test_round_files_of_another_job_in_a_reused_state_dir_are_never_used(tmp_path) -> None:
+    """[Note: round files]: the job's id is in every file; a later job with the same model, rank and
+    H in the same folder starts its inner optimizer afresh instead of resending the old job's push."""
+    from worker.roundstate import Round, RoundFiles
+
+    old = RoundFiles(str(tmp_path), 0, 4, ["w"], 0, job="aaaa")
+    old.save(Round(0, {"w": torch.ones(2)}, 1.0, {"state": {}, "param_groups": []}))
+    assert old.load(0) is not None
+    new = RoundFiles(str(tmp_path), 0, 4, ["w"], 0, job="bbbb")
+    assert new.load(0) is None
+    new.save(Round(0, {"w": torch.zeros(2)}, 2.0, {"state": {}, "param_groups": []}))
+    new.save(Round(1, {"w": torch.zeros(2)}, 2.0, {"state": {}, "param_groups": []}))
+    new.save(Round(2, {"w": torch.zeros(2)}, 2.0, {"state": {}, "param_groups": []}))
+    assert new.rounds() == [1, 2] and old.rounds() == [0]  # each job prunes its own files only
+    assert torch.equal(new.load(2).push["w"], torch.zeros(2))  # type: ignore[union-attr]

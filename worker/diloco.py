@@ -27,7 +27,7 @@ from common.optimizers import make_optimizer
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
 from worker.modelstate import ModelState
-from worker.roundstate import Round, RoundFiles
+from worker.roundstate import Round, RoundFiles, job_tag
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class LocalSteps:
         self.opt = make_optimizer(inner["optimizer"], list(self.trainable.values()), inner["lr"],
                                   inner.get("momentum"), inner.get("weight_decay", 0.0))
         self.fresh = self.opt.state_dict()  # a new optimizer's state, to start over from
-        self.files = (RoundFiles(cfg.state_dir, cfg.rank, self.h, state.keys, int(inner.get("checkpoint_every", 0)))
+        self.files = (RoundFiles(cfg.state_dir, cfg.rank, self.h, state.keys, int(inner.get("checkpoint_every", 0)),
+                                 str(inner.get("job", "")))
                       if cfg.state_dir else None)
         if self.files is None:
             log.warning("no --state-dir: this worker's inner optimizer lives only in memory, so a restart of "
@@ -150,6 +151,10 @@ class LocalSteps:
     def _restore(self, r: int) -> None:
         """Put the inner optimizer where the uninterrupted run has it at the start of round ``r``."""
         self._resend = None
+        job = str((local_steps(self.client.server_info) or {}).get("job", ""))
+        if self.files is not None and job and job_tag(job) != self.files.job:  # a server that started afresh
+            log.warning("the server runs another job now (%s): this worker's round files are not its", job)
+            self.files = RoundFiles(self.files.folder, self.files.rank, self.h, self.state.keys, self.files.every, job)
         mine = self.files.load(r, self.device) if self.files else None
         if mine is not None:  # its push may not have been applied: send it again
             self.opt.load_state_dict(mine.optimizer)

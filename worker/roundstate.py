@@ -2,7 +2,7 @@
 
 [Note: round files] Under ``--sync diloco`` the server holds θ_global, but each worker's inner
 optimizer (AdamW's moments, momentum) lives only on the worker. Before it pushes round r, a
-worker writes ``rank<k>-round<r>.pt`` into ``--state-dir``: the push (its change Δ and buffer
+worker writes ``rank<k>-<job>-round<r>.pt`` into ``--state-dir``: the push (its change Δ and buffer
 values, its loss) and its inner optimizer's state after round r. A restarted worker finds the
 server at round v and reads
 
@@ -15,7 +15,9 @@ server at round v and reads
 A server that restarts from its checkpoint at round c needs the files of round c − 1, so a
 worker keeps, besides its newest two, the files of the three newest rounds that end at a
 server checkpoint (the server keeps three, ``--checkpoint-every`` tells which). Writes are
-atomic (a temp file, fsync, rename) and the file names its rank, H and keys, which must match.
+atomic (a temp file, fsync, rename). ``<job>`` is the job's id (the server makes it when θ
+starts fresh and keeps it in its checkpoints), so a folder reused by a later job never hands
+that job another's files; the file also names its rank, H and keys, which must match.
 The files are ``torch.save`` archives of tensors and numbers, read with ``weights_only=True``.
 """
 
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 
 KEEP_NEWEST = 2
 KEEP_AT_CHECKPOINTS = 3
+
+
+def job_tag(job: str) -> str:
+    """The job's id as it stands in file names (letters and digits only)."""
+    return re.sub(r"[^0-9a-zA-Z]", "", job) or "job"
 
 
 @dataclass
@@ -54,18 +61,25 @@ class RoundFiles:
         inner_steps: H, recorded in each file and checked on reading.
         keys: the model's keys, recorded and checked likewise.
         checkpoint_every: the server's ``--checkpoint-every`` (0: it only checkpoints θ_0).
+        job: the job's id (the server's, told at REGISTER).
     """
 
-    def __init__(self, folder: str, rank: int, inner_steps: int, keys: list[str], checkpoint_every: int) -> None:
+    def __init__(self, folder: str, rank: int, inner_steps: int, keys: list[str], checkpoint_every: int,
+                 job: str = "") -> None:
         self.folder = folder
         self.rank = rank
-        self.ident = {"rank": rank, "inner_steps": inner_steps, "keys": list(keys)}
+        self.job = job_tag(job)
+        self.ident = {"rank": rank, "inner_steps": inner_steps, "keys": list(keys), "job": self.job}
         self.every = checkpoint_every
         os.makedirs(folder, exist_ok=True)
+        others = [n for n in os.listdir(folder) if n.startswith(f"rank{rank}-") and f"-{self.job}-" not in n]
+        if others:
+            log.warning("%s holds %d round file(s) of another job (%s...): not used; give each job its own "
+                        "--state-dir", folder, len(others), others[0])
 
     def path(self, r: int) -> str:
         """The file of round ``r``."""
-        return os.path.join(self.folder, f"rank{self.rank}-round{r:08d}.pt")
+        return os.path.join(self.folder, f"rank{self.rank}-{self.job}-round{r:08d}.pt")
 
     def save(self, rnd: Round) -> None:
         """Write round ``rnd`` atomically, then drop the files no restart can need."""
@@ -96,7 +110,7 @@ class RoundFiles:
 
     def rounds(self) -> list[int]:
         """The rounds this worker has files of, oldest first."""
-        pat = re.compile(rf"rank{self.rank}-round(\d+)\.pt$")
+        pat = re.compile(rf"rank{self.rank}-{self.job}-round(\d+)\.pt$")
         return sorted(int(m.group(1)) for name in os.listdir(self.folder) if (m := pat.match(name)))
 
     def _prune(self, newest: int) -> None:

@@ -21,33 +21,49 @@ REGISTER, [Note: local steps] in ``common.protocol``), then pushes its change
 
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from typing import Any, Mapping
 
 from ps.engine import register
+from ps.engine.base import Services, StepEngine
 from ps.engine.bsp import BSP
 from ps.engine.onarrival import Async
 
 
-def _inner(engine: BSP | Async) -> dict[str, Any]:
-    cfg = engine.cfg
-    return {"inner": {"steps": cfg.inner_steps, "optimizer": cfg.optimizer, "lr": cfg.lr,
-                      "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-                      "checkpoint_every": cfg.checkpoint_every}}
+class LocalStepsRule(StepEngine):
+    """What both local-steps rules tell a worker at REGISTER, and the job's id.
+
+    The id is made when θ starts fresh and kept in every checkpoint, so it names one job across
+    server restarts: a worker's round files carry it, and a file of another job (a reused
+    ``--state-dir``) is never taken for this one's ([Note: round files] in ``worker.roundstate``).
+    """
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.job = secrets.token_hex(8)
+
+    def register_fields(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"inner": {"steps": cfg.inner_steps, "optimizer": cfg.optimizer, "lr": cfg.lr,
+                          "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                          "checkpoint_every": cfg.checkpoint_every, "job": self.job}}
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "job": self.job}
+
+    def load_state(self, state: Mapping[str, Any] | None) -> None:
+        super().load_state(state)
+        if state and state.get("job"):
+            self.job = str(state["job"])
 
 
 @register("diloco")
-class DiLoCo(BSP):
+class DiLoCo(LocalStepsRule, BSP):
     """Rounds of H local steps, averaged and applied by Nesterov SGD (see the module doc)."""
 
     buckets = shared_memory = False
 
-    def register_fields(self) -> dict[str, Any]:
-        return _inner(self)
-
 
 @register("diloco-async")
-class DiLoCoAsync(Async):
+class DiLoCoAsync(LocalStepsRule, Async):
     """Each worker's round applied on arrival, delayed Nesterov (see the module doc)."""
-
-    def register_fields(self) -> dict[str, Any]:
-        return _inner(self)
