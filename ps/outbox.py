@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 import zmq
 
+from common.compression.framing import part_name
 from common.errors import ErrorCode
 from common.protocol import Op
 from common.transport import send_zero_copy
@@ -46,9 +47,10 @@ class Outbox:
             keys = ()
         sparse: dict[str, torch.Tensor] = {}
         if have is not None and keys:
-            keys, sparse = self.store.sparse_view(keys, have)
-            if sparse:
-                fields["sparse"] = sorted({k.rsplit("::", 1)[0] for k in sparse})
+            keys, changed = self.store.sparse_view(keys, have)
+            if changed:
+                fields["sparse"] = list(changed)
+                sparse = {part_name(k, part): t for k, parts in changed.items() for part, t in parts.items()}
         check_reply(op, fields)
         tensors = {**self.store.view(keys), **sparse} if keys or sparse else None
         tracker = self.send(ident, encode(Op.REPLY, fields, tensors, req_id), track=bool(keys))

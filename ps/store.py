@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import zmq
 
+from common.compression.codecs import index_dtype
 from common.config import ServerConfig
 from common.dtypes import dtype_name
 from ps.optim import build_optimizer
@@ -169,19 +170,19 @@ class ParameterStore:
                 self.support[k] = (self.versions[k], torch.empty(0, dtype=torch.int32))
                 continue
             nnz = int(torch.count_nonzero(g))
-            wide = p.numel() >= 1 << 31
-            if nnz * (p.element_size() + (8 if wide else 4)) >= p.numel() * p.element_size():
+            idx_dtype = index_dtype(p.numel())
+            if nnz * (p.element_size() + idx_dtype.itemsize) >= p.numel() * p.element_size():
                 self.support.pop(k, None)
                 continue
-            idx = torch.nonzero(g.reshape(-1)).reshape(-1)
-            self.support[k] = (self.versions[k], idx if wide else idx.to(torch.int32))
+            self.support[k] = (self.versions[k], torch.nonzero(g.reshape(-1)).reshape(-1).to(idx_dtype))
 
-    def sparse_view(self, keys: Iterable[str], have: int) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
-        """Split ``keys`` for a worker that holds θ at version ``have``: those to send whole, and
-        ``KEY::indices``/``KEY::values`` (copies) of the keys whose step from ``have`` changed few
-        entries ([Note: sparse pulls])."""
+    def sparse_view(self, keys: Iterable[str],
+                    have: int) -> tuple[tuple[str, ...], dict[str, dict[str, torch.Tensor]]]:
+        """Split ``keys`` for a worker that holds θ at version ``have``: those to send whole, and the
+        keys whose step from ``have`` changed few entries, each as top-k parts (``indices``, and
+        ``values`` copied from θ) ([Note: sparse pulls])."""
         dense: list[str] = []
-        sparse: dict[str, torch.Tensor] = {}
+        sparse: dict[str, dict[str, torch.Tensor]] = {}
         for k in keys:
             rec = self.support.get(k)
             v = self.versions[k]
@@ -189,6 +190,5 @@ class ParameterStore:
                 dense.append(k)
                 continue
             idx = rec[1]
-            sparse[f"{k}::indices"] = idx
-            sparse[f"{k}::values"] = self.params[k].detach().reshape(-1)[idx.long()].clone()
+            sparse[k] = {"indices": idx, "values": self.params[k].detach().reshape(-1)[idx.long()].clone()}
         return tuple(dense), sparse

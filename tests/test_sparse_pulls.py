@@ -28,9 +28,9 @@ def test_plain_sgd_remembers_the_changed_entries_and_sends_them_exactly() -> Non
     store.apply({"w": g}, keys=["w", "b"])  # b: no gradient, nothing changed
     dense, sparse = store.sparse_view(("w", "b"), have=0)
     assert dense == ()
-    assert sparse["w::indices"].tolist() == [2, 7] and sparse["w::indices"].dtype == torch.int32
-    assert sparse["w::values"].tolist() == [1.5, 8.5]
-    assert sparse["b::indices"].numel() == 0 and sparse["b::values"].numel() == 0
+    assert sparse["w"]["indices"].tolist() == [2, 7] and sparse["w"]["indices"].dtype == torch.int32
+    assert sparse["w"]["values"].tolist() == [1.5, 8.5]
+    assert sparse["b"]["indices"].numel() == 0 and sparse["b"]["values"].numel() == 0
     assert store.sparse_view(("w",), have=1) == (("w",), {})  # another version: whole
     store.apply({"w": torch.ones(10, dtype=torch.float64)}, keys=["w"])  # a dense step: whole
     assert store.sparse_view(("w",), have=1) == (("w",), {})

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.compression import FIELD, Compressor, pack
+from common.compression import FIELD, TOPK, Compressor, check, pack
+from common.compression.framing import part_name
 from common.errors import PSError
 from common.protocol import Op
 from worker.pieces import Layout
@@ -278,9 +279,14 @@ class StepIO:
                         theta.update(reply.tensors)
                         continue
                     for key in sparse:
-                        idx, vals = reply.tensors.pop(f"{key}::indices"), reply.tensors.pop(f"{key}::values")
                         name, q = self.layout.pieces.by_key[key]
-                        _scatter(q.of(params[name]), idx, vals)
+                        dst = q.of(params[name])
+                        parts = {part: t for part in ("indices", "values")
+                                 if (t := reply.tensors.pop(part_name(key, part), None)) is not None}
+                        why = check(TOPK, parts, tuple(dst.shape), dst.dtype)  # the top-k layout, checked alike
+                        if why is not None:
+                            raise PSError(f"worker {self.rank}: the server's changed entries of {key!r} are bad: {why}")
+                        _scatter(dst, parts["indices"], parts["values"])
                     for key, t in reply.tensors.items():
                         name, q = self.layout.pieces.by_key[key]
                         if name not in self.theta.bound:
