@@ -32,7 +32,6 @@ from ps.jobend import JobEnd
 from ps.limits import largest_frame, schema_limits
 from ps.membership import Membership
 from ps.metrics import ServerMetrics
-from ps.optim import build_optimizer
 from ps.outbox import Outbox
 from ps.registrar import Registrar
 from ps.startup import Startup
@@ -61,7 +60,7 @@ class Server:
         self._own_ctx = ctx is None
         self.ctx = ctx or make_context(cfg.io_threads)
         self.limits = WireLimits(max_message_bytes=cfg.max_message_mb << 20)
-        self.store = ParameterStore(cfg)
+        self.store = ParameterStore(cfg, rule_of(cfg.sync).build_optimizer)
         self.members = Membership(cfg)
         workers = self.members.workers
         self.metrics = ServerMetrics(cfg, lambda: [(r, w.last_seen, w.clock, w.done) for r, w in list(workers.items())])
@@ -107,7 +106,7 @@ class Server:
         """
         warm = torch.nn.Parameter(torch.zeros(1))
         warm.grad = torch.zeros(1)
-        build_optimizer([warm], self.cfg).step()
+        self.store.make_optimizer([warm], self.cfg).step()
         curve = (Curve.for_server(self.cfg.curve_secret_key, self.cfg.curve_authorized_keys)
                  if self.cfg.curve_secret_key else None)
         # [Note: frame cap] a listening socket copies its options when it binds, so the cap is set once

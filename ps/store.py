@@ -23,7 +23,7 @@ import zmq
 from common.compression.codecs import index_dtype
 from common.config import ServerConfig
 from common.dtypes import dtype_name
-from ps.optim import build_optimizer
+from ps.optim import OptimizerFactory, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ Spec = tuple[str, tuple[int, ...]]
 class ParameterStore:
     """θ by state_dict name, a version (applied steps) per key, and a torch.optim optimizer."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, optimizer: OptimizerFactory = build_optimizer) -> None:
         self.cfg = cfg
+        self.make_optimizer = optimizer  # the training rule's (StepEngine.build_optimizer)
         self.params: dict[str, torch.nn.Parameter] = {}
         self.versions: dict[str, int] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -70,7 +71,7 @@ class ParameterStore:
                        for k, t in tensors.items()}
         self.buffers = frozenset(buffers) & frozenset(self.params)
         self.versions = {k: int((versions or {}).get(k, 0)) for k in self.params}
-        self.optimizer = build_optimizer([p for k, p in self.params.items() if k not in self.buffers], self.cfg)
+        self.optimizer = self.make_optimizer([p for k, p in self.params.items() if k not in self.buffers], self.cfg)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
 

@@ -164,10 +164,9 @@ class LocalSteps:
         if before is not None:
             self.opt.load_state_dict(before.optimizer)
             log.info("round %d: the inner optimizer continues from this worker's round %d file", r, r - 1)
-        elif r == 0:
-            self.opt.load_state_dict(self.fresh)
-        else:
-            self.opt.load_state_dict(self.fresh)
+            return
+        self.opt.load_state_dict(self.fresh)  # round 0 starts afresh; a later round has lost its state
+        if r > 0:
             log.warning("round %d: no round file of round %d or %d in %s: this worker's inner optimizer starts "
                         "afresh (the run is no longer the uninterrupted run's math)", r, r - 1, r,
                         self.cfg.state_dir or "(no --state-dir)")

@@ -2,9 +2,10 @@
 
 Each rule (``--sync``) is one :class:`ps.engine.base.StepEngine` subclass in a module of its own,
 registered by name with :func:`register`: ``bsp`` (``ps.engine.bsp``), ``async`` and ``ssp``
-(``ps.engine.onarrival``), ``diloco`` and ``diloco-async`` (``ps.engine.diloco``). Adding a rule is one new module with its ``@register``, and its name
-in ``common.names.SyncModel`` to offer it as ``--sync`` (checked against each other at import);
-the server, the membership and the checkpoints do not change.
+(``ps.engine.onarrival``), ``diloco`` and ``diloco-async`` (``ps.engine.diloco``). Adding a rule
+is one new module with its ``@register``, and its name in ``common.names.SyncModel`` to offer it
+as ``--sync`` (checked against each other at import); the server, the membership, the store and
+the checkpoints do not change (a rule with its own optimizer overrides ``build_optimizer``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import torch
 
 from common.config import ServerConfig
 from common.errors import ErrorCode, ProtocolError
@@ -31,6 +33,7 @@ from ps.engine.pushes import Push, read_push, requested_keys
 from ps.fastpath import FastPath
 from ps.membership import Membership
 from ps.metrics import ServerMetrics
+from ps.optim import build_optimizer
 from ps.outbox import Outbox
 from ps.parking import Waiter
 from ps.store import ParameterStore
@@ -67,6 +70,11 @@ class StepEngine:
     shared_memory: ClassVar[bool] = False  # gradients and θ may go through shared memory
     skip_nonfinite: ClassVar[bool] = False  # --nonfinite skip: a push can be left out of a step
     prescaled: ClassVar[bool] = False  # takes gradients pre-scaled by samples / total
+
+    @classmethod
+    def build_optimizer(cls, params: Sequence[torch.Tensor], cfg: ServerConfig) -> torch.optim.Optimizer:
+        """The optimizer this rule applies to θ: ``--optimizer`` unless the rule says otherwise."""
+        return build_optimizer(params, cfg)
 
     def register_fields(self) -> dict[str, Any]:
         """Fields this rule adds to every REGISTER reply (what a worker must know to follow it)."""

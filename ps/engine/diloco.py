@@ -22,12 +22,17 @@ REGISTER, [Note: local steps] in ``common.protocol``), then pushes its change
 from __future__ import annotations
 
 import secrets
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from common.config import ServerConfig
 
 from ps.engine import register
 from ps.engine.base import Services, StepEngine
 from ps.engine.bsp import BSP
 from ps.engine.onarrival import Async
+from ps.outer import DelayedNesterov, nesterov
 
 
 class LocalStepsRule(StepEngine):
@@ -63,7 +68,16 @@ class DiLoCo(LocalStepsRule, BSP):
 
     buckets = shared_memory = False
 
+    @classmethod
+    def build_optimizer(cls, params: Sequence[torch.Tensor], cfg: ServerConfig) -> torch.optim.Optimizer:
+        return nesterov(params, cfg.outer_lr, cfg.outer_momentum)
+
 
 @register("diloco-async")
 class DiLoCoAsync(LocalStepsRule, Async):
     """Each worker's round applied on arrival, delayed Nesterov (see the module doc)."""
+
+    @classmethod
+    def build_optimizer(cls, params: Sequence[torch.Tensor], cfg: ServerConfig) -> torch.optim.Optimizer:
+        assert cfg.workers is not None
+        return DelayedNesterov(params, cfg.outer_lr, cfg.outer_momentum, period=cfg.workers)
