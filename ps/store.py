@@ -45,6 +45,9 @@ class ParameterStore:
         self.cow_clones = 0
         # [Note: sparse pulls] key -> (version, flat indices of the entries the step to it changed)
         self.support: dict[str, tuple[int, torch.Tensor]] = {}
+        # a compressed push arrived: only then can an averaged gradient be sparse, and only then is
+        # looking for its nonzero entries (a pass over every gradient) worth a step's time
+        self.compressed_pushes = False
         self.shared = False  # θ lives in a shared-memory segment (see ps.fastpath)
         # called with the keys an update is about to write in place (θ and their optimizer
         # slots), before it does: a checkpoint being written keeps its copy (ps.snapshot)
@@ -158,7 +161,7 @@ class ParameterStore:
     def _record_support(self, grads: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor],
                         covered: Iterable[str]) -> None:
         """Remember which entries this step changed, per key, where that makes a smaller reply."""
-        if not self._sparse_updates():
+        if not self.compressed_pushes or not self._sparse_updates():
             self.support.clear()
             return
         for k in covered:

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.timeout(300)
 def _store(**cfg) -> ParameterStore:
     store = ParameterStore(ServerConfig(workers=1, **cfg))
     store.initialize({"w": torch.arange(10, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)})
+    store.compressed_pushes = True  # as after a compressed push (ps.engine.pushes)
     return store
 
 
@@ -34,6 +35,15 @@ def test_plain_sgd_remembers_the_changed_entries_and_sends_them_exactly() -> Non
     assert store.sparse_view(("w",), have=1) == (("w",), {})  # another version: whole
     store.apply({"w": torch.ones(10, dtype=torch.float64)}, keys=["w"])  # a dense step: whole
     assert store.sparse_view(("w",), have=1) == (("w",), {})
+
+
+def test_without_compressed_pushes_no_step_is_searched_for_changed_entries() -> None:
+    store = _store(lr=0.5)
+    store.compressed_pushes = False  # dense gradients: the pass over them is not worth its time
+    g = torch.zeros(10, dtype=torch.float64)
+    g[3] = 1.0
+    store.apply({"w": g}, keys=["w"])
+    assert store.sparse_view(("w",), have=0) == (("w",), {})
 
 
 @pytest.mark.parametrize("cfg", [{"optimizer": "momentum"}, {"weight_decay": 0.1}, {"optimizer": "adam"}])

@@ -118,7 +118,9 @@ def _tensors(w: WorkerInfo, msg: Message, fast: FastPath, store: ParameterStore)
         if names is not None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "a push carries compressed frames or names shared-memory "
                                                        "grads, not both")
-        return expand(msg.tensors, msg.fields[FIELD], store.specs(), store.buffers)
+        tensors = expand(msg.tensors, msg.fields[FIELD], store.specs(), store.buffers)
+        store.compressed_pushes = True  # from now on, steps may be sparse ([Note: sparse pulls])
+        return tensors
     if names is None:
         return msg.tensors
     if msg.tensors:
