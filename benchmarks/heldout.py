@@ -1,7 +1,7 @@
 """Held-out loss during training: the eval records both sides of the wan benchmark write.
 
 A record is one JSON line ``{"ev": "eval", "t": unix_time, "step": s, "heldout_loss": x,
-"rank": 0}``, the format ``ps-worker --eval-every N --eval-log PATH`` writes. Where the
+"seconds": evaluation_time, "rank": 0}`` (``t``: when the evaluation began), the format ``ps-worker --eval-every N --eval-log PATH`` writes. Where the
 workers cannot log it yet, the DDP ranks (:mod:`benchmarks.wan_ddp`) and the zmqps eval
 worker (:mod:`benchmarks.evalworker`) write it with :class:`EvalLog`.
 """
@@ -58,8 +58,10 @@ class EvalLog:
 
     def write(self, step: int, model: torch.nn.Module, rank: int = 0) -> dict[str, Any]:
         """Evaluate ``model`` after ``step`` steps and append the record; return it."""
-        t = time.time()  # when θ of this step existed, before the evaluation's own time
-        rec = {"ev": "eval", "t": t, "step": step, "heldout_loss": self.loss(model), "rank": rank}
+        t, began = time.time(), time.monotonic()  # when θ of this step existed, before the evaluation's own time
+        loss = self.loss(model)
+        rec = {"ev": "eval", "t": t, "step": step, "heldout_loss": loss, "seconds": round(time.monotonic() - began, 6),
+               "rank": rank}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
         return rec

@@ -57,6 +57,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                          "4.5 MB of gradients a step)")
     ap.add_argument("--epochs", type=int, default=None, help="default: the example's")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the example's)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="the job's learning rate, DDP's and every zmqps mode's (default: the example's; a mode's own "
+                         "--lr wins)")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: 20 per run)")
     ap.add_argument("--bench-eval", action="store_true",
                     help="zmqps rank 0 logs held-out loss through benchmarks.evalworker (DDP's own evaluation) even "
@@ -92,7 +95,7 @@ def _result(r: RunResult, steps: int) -> dict[str, Any]:
     return {"label": r.label, "ok": r.ok, "error": r.error[-2000:], "wall_s": r.wall_s, "final_loss": r.final_loss,
             "evals": r.evals, "bytes": r.bytes, "wire_bytes": r.wire_bytes, "family": r.family,
             "shards": r.shards, "steps": steps, "step_s": r.wall_s / steps if steps else None,
-            "update_s": r.update_s}
+            "update_s": r.update_s, "cpu_s": r.cpu_s}
 
 
 def _scored(rep: dict[str, RunResult], a: argparse.Namespace, link: str, k: int,
@@ -101,17 +104,21 @@ def _scored(rep: dict[str, RunResult], a: argparse.Namespace, link: str, k: int,
     ddp = rep.get("ddp/gloo")
     target = a.target if a.target is not None else (ddp.final_loss if ddp and ddp.ok else None)
     ddp_tt = time_to(ddp.evals, target, a.tol) if ddp and target is not None else None
+    ddp_train = time_to(ddp.evals, target, a.tol, "train_t") if ddp and target is not None else None
     rows = {}
     for name, r in rep.items():
         row = _result(r, steps)
         tt = row["time_to_target"] = time_to(r.evals, target, a.tol) if target is not None else None
         row["vs_ddp"] = tt / ddp_tt if tt is not None and ddp_tt else None
+        train = row["train_to_target"] = time_to(r.evals, target, a.tol, "train_t") if target is not None else None
+        row["vs_ddp_train"] = train / ddp_train if train is not None and ddp_train else None
         row["target"] = target
-        log.info("%s K=%d %s: wall %.1fs (%.1f ms/step, %s between updates), final held-out loss %s, "
-                 "%.1f MB on the wire, time to target %s", link, k, name, r.wall_s, 1e3 * r.wall_s / max(steps, 1),
-                 "-" if r.update_s is None else f"{1e3 * r.update_s:.1f} ms",
-                 "-" if r.final_loss is None else f"{r.final_loss:.4f}",
-                 r.wire_bytes / 1e6, "never" if tt is None else f"{tt:.1f}s")
+        log.info("%s K=%d %s: wall %.1fs (%.1f ms/step, %s between updates, %.1f CPU s), final held-out loss %s, "
+                 "%.1f MB on the wire, time to target %s (evaluation excluded: %s)", link, k, name, r.wall_s,
+                 1e3 * r.wall_s / max(steps, 1), "-" if r.update_s is None else f"{1e3 * r.update_s:.1f} ms",
+                 r.cpu_s, "-" if r.final_loss is None else f"{r.final_loss:.4f}",
+                 r.wire_bytes / 1e6, "never" if tt is None else f"{tt:.1f}s",
+                 "never" if train is None else f"{train:.1f}s")
         rows[name] = row
     return rows
 
@@ -178,6 +185,8 @@ def main(argv: list[str]) -> int:
     cleanup_stale()
     job = Job.from_example(a.example, epochs=a.epochs, batch=a.batch_size, eval_every=a.eval_every or None,
                            model=a.model)
+    if a.lr is not None:
+        job = dataclasses.replace(job, server_args=(*job.server_args, "--lr", str(a.lr)))
     modes = select([m for m in a.modes.split(",") if m], a.add_mode)
     server_help, worker_help = help_texts(("ps", "worker"))
     skipped = {m.label: why for m in modes if (why := unsupported(m, server_help, worker_help))}

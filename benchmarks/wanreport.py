@@ -11,6 +11,14 @@ evaluation included; DDP has only this one), and, for zmqps, the median interval
 servers' ``update`` records (one per step under bsp; start-up excluded). A mode of S server
 shards is compared with the mode of one shard of the same family (its label without ``/S
 shards``) by the ratio of each: below 1, the shards made a step faster (:func:`shard_ratios`).
+
+[Note: training clock] The held-out evaluations are the benchmark's instrument, not training,
+yet rank 0 runs them inline and the others wait for it (DDP at the next allreduce, zmqps at the
+next step or round). An eval record carries its own ``seconds``; a run's ``train_t`` at a record
+is its wall time there less the seconds of every evaluation before it, and the table gives the
+time to target on both clocks. ``CPU (s)`` is the CPU time of every process of the run on every
+host (``RUSAGE_CHILDREN`` after minus before): on this one machine the hosts share its cores,
+so CPU time over the core count bounds the wall time from below whatever the links do.
 """
 
 from __future__ import annotations
@@ -25,10 +33,14 @@ log = logging.getLogger(__name__)
 TOL = 0.005
 
 
-def time_to(evals: Sequence[dict[str, float]], target: float, tol: float = TOL) -> float | None:
-    """Seconds until the first eval at or below ``target`` (within ``tol``), or None if never."""
+def time_to(evals: Sequence[dict[str, float]], target: float, tol: float = TOL, clock: str = "t") -> float | None:
+    """Seconds until the first eval at or below ``target`` (within ``tol``), or None if never.
+
+    ``clock``: ``"t"`` (wall time since the run started) or ``"train_t"`` (the same, less the
+    evaluations before it: [Note: training clock]).
+    """
     bound = target + tol * abs(target)
-    return next((e["t"] for e in evals if e["loss"] <= bound), None)
+    return next((e.get(clock, e["t"]) for e in evals if e["loss"] <= bound), None)
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -48,6 +60,9 @@ def summarize(reps: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "wall_s": _median([r["wall_s"] for r in reps]), "final_loss": _median([r["final_loss"] for r in reps]),
             "time_to_target": _median([r["time_to_target"] for r in reps]),
             "vs_ddp": _median([r["vs_ddp"] for r in reps]),
+            "train_to_target": _median([r.get("train_to_target") for r in reps]),
+            "vs_ddp_train": _median([r.get("vs_ddp_train") for r in reps]),
+            "cpu_s": _median([r.get("cpu_s") for r in reps]),
             "wire_bytes": int(_median([r["wire_bytes"] for r in reps]) or 0),
             "step_s": _median([r.get("step_s") for r in reps]), "update_s": _median([r.get("update_s") for r in reps]),
             "reached": sum(r["time_to_target"] is not None for r in reps), "reps": list(reps)}
@@ -81,19 +96,23 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(cells: Sequence[dict[str, Any]], skipped: Mapping[str, str] | None = None) -> str:
     """A markdown table: one row per run of every (link, K) cell; then the modes skipped, and why."""
-    lines = ["| link | K | run | wall (s) | ms/step (wall) | ms/update (median) | final held-out loss | target "
-             "| time to target (s) | vs DDP | MB on the wire | MB sent by the busiest host |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| link | K | run | wall (s) | CPU (s) | ms/step (wall) | ms/update (median) | final held-out loss "
+             "| target | time to target (s) | vs DDP | same, evaluation excluded (s) | vs DDP | MB on the wire "
+             "| MB sent by the busiest host |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ms = (lambda x: None if x is None else 1e3 * x)
     for cell in cells:
         for r in cell["runs"]:
             busiest = max((c["tx"] for c in r["bytes"].values()), default=0)
             label = r["label"] + ("" if r["ok"] else " (failed)")
             ratio = _fmt(r["vs_ddp"], ".2f") + ("x" if r["vs_ddp"] else "")
+            train_ratio = _fmt(r.get("vs_ddp_train"), ".2f") + ("x" if r.get("vs_ddp_train") else "")
             lines.append(f"| {cell['link']} | {cell['k']} | {label} | {_fmt(r['wall_s'], '.1f')} "
+                         f"| {_fmt(r.get('cpu_s'), '.1f')} "
                          f"| {_fmt(ms(r.get('step_s')), '.1f')} | {_fmt(ms(r.get('update_s')), '.1f')} "
                          f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(cell['target'], '.4f')} "
                          f"| {_fmt(r['time_to_target'], '.1f')}{_reached(r)} | {ratio} "
+                         f"| {_fmt(r.get('train_to_target'), '.1f')} | {train_ratio} "
                          f"| {r['wire_bytes'] / 1e6:.1f} | {busiest / 1e6:.1f} |")
     lines.append("")
     for cell in cells:

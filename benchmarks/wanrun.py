@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import statistics
 import sys
 import time
@@ -89,7 +90,8 @@ class RunResult:
     family: str = ""  # the mode's label without "/N shards" (zmqps), "" for DDP
     shards: int = 0  # server shards (zmqps), 0 for DDP
     update_s: float | None = None  # median seconds between the servers' update records (zmqps)
-    evals: list[dict[str, float]] = field(default_factory=list)  # {"t": s since start, "step", "loss"}
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"t": s since start, "train_t", "step", "loss"}
+    cpu_s: float = float("nan")  # CPU seconds of every process of the run, all hosts together
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> {"tx", "rx"}
 
     @property
@@ -129,17 +131,31 @@ def _delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) 
 
 
 def _curve(path: Path, t0: float) -> list[dict[str, float]]:
-    return [{"t": r["t"] - t0, "step": r["step"], "loss": r["heldout_loss"]}
-            for r in read_evals(path) if r.get("rank", 0) == 0]
+    """Rank 0's eval records as ``t`` (seconds since ``t0``) and ``train_t`` ([Note: training clock])."""
+    out, spent = [], 0.0
+    for r in read_evals(path):
+        if r.get("rank", 0) != 0:
+            continue
+        out.append({"t": r["t"] - t0, "train_t": r["t"] - t0 - spent, "step": r["step"], "loss": r["heldout_loss"]})
+        spent += float(r.get("seconds") or 0.0)
+    return out
 
 
-def _finish(res: RunResult, group: Group, lab: Lab, before: dict, t0: float, evlog: Path, timeout: float) -> RunResult:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every descendant process this one has reaped so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _finish(res: RunResult, group: Group, lab: Lab, before: dict, t0: float, evlog: Path, timeout: float,
+            cpu0: float) -> RunResult:
     try:
         group.wait(timeout)
         res.wall_s = time.time() - t0
     except RuntimeError as e:
         res.ok, res.error = False, str(e)
         log.error("%s failed: %s", res.label, str(e).splitlines()[0])
+    res.cpu_s = children_cpu() - cpu0
     res.bytes = _delta(before, lab.counters())
     res.evals = _curve(evlog, t0)
     return res
@@ -156,7 +172,7 @@ def run_ddp(lab: Lab, job: Job, k: int, d: Path) -> RunResult:
     d.mkdir(parents=True, exist_ok=True)
     group, evlog = Group(d), d / "eval.jsonl"
     env = child_env(1, {"GLOO_SOCKET_IFNAME": "eth0"})
-    before, t0 = lab.counters(), time.time()
+    before, t0, cpu0 = lab.counters(), time.time(), children_cpu()
     for r in range(k):
         argv = [job.python, "-m", "benchmarks.wan_ddp", "--rank", str(r), "--world", str(k),
                 "--init", f"file://{d}/store", "--model", job.model, "--data", job.data, "--loss", job.loss,
@@ -164,7 +180,7 @@ def run_ddp(lab: Lab, job: Job, k: int, d: Path) -> RunResult:
                 "--eval-data", job.test_data, "--eval-every", str(job.eval_every), "--eval-log", str(evlog),
                 "--", *job.server_args]
         group.spawn(f"ddp{r}", lab.wrap(f"w{r}", argv), env)
-    return _finish(RunResult("ddp/gloo"), group, lab, before, t0, evlog, job.timeout)
+    return _finish(RunResult("ddp/gloo"), group, lab, before, t0, evlog, job.timeout, cpu0)
 
 
 def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: bool) -> RunResult:
@@ -180,7 +196,7 @@ def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: boo
     ready = [d / ("ready" if i == 0 else f"ready{i}") for i in range(mode.shards)]
     server_args = ["--workers", str(k), "--shm", "off", *job.server_args, *mode.server]
     res = RunResult(f"zmqps {mode.label}", family=mode.family, shards=mode.shards)
-    before, t0 = lab.counters(), time.time()  # the servers' start counts, as DDP's rendezvous does
+    before, t0, cpu0 = lab.counters(), time.time(), children_cpu()  # the servers' start counts, as DDP's rendezvous does
     for i, host in enumerate(hosts):
         ckpt = d / ("ckpt" if i == 0 else f"ckpt{i}")  # every shard its own folder (README)
         server = [job.python, "-m", "ps", "--bind", f"tcp://{lab.addr[host]}:0", "--ready-file", str(ready[i]),
@@ -203,6 +219,6 @@ def run_zmqps(lab: Lab, job: Job, k: int, mode: Mode, d: Path, worker_evals: boo
                 *job.worker_args, *mode.worker, *evals]
         group.spawn(f"worker{r}", lab.wrap(f"w{r}", argv), env)
     group.procs[:] = group.procs[len(hosts):] + group.procs[:len(hosts)]  # the workers first: a failure shows at once
-    res = _finish(res, group, lab, before, t0, evlog, job.timeout)
+    res = _finish(res, group, lab, before, t0, evlog, job.timeout, cpu0)
     res.update_s = update_interval(metrics)
     return res

@@ -215,8 +215,8 @@ def test_time_per_step_is_the_median_gap_between_updates_and_shards_compare_by_r
     got = summarize([rows[2], {**rows[2], "step_s": 0.5, "update_s": 0.25}])
     assert (got["step_s"], got["update_s"]) == (pytest.approx(0.4), pytest.approx(0.2))
     md = table([{"link": "100mbit", "k": 2, "target": None, "runs": rows}])
-    assert "| 100mbit | 2 | zmqps bsp/2 shards | 3.0 | 300.0 | 150.0 |" in md
-    assert "| 100mbit | 2 | ddp/gloo | 2.0 | 200.0 | - |" in md
+    assert "| 100mbit | 2 | zmqps bsp/2 shards | 3.0 | - | 300.0 | 150.0 |" in md
+    assert "| 100mbit | 2 | ddp/gloo | 2.0 | - | 200.0 | - |" in md
     assert "zmqps bsp/2 shards / zmqps bsp = 0.75 (wall / steps), 0.50 (median between updates)" in md
 
 
@@ -243,3 +243,21 @@ def test_time_to_target_is_the_first_eval_within_the_tolerance() -> None:
     assert time_to(evals, 1.0, tol=0.0) == 3.0
     assert time_to(evals, 0.5) is None
     assert rate_bits("100mbit") == 1e8 and rate_bits("1gbit") == 1e9
+
+
+def test_the_training_clock_leaves_out_the_evaluations_before_each_record(tmp_path: Path) -> None:
+    """[Note: training clock]: a record's ``train_t`` is its wall time less the earlier evaluations' seconds."""
+    from benchmarks.wanrun import _curve, children_cpu
+
+    log = tmp_path / "eval.jsonl"
+    recs = [{"ev": "eval", "t": 100.0, "step": 0, "heldout_loss": 3.0, "seconds": 2.0, "rank": 0},
+            {"ev": "eval", "t": 110.0, "step": 10, "heldout_loss": 2.0, "seconds": 1.5, "rank": 0},
+            {"ev": "eval", "t": 111.0, "step": 10, "heldout_loss": 9.0, "seconds": 5.0, "rank": 1},
+            {"ev": "eval", "t": 120.0, "step": 20, "heldout_loss": 1.0, "rank": 0}]  # no seconds: counts as 0
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    curve = _curve(log, 99.0)
+    assert [(e["t"], e["train_t"]) for e in curve] == [(1.0, 1.0), (11.0, 9.0), (21.0, 17.5)]
+    assert time_to(curve, 2.0) == 11.0 and time_to(curve, 2.0, clock="train_t") == 9.0
+    before = children_cpu()
+    subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)
+    assert children_cpu() > before  # a reaped child's CPU time counts
