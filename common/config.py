@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from common import compression
+from common.checks import check_fault, check_metrics, nonneg, parse_stall, positive
 from common.errors import ConfigError
-from common.faults import parse_fault
 from common.names import Loss, Optimizer, PipelineSchedule, SyncModel
 # the options and their reading live in their own modules; importers of common.config get them here too
 from common.cmdline import (ESSENTIALS, NONE_MEANS, START_HERE, build_parser, check_env, default_text,  # noqa: F401
@@ -67,29 +67,29 @@ class ServerConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        _positive("io_threads", self.io_threads)
-        _check_metrics(self.metrics_port, self.status_every)
-        _positive("lease", self.lease)
-        _positive("rejoin_deadline", self.rejoin_deadline)
-        _check_fault(self.fault)
+        positive("io_threads", self.io_threads)
+        check_metrics(self.metrics_port, self.status_every)
+        positive("lease", self.lease)
+        positive("rejoin_deadline", self.rejoin_deadline)
+        check_fault(self.fault)
         if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
             raise ConfigError("CURVE needs both --curve-secret-key and --curve-authorized-keys")
         if self.workers is None:
             raise ConfigError("--workers is required (or PS_WORKERS)")
-        _positive("workers", self.workers)
-        _nonneg("lr", self.lr)
-        _nonneg("weight_decay", self.weight_decay)
-        _nonneg("staleness", self.staleness)
-        _positive("inner_steps", self.inner_steps)
-        _positive("outer_lr", self.outer_lr)
-        _nonneg("outer_momentum", self.outer_momentum)
-        _nonneg("checkpoint_every", self.checkpoint_every)
-        _positive("max_message_mb", self.max_message_mb)
-        _positive("max_frame_mb", self.max_frame_mb)
+        positive("workers", self.workers)
+        nonneg("lr", self.lr)
+        nonneg("weight_decay", self.weight_decay)
+        nonneg("staleness", self.staleness)
+        positive("inner_steps", self.inner_steps)
+        positive("outer_lr", self.outer_lr)
+        nonneg("outer_momentum", self.outer_momentum)
+        nonneg("checkpoint_every", self.checkpoint_every)
+        positive("max_message_mb", self.max_message_mb)
+        positive("max_frame_mb", self.max_frame_mb)
         if self.momentum is not None:
-            _nonneg("momentum", self.momentum)
+            nonneg("momentum", self.momentum)
         if self.clip_grad_norm is not None:
-            _positive("clip_grad_norm", self.clip_grad_norm)
+            positive("clip_grad_norm", self.clip_grad_norm)
         if self.nonfinite == "skip" and self.sync != SyncModel.BSP:
             raise ConfigError(f"--nonfinite skip leaves a push out of a step's average: it needs --sync bsp, "
                               f"not {self.sync} (use --nonfinite fail)")
@@ -139,18 +139,18 @@ class JobFields:
         if self.stall is not None:
             parse_stall(self.stall)
         _check_eval(self)
-        _positive("io_threads", self.io_threads)
-        _nonneg("chunk_mb", self.chunk_mb)
-        _nonneg("bucket_mb", self.bucket_mb)
-        _positive("epochs", self.epochs)
-        _positive("microbatches", self.microbatches)
+        positive("io_threads", self.io_threads)
+        nonneg("chunk_mb", self.chunk_mb)
+        nonneg("bucket_mb", self.bucket_mb)
+        positive("epochs", self.epochs)
+        positive("microbatches", self.microbatches)
         if self.stages is not None:
-            _positive("stages", self.stages)
+            positive("stages", self.stages)
         ranges = _partition_ranges(self.partition)
         if ranges and self.stages is not None and self.stages != len(ranges):
             raise ConfigError(f"--stages {self.stages} but --partition gives {len(ranges)} ranges")
-        _positive("batch_size", self.batch_size)
-        _positive("timeout", self.timeout)
+        positive("batch_size", self.batch_size)
+        positive("timeout", self.timeout)
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -178,15 +178,15 @@ class WorkerConfig(JobFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_eval_data(self)
-        _nonneg("heartbeat", self.heartbeat)
-        _check_fault(self.fault)
+        nonneg("heartbeat", self.heartbeat)
+        check_fault(self.fault)
         if (self.curve_server_key is None) != (self.curve_secret_key is None):
             raise ConfigError("CURVE needs both --curve-server-key and --curve-secret-key")
         if self.curve_authorized_keys is not None and self.curve_server_key is None:
             raise ConfigError("--curve-authorized-keys on a worker needs CURVE on (--curve-server-key)")
         if self.world_size is None:
             raise ConfigError("--world-size is required (or PS_WORLD_SIZE)")
-        _positive("world_size", self.world_size)
+        positive("world_size", self.world_size)
         if self.rank is None and self.mode == "pipeline":
             raise ConfigError("--rank is required in pipeline mode (or PS_RANK)")
         if self.worker_id is not None and not 0 < len(self.worker_id) <= 256:
@@ -243,7 +243,7 @@ class LaunchFields(JobFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("replicas", self.replicas)
+        positive("replicas", self.replicas)
         shards = self.workers
         if self.mode == "pipeline":
             _resolve_stages(self, 2)
@@ -258,7 +258,7 @@ class LaunchFields(JobFields):
             object.__setattr__(self, "workers", 2)
             shards = 2
         assert self.workers is not None and shards is not None
-        _positive("workers", self.workers)
+        positive("workers", self.workers)
         if self.batch_size < shards:
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {shards} "
                               f"{'replicas' if self.mode == 'pipeline' else 'workers'}")
@@ -343,29 +343,14 @@ class PingConfig:
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
-        _positive("timeout", self.timeout)
+        positive("timeout", self.timeout)
         if (self.curve_server_key is None) != (self.curve_secret_key is None):
             raise ConfigError("CURVE needs both --curve-server-key and --curve-secret-key")
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
-def _nonneg(name: str, value: float) -> None:
-    if value < 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
-
-
-def _check_fault(spec: str | None) -> None:
-    if spec is not None:
-        parse_fault(spec)  # raises ConfigError
-
-
 def _check_eval(cfg: JobFields) -> None:
-    _nonneg("eval_every", cfg.eval_every)
-    _nonneg("eval_rows", cfg.eval_rows)
+    nonneg("eval_every", cfg.eval_every)
+    nonneg("eval_rows", cfg.eval_rows)
     if cfg.eval_every and cfg.mode == "pipeline":
         raise ConfigError("--eval-every is for data mode; a pipeline stage holds only its own layers")
 
@@ -381,27 +366,3 @@ def check_eval_data(cfg: JobFields) -> None:
     """
     if cfg.eval_every and cfg.eval_data is None:
         raise ConfigError(f"--eval-every {cfg.eval_every} needs --eval-data MODULE:FACTORY (the held-out data set)")
-
-
-def _check_metrics(port: int | None, status_every: float) -> None:
-    if port is not None and not 0 <= port <= 65535:
-        raise ConfigError(f"--metrics-port must be in [0, 65535], got {port}")
-    _positive("status_every", status_every)
-
-
-def parse_stall(text: str) -> tuple[float, float]:
-    """``P:SECONDS`` of ``--stall`` as (probability, seconds).
-
-    Raises:
-        ConfigError: not two numbers, P outside [0, 1] or negative SECONDS.
-    """
-    prob, sep, secs = text.partition(":")
-    try:
-        p, s = float(prob), float(secs)
-    except ValueError:
-        p = s = float("nan")
-    if not sep or not (0.0 <= p <= 1.0) or not (s >= 0.0):
-        raise ConfigError(f"--stall must be P:SECONDS with 0 <= P <= 1 and SECONDS >= 0, got {text!r}")
-    return p, s
-
-

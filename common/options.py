@@ -14,6 +14,11 @@ from common.names import Choice, Loss, Optimizer, PipelineSchedule, SyncModel
 
 ENV_PREFIX = "PS_"
 
+EVAL_LOG = "eval.jsonl"
+"""``ps-launch``'s held-out log in the checkpoint folder (without ``--eval-log``): a file of the
+job there, which ``--resume never`` moves aside with the job's checkpoints ([Note: used folders]
+in ``ps/jobdir.py``)."""
+
 
 @dataclass(frozen=True)
 class Option:
@@ -111,7 +116,9 @@ OPTIONS: dict[str, Option] = {
     "eval_rows": Option("--eval-rows", int, "evaluate on the first N rows of --eval-data (0: all)",
                         group="metrics"),
     "eval_log": Option("--eval-log", str, "append one JSON line per held-out evaluation to this file "
-                       "(ps-plot draws them)", group="metrics"),
+                       "(ps-plot draws them). A file named here is yours: every job appends to it and "
+                       "--resume never leaves it in place (give each job its own); ps-launch's default "
+                       "moves aside with the old job", group="metrics"),
     # worker
     "server": Option("--server", str, "server endpoint, e.g. tcp://HOST:5555", group="worker"),
     "rank": Option("--rank", int, "this worker's rank k (data mode: leave it out and the server assigns one)",

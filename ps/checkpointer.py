@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from common.config import ServerConfig
 from common.errors import ConfigError
+from common.options import EVAL_LOG
 from common.partition import piece_groups
 from ps import checkpoint, jobdir
 from ps.metrics import ServerMetrics
@@ -91,6 +92,7 @@ class Checkpointer:
         folder = jobdir.survey(self.cfg.checkpoint_dir)
         mlog = self.cfg.metrics_log
         inside = [Path(mlog)] if mlog and Path(mlog).resolve().parent == folder.path.resolve() else []
+        inside.append(folder.path / EVAL_LOG)  # ps-launch's held-out log: the old job's, if it is there
         decision = jobdir.decide(folder, self.cfg.resume, inside)
         log.info("%s", decision.message)
         if not decision.resume:

@@ -12,7 +12,10 @@ and what it will do, before it listens:
   instead of "resuming" it and exiting 0 after 0 steps. ``--resume always`` resumes it anyway
   (workers given more ``--epochs`` train it further); ``--resume never`` moves every file of
   the old job into ``previous-<time>/`` inside the folder (nothing is deleted) and starts a new
-  job.
+  job. The old job's logs in the folder go with it: the metrics log when it is there, and
+  ``eval.jsonl`` (``ps-launch``'s held-out log, ``common.options.EVAL_LOG``), so a new job's
+  curves never continue an old one's. A worker's ``--eval-log`` elsewhere is the user's file
+  (the server does not know it): every job appends to it.
 
 A job resumed with another model is refused at REGISTER, and the error names the checkpoint θ
 came from (``Server._check_schema``). ``final.safetensors`` records the step it was written at
@@ -195,7 +198,8 @@ def set_aside(folder: Folder, also_move: Iterable[Path] = ()) -> Path:
         n += 1
         target = folder.path / f"{stamp}-{n}"
     target.mkdir()
-    for p in [*folder.files(), *(Path(x) for x in also_move if Path(x).is_file())]:
+    files = {p.resolve(): p for p in [*folder.files(), *(Path(x) for x in also_move)] if p.is_file()}
+    for p in files.values():  # each once, though named twice (a --metrics-log PATH/eval.jsonl)
         shutil.move(str(p), str(target / p.name))
     return target
 

@@ -1,16 +1,27 @@
 """Sparse exact pulls ([Note: sparse pulls]): under plain SGD a step changes only the entries of
-a nonzero averaged gradient, and a worker that holds θ of the step before gets just those."""
+a nonzero averaged gradient, and a worker that holds θ of the step before gets just those.
+
+A worker checks the changed entries a server sends before it writes any: a real client against a
+hostile server played by the test (a ZeroMQ ROUTER, ``tests.test_inflight.Peer``)."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from typing import Any, Callable
 
 import pytest
 import torch
 
 from common.config import ServerConfig
+from common.errors import PSError
+from common.protocol import Op
+from common.wire import encode
 from ps.store import ParameterStore
 from tests.procs import Procs
+from tests.test_inflight import Peer, peer  # noqa: F401  (fixture)
+from worker.client import PSClient
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,3 +83,119 @@ def test_a_compressed_sgd_job_pulls_a_fraction_of_theta(procs: Procs) -> None:
     pulls = 2 * steps  # every step's θ, to each of 2 workers (and θ_0 whole at INIT)
     assert dense > (pulls + 2) * theta  # momentum moves every entry: θ goes whole
     assert sparse - 2 * theta < 0.1 * pulls * theta, (sparse, dense)
+
+
+# ---------------------------------------------------------------- a hostile server's sparse reply
+THETA0 = {"b": torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), "w": torch.arange(10, dtype=torch.float64)}
+REGISTERED = {"world_size": 1, "sync": "sync", "initialized": True, "rank": 0, "optimizer": "sgd", "lr": 0.1,
+              "incarnation": "hostile", "lease_s": 60.0, "hold_s": 60.0, "buckets": True}
+INITIALIZED = {"version": 0, "loss": None, "peers": [], "restorable": [], "formation": 0}
+I32 = torch.int32
+
+
+def _entries(idx: list[int] | torch.Tensor, vals: list[float] | torch.Tensor,
+             key: str = "w") -> dict[str, torch.Tensor]:
+    """``key``'s changed entries as their frames (``KEY::indices`` int32, ``KEY::values`` float64)."""
+    return {f"{key}::indices": idx if isinstance(idx, torch.Tensor) else torch.tensor(idx, dtype=I32),
+            f"{key}::values": vals if isinstance(vals, torch.Tensor) else torch.tensor(vals, dtype=torch.float64)}
+
+
+GOOD_B = _entries([1], [7.0], "b")  # b's changed entries, valid: listed (and checked) before w's
+
+
+Stepped = tuple[dict[str, torch.Tensor], "BaseException | None", dict[str, Any]]
+
+
+def _step_against(peer: Peer, sparse: list[str], tensors: dict[str, torch.Tensor],  # noqa: F811
+                  allow: bool = True, timeout: float = 30.0) -> Stepped:
+    """A real client (frames, no heartbeat) joins ``peer`` and runs one step holding θ_0, allowing
+    sparse pulls (unless not ``allow``); the server answers REGISTER and INIT as a server would,
+    then the step's PUSH_PULL with ``sparse`` and ``tensors``. Returns the parameters after the
+    step, what the step raised, and the PUSH_PULL's fields."""
+    params = {k: v.clone() for k, v in THETA0.items()}
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        client = PSClient(peer.endpoint, 0, 1, timeout=timeout, heartbeat=0, shm="off")
+        try:
+            for k, t in client.init({k: v.clone() for k, v in THETA0.items()}).items():
+                params[k].copy_(t)
+            if allow:
+                client.allow_sparse_pulls()
+            client.begin_step(samples=1.0)
+            client.push_bucket(0, {"w": torch.ones(10, dtype=torch.float64), "b": None})
+            client.end_step(params)
+        except BaseException as e:  # the test's thread looks at it
+            out["error"] = e
+        finally:
+            client.close()
+
+    answers: dict[Op, Callable[[Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]] = {
+        Op.REGISTER: lambda m: (REGISTERED, {}),
+        Op.INIT: lambda m: (INITIALIZED, THETA0),
+        Op.PUSH_PULL: lambda m: ({"version": 1, "loss": None, "sparse": sparse}, tensors),
+    }
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < deadline:
+        if not peer.sock.poll(50):
+            continue
+        ident, m = peer.recv(1)[0]
+        if m.op is Op.PUSH_PULL:
+            out["asked"] = m.fields
+        fields, frames = answers[m.op](m)
+        peer.sock.send_multipart([ident, *encode(Op.REPLY, fields, frames, m.id)])
+    t.join(1)
+    assert not t.is_alive(), "the client did not finish its step"
+    assert "asked" in out, "the client never reached its step's PUSH_PULL"
+    return params, out.get("error"), out["asked"]
+
+
+def test_a_worker_holding_theta_takes_the_changed_entries_the_server_sends(peer) -> None:  # noqa: F811
+    params, error, asked = _step_against(peer, ["b", "w"], {**GOOD_B, **_entries([2, 7], [20.0, 70.0])})
+    assert error is None
+    assert asked["have"] == 0  # it offered the version it holds
+    want_w = THETA0["w"].clone()
+    want_w[[2, 7]] = torch.tensor([20.0, 70.0], dtype=torch.float64)
+    assert torch.equal(params["w"], want_w)
+    assert torch.equal(params["b"], torch.tensor([0.5, 7.0, 2.0], dtype=torch.float64))
+
+
+BAD = {
+    "an index past the end": (["b", "w"], _entries([2, 10], [1.0, 2.0]), "w"),
+    "a negative index": (["b", "w"], _entries([-1, 3], [1.0, 2.0]), "w"),
+    "indices not increasing": (["b", "w"], _entries([7, 2], [1.0, 2.0]), "w"),
+    "a repeated index": (["b", "w"], _entries([4, 4], [1.0, 2.0]), "w"),
+    "float indices": (["b", "w"], _entries(torch.tensor([1.0, 2.0]), [1.0, 2.0]), "w"),
+    "int16 indices": (["b", "w"], _entries(torch.tensor([1, 2], dtype=torch.int16), [1.0, 2.0]), "w"),
+    "values of another dtype": (["b", "w"], _entries([1, 2], torch.tensor([1.0, 2.0])), "w"),
+    "more indices than values": (["b", "w"], _entries([1, 2, 3], [1.0, 2.0]), "w"),
+    "more values than entries": (["b", "w"], _entries(list(range(11)), [0.0] * 11), "w"),
+    "2-D indices": (["b", "w"], _entries(torch.tensor([[1, 2]], dtype=I32), torch.ones(1, 2, dtype=torch.float64)),
+                    "w"),
+    "a missing part": (["b", "w"], {"w::values": torch.ones(2, dtype=torch.float64)}, "w"),
+    "a key listed twice": (["b", "w", "w"], _entries([1], [1.0]), "w"),
+    "a key also sent whole": (["b", "w"], {**_entries([1], [1.0]), "w": torch.zeros(10, dtype=torch.float64)}, "w"),
+    "a key this worker lacks": (["b", "z"], _entries([1], [1.0], "z"), "z"),
+    "a stray part": (["b", "w"], {**_entries([1], [1.0]), "w::p": torch.ones(1, dtype=torch.float64)}, "w::p"),
+    "a whole key of the wrong shape": (["b"], {"w": torch.zeros(1, dtype=torch.float64)}, "w"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_changed_entries_are_a_ps_error_naming_the_key_and_change_nothing(peer, case: str) -> None:  # noqa: F811
+    sparse, tensors, key = BAD[case]
+    params, error, asked = _step_against(peer, sparse, {**GOOD_B, **tensors})
+    assert asked["have"] == 0
+    assert isinstance(error, PSError), error
+    assert repr(key) in str(error), str(error)
+    for k, v in THETA0.items():  # b's valid entries were not applied either: nothing half-done
+        assert torch.equal(params[k], v), (k, params[k])
+
+
+def test_changed_entries_the_worker_did_not_ask_for_are_refused(peer) -> None:  # noqa: F811
+    params, error, asked = _step_against(peer, ["b"], GOOD_B, allow=False)
+    assert "have" not in asked
+    assert isinstance(error, PSError) and "'b'" in str(error) and "whole" in str(error), error
+    assert torch.equal(params["b"], THETA0["b"])

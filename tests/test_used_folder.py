@@ -8,6 +8,7 @@ another model names the checkpoint θ came from, and two servers never share one
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -179,3 +180,24 @@ def test_launch_with_a_config_naming_a_finished_folder_fails_and_says_why(procs:
     assert second.wait(180) == 2, second.output()  # the server's configuration error, passed on
     out = second.output(20000)
     assert "holds a finished job: final.safetensors of step 10" in out and "done: 0 steps" not in out
+
+
+@pytest.mark.timeout(300)
+def test_a_new_job_in_a_used_folder_starts_its_own_held_out_log(procs: Procs, tmp_path: Path) -> None:
+    """``--resume never`` moves the old job's ``eval.jsonl`` (ps-launch's default ``--eval-log``) aside with
+    it, so the new job's held-out curve does not continue the old one's."""
+    ckpt = tmp_path / "ck"
+    job = [sys.executable, "-m", "worker.launch", "--workers", "1", "--model", "tests.jobs:linear64",
+           "--data", "tests.jobs:data64", "--eval-data", "tests.jobs:data64", "--eval-every", "5",
+           "--eval-rows", "100", "--batch-size", "100", "--progress", "off", "--checkpoint-dir", str(ckpt)]
+    first = procs.spawn("launch", [*job, "--epochs", "1"])
+    procs.wait_ok([first], timeout=180)
+    old = (ckpt / "eval.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in old.splitlines()] == [0, 5, 10]  # 10 steps of 100 rows
+    second = procs.spawn("launch again", [*job, "--epochs", "2", "--resume", "never"])
+    procs.wait_ok([second], timeout=180)
+    assert "moved its files into" in second.output(20000)
+    (aside,) = ckpt.glob("previous-*")
+    assert (aside / "eval.jsonl").read_text() == old  # the old job's curve, whole, beside its checkpoints
+    new = [json.loads(line)["step"] for line in (ckpt / "eval.jsonl").read_text().splitlines()]
+    assert new == [0, 5, 10, 15, 20]  # the new job's only

@@ -36,7 +36,9 @@ tensors are split into pieces and spread over them deterministically (``worker.p
 every worker must list the shards in the same order). On the same host as the server, θ
 and the gradients go through shared memory (``worker.segments``) unless ``shm="off"``.
 :class:`worker.channel.Channel` moves the bytes. Entry points build their client with
-:meth:`PSClient.from_config`, which applies every client option of a ``WorkerConfig``.
+:meth:`PSClient.from_config`, which applies every client option of a ``WorkerConfig``. The
+steps pushed bucket by bucket that the data-parallel runtime takes (``begin_step``,
+``push_bucket``, ``end_step``, ``bind``, ``load``) are :class:`worker.bucketed.BucketedSteps`'.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from common.config import WorkerConfig
 from common.errors import PSError, RemoteError
 from common.protocol import Op
 from common.transport import USE_DEFAULT, Requester, make_context
+from worker.bucketed import BucketedSteps
 from worker.channel import Channel
 from worker.heartbeat import Heartbeat
 from worker.modelstate import ModelState
@@ -67,7 +70,7 @@ Grads = Mapping[str, "torch.Tensor | None"]
 T = TypeVar("T")
 
 
-class PSClient:
+class PSClient(BucketedSteps):
     """A worker's connection to the parameter server (one or several shards).
 
     Args:
@@ -238,70 +241,6 @@ class PSClient:
         """The server's status (version, workers registered and done, last loss) (first shard)."""
         fields = {} if self.rank is None else {"rank": self.rank}
         return dict(self._channel(Op.PING).call_all(Op.PING, fields, self.step)[0].fields)
-
-    # ---------------------------------------------------------- bucketed steps (the runtime)
-    def begin_step(self, step: int | None = None, samples: float | None = None, loss: float | None = None,
-                   total: float | None = None) -> None:
-        """Start step ``step``: buckets pushed until :meth:`end_step` carry these fields.
-
-        ``total``: the samples of this step over every worker, if known (it saves the server
-        work; see :meth:`worker.channel.Channel.begin`).
-        """
-        step = self.step if step is None else step
-        self._channel(Op.PUSH).begin(step, samples, loss, total=total)
-
-    def allow_sparse_pulls(self) -> None:
-        """Promise that the parameters given to :meth:`end_step` hold θ of :attr:`step` now and are
-        never written between two steps: θ may then come back as just the entries a step changed,
-        exactly (plain SGD on a sparse gradient, e.g. with ``compress``)."""
-        self._channel(Op.PUSH).allow_sparse_pulls(self.step)
-
-    def push_bucket(self, index: int, grads: Grads) -> None:
-        """Push bucket ``index`` (the names given to :meth:`init`) now; may run in a backward hook."""
-        self._channel(Op.PUSH).push_bucket(index, grads)
-
-    def end_step(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Wait for the step's pushes and θ after it; with ``params``, load θ into them.
-
-        Returns θ as tensors, or nothing when ``params`` were given (they now hold θ). After a
-        rewind (see the module doc), θ is at the server's older version, :attr:`step`.
-        """
-        ch = self._channel(Op.PUSH_PULL)
-        step = ch.step
-        try:
-            self._guard(Op.PUSH_PULL, ch.flush)
-            self._fault("after-push", step)
-            pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True, params=params))
-        except Rejoined as r:
-            if params is not None:
-                self._channel(Op.PULL).load_whole(r.theta, params)
-                return {}
-            return r.theta
-        self.step = step + 1
-        self.last_loss = ch.last_loss
-        if params is not None:
-            return {}
-        theta = ch.whole(pieces)
-        if len(theta) < len(self.keys):
-            theta = {**ch.theta_from_shm(), **theta}
-        return theta
-
-    @property
-    def buckets(self) -> list[list[str]]:
-        """The buckets in use after :meth:`init` (one of everything when the server takes
-        whole steps only, as under async/ssp)."""
-        return self._channel(Op.PING).buckets
-
-    def bind(self, params: Mapping[str, torch.Tensor]) -> int:
-        """Turn CPU parameters into views of the server's θ where shared memory allows.
-
-        Returns how many were bound. Bound parameters must not be written by the caller.
-        """
-        return self._channel(Op.INIT).bind(params)
-
-    def load(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Copy the shared θ into ``params`` in place (nothing to do for bound ones)."""
-        self._channel(Op.PULL).load(params)
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

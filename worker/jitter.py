@@ -11,7 +11,7 @@ import logging
 import random
 import time
 
-from common.config import parse_stall
+from common.checks import parse_stall
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,13 @@ from typing import IO, Sequence
 from common.config import JobFields, LaunchConfig, check_eval_data, parse_config, to_argv
 from common.errors import ConfigError
 from common.logs import setup_logging
+from common.options import EVAL_LOG
 
 log = logging.getLogger("launch")
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 JOB_OPTIONS = [f.name for f in dataclasses.fields(JobFields)]
-EVAL_LOG = "eval.jsonl"
-"""The held-out evaluations' log in a launched job's checkpoint folder, unless ``--eval-log`` says otherwise."""
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

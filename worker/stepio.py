@@ -34,9 +34,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from common.compression import FIELD, TOPK, Compressor, check, pack
+from common.compression.codecs import PARTS
 from common.compression.framing import part_name
 from common.errors import PSError
 from common.protocol import Op
+from common.wire import Message
 from worker.pieces import Layout
 from worker.retry import Call
 from worker.segments import SharedTheta
@@ -272,25 +274,16 @@ class StepIO:
                         continue
                     self.last_loss = reply.fields.get("loss", self.last_loss)
                     sparse = reply.fields.get("sparse") or ()
+                    if sparse and "have" not in call.fields:
+                        raise PSError(f"worker {self.rank}: the server sent θ of {sparse[0][:80]!r} as changed "
+                                      f"entries, but this worker asked for θ whole")
                     if params is None:
                         if sparse:
                             raise PSError(f"worker {self.rank}: the server sent θ as changed entries, but "
                                           f"there are no tensors to apply them to")
                         theta.update(reply.tensors)
                         continue
-                    for key in sparse:
-                        name, q = self.layout.pieces.by_key[key]
-                        dst = q.of(params[name])
-                        parts = {part: t for part in ("indices", "values")
-                                 if (t := reply.tensors.pop(part_name(key, part), None)) is not None}
-                        why = check(TOPK, parts, tuple(dst.shape), dst.dtype)  # the top-k layout, checked alike
-                        if why is not None:
-                            raise PSError(f"worker {self.rank}: the server's changed entries of {key!r} are bad: {why}")
-                        _scatter(dst, parts["indices"], parts["values"])
-                    for key, t in reply.tensors.items():
-                        name, q = self.layout.pieces.by_key[key]
-                        if name not in self.theta.bound:
-                            q.of(params[name]).copy_(t, non_blocking=True)
+                    self._load(reply, params)
         except BaseException:
             self._holds = None
             raise
@@ -303,6 +296,53 @@ class StepIO:
             else:
                 self.stager.sync_h2d()
         return theta
+
+    def _load(self, reply: Message, params: Tensors) -> None:
+        """Put the θ of one PULL/PUSH_PULL reply into ``params`` (the bound ones show it already).
+
+        Every tensor of the reply is checked before any is written, so a bad reply leaves
+        ``params`` as they were: each key of ``sparse`` once, one of this worker's, not also
+        sent whole, with exactly the top-k parts of a valid encoding of its piece (the check a
+        compressed push gets, :func:`common.compression.check`); every other frame a key of
+        this worker, of its piece's shape.
+
+        Raises:
+            PSError: naming the first bad key.
+        """
+        by_key = self.layout.pieces.by_key
+        tensors = dict(reply.tensors)
+        scatters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[str] = set()
+        for key in reply.fields.get("sparse") or ():
+            if key not in by_key or key in seen or key in tensors:
+                why = ("not a key of this worker" if key not in by_key else
+                       "the key is listed twice" if key in seen else "the key is also sent whole")
+                raise PSError(f"worker {self.rank}: the server's changed entries of {key[:80]!r} are bad: {why}")
+            seen.add(key)
+            name, q = by_key[key]
+            dst = q.of(params[name])
+            parts = {part: t for part in PARTS[TOPK] if (t := tensors.pop(part_name(key, part), None)) is not None}
+            why = check(TOPK, parts, tuple(dst.shape), dst.dtype)  # the top-k layout, checked alike
+            if why is not None:
+                raise PSError(f"worker {self.rank}: the server's changed entries of {key!r} are bad: {why}")
+            scatters.append((dst, parts["indices"], parts["values"]))
+        for key, t in tensors.items():
+            if key not in by_key:
+                raise PSError(f"worker {self.rank}: the server's θ holds {key[:80]!r}, neither a key of this worker "
+                              f"nor a part of a key it lists as changed")
+            name, q = by_key[key]
+            if name in self.theta.bound:
+                continue
+            dst = q.of(params[name])
+            if t.shape != dst.shape:
+                raise PSError(f"worker {self.rank}: the server's θ of {key!r} has the shape {list(t.shape)}, "
+                              f"not {list(dst.shape)}")
+            copies.append((dst, t))
+        for dst, idx, vals in scatters:
+            _scatter(dst, idx, vals)
+        for dst, t in copies:
+            dst.copy_(t, non_blocking=True)
 
     def reset(self) -> None:
         """Forget the step in progress and every call in flight (before rejoining)."""
