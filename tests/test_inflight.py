@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable, Mapping
 
 import pytest
 import torch
@@ -16,12 +17,15 @@ import zmq
 from common.errors import ErrorCode, RemoteError
 from common.protocol import Op
 from common.transport import Requester
-from common.wire import decode, encode, error_frames
+from common.wire import Message, decode, encode, error_frames
 from tests.procs import Procs
 from worker.client import PSClient
 from worker.retry import Caller, RetryPolicy
 
 pytestmark = pytest.mark.timeout(60)
+
+Answer = Callable[[Message], "tuple[dict, dict[str, torch.Tensor] | None]"]
+"""How a test's server answers one request: the reply's fields and frames."""
 
 
 class Peer:
@@ -54,6 +58,21 @@ class Peer:
         """A reply that fits ``op``'s reply schema, told apart from the others by ``version``."""
         fields = {"applied": True, "version": version} if op is Op.PUSH else {"version": version, "loss": None}
         self.reply(ident, req_id, fields)
+
+    def serve(self, answers: Mapping[Op, Answer], worker: threading.Thread, timeout: float) -> list[Message]:
+        """Answer each request by its op's ``answers`` (fields and frames, given the request) until
+        the ``worker`` thread ends or ``timeout`` passes; returns the requests, in order."""
+        seen: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while worker.is_alive() and time.monotonic() < deadline:
+            if not self.sock.poll(50):
+                continue
+            ident, m = self.recv(1)[0]
+            seen.append(m)
+            fields, frames = answers[m.op](m)
+            self.sock.send_multipart([ident, *encode(Op.REPLY, fields, frames, m.id)])
+        worker.join(1)
+        return seen
 
     def restart(self) -> None:
         self.sock.close(0)

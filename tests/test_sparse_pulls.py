@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -17,10 +16,9 @@ import torch
 from common.config import ServerConfig
 from common.errors import PSError
 from common.protocol import Op
-from common.wire import encode
 from ps.store import ParameterStore
 from tests.procs import Procs
-from tests.test_inflight import Peer, peer  # noqa: F401  (fixture)
+from tests.test_inflight import Answer, Peer, peer  # noqa: F401  (fixture)
 from worker.client import PSClient
 
 pytestmark = pytest.mark.timeout(300)
@@ -130,25 +128,18 @@ def _step_against(peer: Peer, sparse: list[str], tensors: dict[str, torch.Tensor
         finally:
             client.close()
 
-    answers: dict[Op, Callable[[Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]] = {
+    answers: dict[Op, Answer] = {
         Op.REGISTER: lambda m: (REGISTERED, {}),
         Op.INIT: lambda m: (INITIALIZED, THETA0),
         Op.PUSH_PULL: lambda m: ({"version": 1, "loss": None, "sparse": sparse}, tensors),
     }
     t = threading.Thread(target=work, daemon=True)
     t.start()
-    deadline = time.monotonic() + timeout
-    while t.is_alive() and time.monotonic() < deadline:
-        if not peer.sock.poll(50):
-            continue
-        ident, m = peer.recv(1)[0]
-        if m.op is Op.PUSH_PULL:
-            out["asked"] = m.fields
-        fields, frames = answers[m.op](m)
-        peer.sock.send_multipart([ident, *encode(Op.REPLY, fields, frames, m.id)])
-    t.join(1)
+    seen = peer.serve(answers, t, timeout)
     assert not t.is_alive(), "the client did not finish its step"
-    assert "asked" in out, "the client never reached its step's PUSH_PULL"
+    asked = [m.fields for m in seen if m.op is Op.PUSH_PULL]
+    assert asked, "the client never reached its step's PUSH_PULL"
+    out["asked"] = asked[0]
     return params, out.get("error"), out["asked"]
 
 
@@ -180,6 +171,8 @@ BAD = {
     "a key this worker lacks": (["b", "z"], _entries([1], [1.0], "z"), "z"),
     "a stray part": (["b", "w"], {**_entries([1], [1.0]), "w::p": torch.ones(1, dtype=torch.float64)}, "w::p"),
     "a whole key of the wrong shape": (["b"], {"w": torch.zeros(1, dtype=torch.float64)}, "w"),
+    "a whole key of another dtype": (["b"], {"w": torch.zeros(10, dtype=torch.float32)}, "w"),
+    "a key missing": (["b"], {}, "w"),
 }
 
 
@@ -189,7 +182,7 @@ def test_bad_changed_entries_are_a_ps_error_naming_the_key_and_change_nothing(pe
     params, error, asked = _step_against(peer, sparse, {**GOOD_B, **tensors})
     assert asked["have"] == 0
     assert isinstance(error, PSError), error
-    assert repr(key) in str(error), str(error)
+    assert repr(key) in str(error) and peer.endpoint in str(error), str(error)
     for k, v in THETA0.items():  # b's valid entries were not applied either: nothing half-done
         assert torch.equal(params[k], v), (k, params[k])
 

@@ -12,7 +12,9 @@ module per concept:
   parameters can be *views* of it (:meth:`Channel.bind`), so a pull costs no copy at all;
 * :mod:`worker.stepio`: a step's gradients pushed bucket by bucket (:meth:`Channel.push_bucket`),
   each as soon as it is ready, and the step's end (:meth:`Channel.finish`: one PUSH_PULL or
-  PULL per shard, then every reply, in the order the calls were sent).
+  PULL per shard, then every reply, in the order the calls were sent);
+* :mod:`worker.replies`: every reply carrying θ (INIT, PULL, PUSH_PULL) checked whole before
+  any of it is used.
 """
 
 from __future__ import annotations

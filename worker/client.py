@@ -61,6 +61,7 @@ from worker.heartbeat import Heartbeat
 from worker.modelstate import ModelState
 from worker.options import client_options, default_worker_id
 from worker.registration import Registration
+from worker.replies import asked_keys, check_theta
 from worker.rejoin import Rejoined, rejoin_reason
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,14 @@ class PSClient(BucketedSteps):
         return ch.rank
 
     def pull(self, step: int | None = None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates."""
+        """θ ready for computing ``step`` (default :attr:`step`): waits for that step's updates.
+
+        ``keys``: return only these names. Every reply is checked whole first ([Note: checked
+        replies] in ``worker.replies``).
+
+        Raises:
+            PSError: a server's reply is bad (naming the key and the server); nothing is returned.
+        """
         ch = self._channel(Op.PULL)
         fields: dict[str, Any] = {"rank": self.rank, "step": self.step if step is None else step}
         try:
@@ -181,9 +189,11 @@ class PSClient(BucketedSteps):
             theta = r.theta
         else:
             pieces: dict[str, torch.Tensor] = {}
+            for s, r in enumerate(replies):  # each checked whole before any is used ([Note: checked replies])
+                pieces.update(check_theta(r, ch.layout.pieces, asked_keys(ch.layout.pieces, s, fields),
+                                          f"worker {self.rank}", ch.shards[s].endpoint).whole)
             for r in replies:
                 self.last_loss = r.fields.get("loss", self.last_loss)
-                pieces.update(r.tensors)
             theta = ch.whole(pieces)
         return {k: theta[k] for k in keys} if keys is not None else self._full(theta)
 

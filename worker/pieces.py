@@ -55,12 +55,22 @@ class PieceMap:
             m.per_shard[m.owner[p.key]].append(p)
         return m
 
+    def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of piece ``key``: what θ of it must be (the server keeps θ as registered)."""
+        name, p = self.by_key[key]
+        dtype, shape = self.specs[name]
+        return dtype, (shape if p.whole else (p.hi - p.lo, *shape[1:]))
+
+    def keys_of(self, shard: int) -> list[str]:
+        """The keys shard ``shard`` owns, in registration order."""
+        return [p.key for p in self.per_shard[shard]]
+
     def flat(self, pieces: list[Piece]) -> list[tuple[str, str, tuple[int, ...]]]:
         """(key, dtype name, shape) of each of ``pieces``: a segment's layout (``common.shm.layout``)."""
         out = []
         for p in pieces:
-            dtype, shape = self.specs[p.base]
-            out.append((p.key, dtype_name(dtype), (p.hi - p.lo, *shape[1:]) if not p.whole else shape))
+            dtype, shape = self.spec(p.key)
+            out.append((p.key, dtype_name(dtype), shape))
         return out
 
     def empty(self) -> dict[str, torch.Tensor]:

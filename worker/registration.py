@@ -34,6 +34,7 @@ from common.errors import ErrorCode, PSError, RemoteError
 from common.protocol import Op
 from common.wire import Message
 from worker.pieces import Layout, PieceMap
+from worker.replies import check_theta
 from worker.segments import close_grad_segment, map_theta_segment, open_grad_segment
 from worker.shard import Shard, ShardsApart
 from worker.staging import Stager
@@ -196,10 +197,12 @@ class Registrar:
         """INIT every shard; θ (whole tensors), the servers' version, the peer table.
 
         ``tensors`` are this worker's offer of initial θ to shards not yet initialized; None
-        when rejoining a running job (then a shard without θ is an error).
+        when rejoining a running job (then a shard without θ is an error). Every reply is checked
+        whole ([Note: checked replies] in ``worker.replies``) before θ is assembled from them.
 
         Raises:
             ShardsApart: the shards answered at different steps.
+            PSError: a server's θ is bad (naming the key and the server); no θ is returned.
         """
         pieces = self.layout.pieces
         calls = []
@@ -215,22 +218,14 @@ class Registrar:
             if shard.grad_seg is not None:
                 f["shm"] = True  # same host: θ may come back in shared memory
             calls.append((s, shard.caller.start(Op.INIT, f, cpu, step)))
-        out = pieces.empty()
         versions: dict[int, int] = {}
         restorable: dict[int, set[int]] = {}
         peers: list[dict[str, Any]] = []
+        got: list[Tensors] = []
         for s, c in calls:
             shard = self.shards[s]
             reply = shard.caller.finish(c)
-            if self.want_shm:
-                map_theta_segment(shard, reply, pieces, self.stager)
-            got: Tensors = reply.tensors
-            if reply.fields.get("shm"):
-                if shard.theta_seg is not None:
-                    got = shard.theta_views
-                else:  # could not map it after all: θ as frames
-                    got = shard.caller.call(Op.PULL, {"rank": self.rank, "step": 0}, step=step).tensors
-            pieces.scatter(got, out)
+            got.append(self._theta(s, reply, bool(c.fields.get("shm")), step))
             versions[s] = int(reply.fields["version"])
             restorable[s] = {int(x) for x in reply.fields.get("restorable") or () if isinstance(x, int)}
             if s == 0:
@@ -242,7 +237,30 @@ class Registrar:
             common = {x for x in common if x <= min(versions.values())}
             raise ShardsApart(self.rank, {self.shards[s].endpoint: v for s, v in versions.items()}, versions,
                               max(common) if common else None)
+        out = pieces.empty()  # every piece of it is written: each shard's reply held all of its keys
+        for theta in got:
+            pieces.scatter(theta, out)
         return out, versions[0], peers
+
+    def _theta(self, s: int, reply: Message, asked_shm: bool, step: int) -> Tensors:
+        """θ_0 of shard ``s``'s INIT ``reply``, checked whole ([Note: checked replies] in
+        ``worker.replies``): its frames, or its θ segment (mapped here), or a PULL's frames
+        when the segment the reply names cannot be mapped.
+
+        Raises:
+            PSError: naming the first bad key and the server.
+        """
+        shard, pieces = self.shards[s], self.layout.pieces
+        who, keys = f"worker {self.rank}", pieces.keys_of(s)
+        got = check_theta(reply, pieces, keys, who, shard.endpoint, shm=asked_shm)
+        if self.want_shm:
+            map_theta_segment(shard, reply, pieces, self.stager)
+        if not got.shm:
+            return got.whole
+        if shard.theta_seg is not None:
+            return shard.theta_views  # laid out from this worker's own pieces (map_theta_segment)
+        pulled = shard.caller.call(Op.PULL, {"rank": self.rank, "step": 0}, step=step)  # θ as frames after all
+        return check_theta(pulled, pieces, keys, who, shard.endpoint).whole
 
     def rewind(self, versions: Mapping[int, int], target: int, step: int = 0) -> None:
         """Ask every shard past ``target`` to go back to it ([Note: shards rewind together] in ``ps.server``).

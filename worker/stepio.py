@@ -33,13 +33,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.compression import FIELD, TOPK, Compressor, check, pack
-from common.compression.codecs import PARTS
-from common.compression.framing import part_name
+from common.compression import FIELD, Compressor, pack
 from common.errors import PSError
 from common.protocol import Op
 from common.wire import Message
 from worker.pieces import Layout
+from worker.replies import Theta, asked_keys, check_theta
 from worker.retry import Call
 from worker.segments import SharedTheta
 from worker.shard import Shard
@@ -242,7 +241,12 @@ class StepIO:
         acknowledgement, then its bucket's θ), so θ of bucket i goes into the parameters while
         later buckets are still on the wire, not after the last acknowledgement. A push error
         can therefore surface after earlier buckets' θ was loaded; the step fails either way
-        and recovery pulls θ again.
+        and recovery pulls θ again. Each reply is checked whole before any of it is written
+        ([Note: checked replies] in ``worker.replies``).
+
+        Raises:
+            PSError: a bucket was not pushed, or a server's θ reply is bad (naming the key and
+                the server; that reply's θ is not written).
         """
         self.flush()
         missing = [i for i in range(len(self.layout.buckets)) if i not in self._sent]
@@ -273,17 +277,15 @@ class StepIO:
                         self.applied = self.applied and bool(reply.fields.get("applied", True))
                         continue
                     self.last_loss = reply.fields.get("loss", self.last_loss)
-                    sparse = reply.fields.get("sparse") or ()
-                    if sparse and "have" not in call.fields:
-                        raise PSError(f"worker {self.rank}: the server sent θ of {sparse[0][:80]!r} as changed "
-                                      f"entries, but this worker asked for θ whole")
+                    got = self._check(s, call, reply)
                     if params is None:
-                        if sparse:
-                            raise PSError(f"worker {self.rank}: the server sent θ as changed entries, but "
-                                          f"there are no tensors to apply them to")
-                        theta.update(reply.tensors)
+                        if got.changed:
+                            key = next(iter(got.changed))
+                            raise PSError(f"worker {self.rank}: the server at {self.shards[s].endpoint} sent θ of "
+                                          f"{key!r} as changed entries, but there are no tensors to apply them to")
+                        theta.update(got.whole)
                         continue
-                    self._load(reply, params)
+                    self._load(got, params)
         except BaseException:
             self._holds = None
             raise
@@ -297,52 +299,31 @@ class StepIO:
                 self.stager.sync_h2d()
         return theta
 
-    def _load(self, reply: Message, params: Tensors) -> None:
-        """Put the θ of one PULL/PUSH_PULL reply into ``params`` (the bound ones show it already).
-
-        Every tensor of the reply is checked before any is written, so a bad reply leaves
-        ``params`` as they were: each key of ``sparse`` once, one of this worker's, not also
-        sent whole, with exactly the top-k parts of a valid encoding of its piece (the check a
-        compressed push gets, :func:`common.compression.check`); every other frame a key of
-        this worker, of its piece's shape.
+    def _check(self, s: int, call: Call, reply: Message) -> Theta:
+        """θ of a PULL/PUSH_PULL ``reply`` from shard ``s``, checked whole ([Note: checked replies]
+        in ``worker.replies``): the keys ``call`` asked for, changed entries only if it offered ``have``.
 
         Raises:
-            PSError: naming the first bad key.
+            PSError: naming the first bad key and the server.
+        """
+        pieces = self.layout.pieces
+        return check_theta(reply, pieces, asked_keys(pieces, s, call.fields), f"worker {self.rank}",
+                           self.shards[s].endpoint, shm=bool(call.fields.get("shm")), have="have" in call.fields)
+
+    def _load(self, got: Theta, params: Tensors) -> None:
+        """Put θ of one checked reply into ``params`` (the bound ones show it already).
+
+        ``got`` was checked whole (:meth:`_check`) before this writes any of it, so a bad reply
+        leaves ``params`` as they were.
         """
         by_key = self.layout.pieces.by_key
-        tensors = dict(reply.tensors)
-        scatters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        seen: set[str] = set()
-        for key in reply.fields.get("sparse") or ():
-            if key not in by_key or key in seen or key in tensors:
-                why = ("not a key of this worker" if key not in by_key else
-                       "the key is listed twice" if key in seen else "the key is also sent whole")
-                raise PSError(f"worker {self.rank}: the server's changed entries of {key[:80]!r} are bad: {why}")
-            seen.add(key)
+        for key, (idx, vals) in got.changed.items():
             name, q = by_key[key]
-            dst = q.of(params[name])
-            parts = {part: t for part in PARTS[TOPK] if (t := tensors.pop(part_name(key, part), None)) is not None}
-            why = check(TOPK, parts, tuple(dst.shape), dst.dtype)  # the top-k layout, checked alike
-            if why is not None:
-                raise PSError(f"worker {self.rank}: the server's changed entries of {key!r} are bad: {why}")
-            scatters.append((dst, parts["indices"], parts["values"]))
-        for key, t in tensors.items():
-            if key not in by_key:
-                raise PSError(f"worker {self.rank}: the server's θ holds {key[:80]!r}, neither a key of this worker "
-                              f"nor a part of a key it lists as changed")
+            _scatter(q.of(params[name]), idx, vals)
+        for key, t in got.whole.items():
             name, q = by_key[key]
-            if name in self.theta.bound:
-                continue
-            dst = q.of(params[name])
-            if t.shape != dst.shape:
-                raise PSError(f"worker {self.rank}: the server's θ of {key!r} has the shape {list(t.shape)}, "
-                              f"not {list(dst.shape)}")
-            copies.append((dst, t))
-        for dst, idx, vals in scatters:
-            _scatter(dst, idx, vals)
-        for dst, t in copies:
-            dst.copy_(t, non_blocking=True)
+            if name not in self.theta.bound:
+                q.of(params[name]).copy_(t, non_blocking=True)
 
     def reset(self) -> None:
         """Forget the step in progress and every call in flight (before rejoining)."""
@@ -359,7 +340,7 @@ class StepIO:
 
 def _scatter(dst: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
     """``dst.view(-1)[idx] = vals`` in place, also for a non-contiguous ``dst``."""
-    vals = vals.to(dst.device)
+    vals = vals.to(dst.device, dst.dtype)
     if dst.is_contiguous():
         dst.view(-1)[idx.to(dst.device).long()] = vals
         return
