@@ -44,6 +44,28 @@ def test_diloco_equals_single_process_math(procs: Procs, sync: str) -> None:
     assert (got["0.weight"] - mlp64()[0].weight.detach()).abs().max() > 1e-3  # training moved θ
 
 
+def test_diloco_over_two_server_shards_equals_single_process_math(procs: Procs) -> None:
+    """Each shard runs the outer step on its own keys (the outer SGD is per entry), and the workers'
+    rounds go to both: the merged θ is the one-server math (the wan benchmark's ``/2 shards`` modes)."""
+    from common.partition import merge_files
+
+    args = ("--sync", "diloco", "--inner-steps", "4", *INNER, "--outer-momentum", "0.5")
+    eps, servers = [], []
+    for name in ("shard-a", "shard-b"):
+        server, ep = procs.server(2, *args, ckpt=procs.tmp / name)
+        servers.append(server)
+        eps.append(ep)
+    workers = [procs.worker(",".join(eps), k, 2, *MLP, "--state-dir", str(procs.tmp / f"state{k}")) for k in range(2)]
+    procs.wait_ok([*workers, *servers], timeout=240)
+    files = [procs.tmp / name / "final.safetensors" for name in ("shard-a", "shard-b")]
+    assert all(load_file(str(f)) for f in files)  # each shard held some of θ
+    got = merge_files(files)
+    want = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy",
+                         optimizer="adamw", lr=0.01, weight_decay=0.01, outer_momentum=0.5)
+    assert set(got) == set(want)
+    assert_close(got, want)
+
+
 def test_diloco_on_a_real_model_frozen_unused_partly_used_layers_and_batchnorm(procs: Procs) -> None:
     args = ("--model", "tests.models:branchy64", "--data", "tests.models:branchy_data", "--loss", "cross_entropy",
             "--epochs", "1", "--batch-size", "20", "--no-shuffle")
