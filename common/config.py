@@ -45,6 +45,7 @@ class ServerConfig:
     inner_steps: int = 50
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    outer_delay: int = 0
     checkpoint_dir: str = "checkpoints"
     resume: str = "auto"
     checkpoint_every: int = 0
@@ -83,6 +84,11 @@ class ServerConfig:
         positive("inner_steps", self.inner_steps)
         positive("outer_lr", self.outer_lr)
         nonneg("outer_momentum", self.outer_momentum)
+        if self.outer_delay not in (0, 1):
+            raise ConfigError(f"--outer-delay is 0 or 1 (rounds the outer step reaches the workers late), "
+                              f"got {self.outer_delay}")
+        if self.outer_delay and self.sync != SyncModel.DILOCO:
+            raise ConfigError(f"--outer-delay 1 overlaps the rounds of --sync diloco, not of {self.sync}")
         nonneg("checkpoint_every", self.checkpoint_every)
         positive("max_message_mb", self.max_message_mb)
         positive("max_frame_mb", self.max_frame_mb)

@@ -81,6 +81,11 @@ OPTIONS: dict[str, Option] = {
                        "change", group="consistency"),
     "outer_momentum": Option("--outer-momentum", float, "diloco: momentum of the server's Nesterov SGD",
                              group="consistency"),
+    "outer_delay": Option("--outer-delay", int, "diloco: rounds the outer step reaches the workers late. 0: "
+                          "each worker waits for θ_global after every round; 1: it sends its change and starts "
+                          "the next round at once, from the last θ_global it holds plus its own change, so the "
+                          "exchange runs behind a round of compute (one outer step of staleness)",
+                          group="consistency"),
     "checkpoint_dir": Option("--checkpoint-dir", str, "directory for checkpoints and final.safetensors",
                              group="checkpoints"),
     "resume": Option("--resume", str, "a job already in --checkpoint-dir: auto resumes an unfinished one (as "

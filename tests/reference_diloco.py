@@ -34,9 +34,14 @@ def replay_diloco(model_factory: Callable[[], nn.Module], data_factory: Callable
                   inner_steps: int, batch: int = 100, epochs: int = 10, seed: int = 0, shuffle: bool = True,
                   loss: str = "mse", optimizer: str = "adamw", lr: float = 0.01, momentum: float | None = None,
                   weight_decay: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                  asynchronous: bool = False) -> dict[str, torch.Tensor]:
+                  asynchronous: bool = False, delay: int = 0) -> dict[str, torch.Tensor]:
     """Final state_dict of a ``--sync diloco`` (or ``diloco-async`` with equal-speed, rank-ordered
-    arrivals) job, computed in one process."""
+    arrivals) job, computed in one process.
+
+    ``delay=1`` (``--outer-delay 1``): worker k starts round r + 1 from θ_global^r − Δ_k^r (its
+    parameters with no change in round r from θ_global^r), its buffers carrying on from its own
+    round; round 0 starts from θ_0. The outer steps are those of ``delay=0``.
+    """
     model, x_all, y_all, loss_fn, _ = setup(model_factory, data_factory, seed, loss, "sgd", 0.0, None, 0.0)
     workers = [copy.deepcopy(model) for _ in range(world)]
     inner = [_inner([p for p in w.parameters() if p.requires_grad], optimizer, lr, momentum, weight_decay)
@@ -49,11 +54,19 @@ def replay_diloco(model_factory: Callable[[], nn.Module], data_factory: Callable
     acc = {k: torch.zeros_like(p) for k, p in params.items()}
     mom = {k: torch.zeros_like(p) for k, p in params.items()}
     count = {k: 0 for k in params}
+    starts: list[dict[str, torch.Tensor] | None] = [None] * world  # delay=1: where round r starts
     for r in range(math.ceil(total / inner_steps)):
         deltas: list[dict[str, torch.Tensor | None]] = []
         after: dict[str, torch.Tensor] | None = None
+        base = {name: p.detach().clone() for name, p in params.items()}  # θ_global^r
         for k, (wm, opt) in enumerate(zip(workers, inner)):
-            wm.load_state_dict(model.state_dict())
+            if starts[k] is None:
+                wm.load_state_dict(model.state_dict())
+            else:
+                with torch.no_grad():
+                    for name, p in wm.named_parameters():
+                        p.copy_(starts[k][name])  # type: ignore[index]
+            begin = {name: p.detach().clone() for name, p in wm.named_parameters()}
             got: set[str] = set()
             for s in range(r * inner_steps, min((r + 1) * inner_steps, total)):
                 epoch, t = divmod(s, spe)
@@ -65,8 +78,10 @@ def replay_diloco(model_factory: Callable[[], nn.Module], data_factory: Callable
                 got |= {name for name, p in wm.named_parameters() if p.grad is not None}
                 opt.step()
             wp = dict(wm.named_parameters())
-            deltas.append({name: (params[name].detach() - wp[name].detach()) if name in got else None
-                           for name in params})
+            deltas.append({name: (begin[name] - wp[name].detach()) if name in got else None for name in params})
+            if delay:
+                starts[k] = {name: base[name] - d if (d := deltas[-1][name]) is not None else base[name].clone()
+                             for name in params}
             if k == 0:
                 after = {name: b.detach().clone() for name, b in wm.named_buffers()}
         if not asynchronous:

@@ -75,8 +75,9 @@ class LocalSteps:
         self.opt = make_optimizer(inner["optimizer"], list(self.trainable.values()), inner["lr"],
                                   inner.get("momentum"), inner.get("weight_decay", 0.0))
         self.fresh = self.opt.state_dict()  # a new optimizer's state, to start over from
+        self.delay = int(inner.get("delay", 0) or 0)
         self.files = (RoundFiles(cfg.state_dir, cfg.rank, self.h, state.keys, int(inner.get("checkpoint_every", 0)),
-                                 str(inner.get("job", "")))
+                                 str(inner.get("job", "")), self.delay)
                       if cfg.state_dir else None)
         if self.files is None:
             log.warning("no --state-dir: this worker's inner optimizer lives only in memory, so a restart of "
@@ -117,6 +118,14 @@ class LocalSteps:
             log.info("round %d: sending the change saved before the restart again", r)
             return saved.push, saved.loss, 0
         self._resend = None
+        push, mean, samples = self._train(r)
+        if self.files is not None:
+            self.files.save(Round(r, push, mean, self.opt.state_dict()))
+        faults.hit("before-push", r)
+        return push, mean, samples
+
+    def _train(self, r: int) -> tuple[dict[str, torch.Tensor | None], float | None, int]:
+        """Round ``r``'s inner steps from the model's θ: the push (Δ, buffer values), mean loss, rows."""
         start = {k: p.detach().clone() for k, p in self.trainable.items()}
         got: set[str] = set()
         losses: list[float] = []
@@ -143,9 +152,6 @@ class LocalSteps:
                 k: (start[k] - p.detach()) if k in got else None for k, p in self.state.params.items()}
         push.update(self.state.step_tensors(list(self.state.buffers)))
         mean = sum(losses) / len(losses) if losses else None
-        if self.files is not None:
-            self.files.save(Round(r, push, mean, self.opt.state_dict()))
-        faults.hit("before-push", r)
         return push, mean, samples
 
     def _restore(self, r: int) -> None:
@@ -154,7 +160,8 @@ class LocalSteps:
         job = str((local_steps(self.client.server_info) or {}).get("job", ""))
         if self.files is not None and job and job_tag(job) != self.files.job:  # a server that started afresh
             log.warning("the server runs another job now (%s): this worker's round files are not its", job)
-            self.files = RoundFiles(self.files.folder, self.files.rank, self.h, self.state.keys, self.files.every, job)
+            self.files = RoundFiles(self.files.folder, self.files.rank, self.h, self.state.keys, self.files.every, job,
+                                    self.delay)
         mine = self.files.load(r, self.device) if self.files else None
         if mine is not None:  # its push may not have been applied: send it again
             self.opt.load_state_dict(mine.optimizer)

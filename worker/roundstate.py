@@ -44,12 +44,17 @@ def job_tag(job: str) -> str:
 
 @dataclass
 class Round:
-    """One round's file: the push, the loss, the inner optimizer's state after the round."""
+    """One round's file: the push, the loss, the inner optimizer's state after the round.
+
+    ``start``: under ``--outer-delay 1``, where the next round starts (every parameter and
+    buffer; [Note: overlapped rounds] in ``worker.overlap``); None otherwise.
+    """
 
     round: int
     push: dict[str, torch.Tensor | None]
     loss: float | None
     optimizer: dict[str, Any]
+    start: dict[str, torch.Tensor] | None = None
 
 
 class RoundFiles:
@@ -62,14 +67,18 @@ class RoundFiles:
         keys: the model's keys, recorded and checked likewise.
         checkpoint_every: the server's ``--checkpoint-every`` (0: it only checkpoints θ_0).
         job: the job's id (the server's, told at REGISTER).
+        delay: the server's ``--outer-delay`` (recorded and checked when not 0).
     """
 
     def __init__(self, folder: str, rank: int, inner_steps: int, keys: list[str], checkpoint_every: int,
-                 job: str = "") -> None:
+                 job: str = "", delay: int = 0) -> None:
         self.folder = folder
         self.rank = rank
         self.job = job_tag(job)
+        self.delay = delay
         self.ident = {"rank": rank, "inner_steps": inner_steps, "keys": list(keys), "job": self.job}
+        if delay:  # a file of the other kind holds no start (and its job's math differs)
+            self.ident["delay"] = delay
         self.every = checkpoint_every
         os.makedirs(folder, exist_ok=True)
         others = [n for n in os.listdir(folder) if n.startswith(f"rank{rank}-") and f"-{self.job}-" not in n]
@@ -88,6 +97,8 @@ class RoundFiles:
         blob = {"ident": self.ident, "round": rnd.round, "loss": rnd.loss, "optimizer": rnd.optimizer,
                 "push": {k: v for k, v in rnd.push.items() if v is not None},
                 "absent": [k for k, v in rnd.push.items() if v is None]}
+        if rnd.start is not None:
+            blob["start"] = rnd.start
         with open(tmp, "wb") as fh:
             torch.save(blob, fh)
             fh.flush()
@@ -106,7 +117,7 @@ class RoundFiles:
             return None
         push: dict[str, torch.Tensor | None] = dict(blob["push"])
         push.update({k: None for k in blob["absent"]})
-        return Round(blob["round"], push, blob["loss"], blob["optimizer"])
+        return Round(blob["round"], push, blob["loss"], blob["optimizer"], blob.get("start"))
 
     def rounds(self) -> list[int]:
         """The rounds this worker has files of, oldest first."""

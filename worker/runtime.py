@@ -37,6 +37,7 @@ from worker.factories import build_data, build_model
 from worker.jitter import Stall
 from worker.losses import LOSSES  # also worker.runtime.LOSSES, as before
 from worker.modelstate import ModelState
+from worker.overlap import OverlappedSteps
 from worker.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,8 @@ def _train_rounds(cfg: WorkerConfig, client: PSClient, state: ModelState, data: 
     """The rest of :func:`train` under a local-steps rule: rounds of ``inner["steps"]`` local steps."""
     assert cfg.rank is not None and cfg.world_size is not None
     plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)  # type: ignore[arg-type]
-    loop = LocalSteps(cfg, client, state, data, plan, loss_fn, device, inner)
+    rounds = OverlappedSteps if inner.get("delay") else LocalSteps  # --outer-delay 1: [Note: overlapped rounds]
+    loop = rounds(cfg, client, state, data, plan, loss_fn, device, inner)
     start = client.step
     log.info("%s: %d rounds of %d local steps (%s, lr %g) = %d steps; starting at round %d",
              client.server_info.get("sync"), loop.rounds, loop.h, inner["optimizer"], inner["lr"], loop.total, start)

@@ -51,7 +51,7 @@ class LocalStepsRule(StepEngine):
         cfg = self.cfg
         return {"inner": {"steps": cfg.inner_steps, "optimizer": cfg.optimizer, "lr": cfg.lr,
                           "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-                          "checkpoint_every": cfg.checkpoint_every, "job": self.job}}
+                          "checkpoint_every": cfg.checkpoint_every, "job": self.job, "delay": cfg.outer_delay}}
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "job": self.job}
