@@ -115,6 +115,9 @@ class PSClient:
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.last_version: int | None = None
+        """θ's version in the reply of the last :meth:`end_step` (the server's version just after the
+        push under an on-arrival rule; None after a rejoin)."""
         self.peers: list[dict[str, Any]] = []
         """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self.server_info: dict[str, Any] = {}
@@ -273,12 +276,14 @@ class PSClient:
             self._fault("after-push", step)
             pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True, params=params))
         except Rejoined as r:
+            self.last_version = None
             if params is not None:
                 self._channel(Op.PULL).load_whole(r.theta, params)
                 return {}
             return r.theta
         self.step = step + 1
         self.last_loss = ch.last_loss
+        self.last_version = ch.last_version
         if params is not None:
             return {}
         theta = ch.whole(pieces)

@@ -103,6 +103,8 @@ class LocalSteps:
                 c.begin_step(r, samples=1, loss=loss, total=self.cfg.world_size)
                 c.push_bucket(0, push)
                 c.end_step(self.targets)
+                if self.files is not None and c.step == r + 1 and c.last_version is not None:
+                    self.files.applied(r, c.last_version)  # which files a server restart may need
                 self.state.loaded()
                 done += 1
                 expected = r + 1
