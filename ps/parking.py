@@ -6,6 +6,17 @@ server never blocks on one. A connection may leave only so many requests parked
 (:meth:`Parking.check`), so a flood of PULLs cannot grow the server, and a request that
 repeats one its connection left parked (a client resends what was in flight after a
 reconnect) supersedes it, so a retried PUSH_PULL is answered once.
+
+[Note: an older copy never supersedes] A connection's request ids only grow (one counter per
+socket, ``common.transport.Requester``), and a client waits for the answer to its newest
+request (a resend's ids all belong to one call; a call it gave up, e.g. a DONE refused with
+NOT_REGISTERED before it registered again, is over). So a parked request is superseded only
+by a repeat with a higher id: a copy with a lower id that arrives later - delayed on the way,
+duplicated, or sent to the server's previous process and delivered to the new one - is not
+parked at all. It used to supersede the newer one, whose answer then never came: a worker
+whose DONE was answered under the old id waited for the job's end until its timeout (found
+by the nemesis, ``tests/nemesis/``, diloco-async seed 1671: a server killed while two workers'
+DONE were parked).
 """
 
 from __future__ import annotations
@@ -48,10 +59,14 @@ class Parking:
                                                      f"for an answer (at most {cap})")
 
     def park(self, waiter: Waiter) -> None:
-        """Park ``waiter``, superseding the same request its connection parked before."""
+        """Park ``waiter``, superseding the same request its connection parked before (unless that
+        one is newer: then ``waiter`` is an older copy and is dropped, [Note: an older copy never
+        supersedes])."""
         waiters = self.done if waiter.op is Op.DONE else self.waiters
         same = [w for w in waiters if w.ident == waiter.ident and w.op is waiter.op and w.step == waiter.step
                 and w.keys == waiter.keys]
+        if any(w.req_id > waiter.req_id for w in same):
+            return
         for w in same:
             waiters.remove(w)
         waiters.append(waiter)

@@ -150,3 +150,60 @@ def test_round_files_of_another_job_in_a_reused_state_dir_are_never_used(tmp_pat
     new.save(Round(2, {"w": torch.zeros(2)}, 2.0, {"state": {}, "param_groups": []}))
     assert new.rounds() == [1, 2] and old.rounds() == [0]  # each job prunes its own files only
     assert torch.equal(new.load(2).push["w"], torch.zeros(2))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 5])
+def test_round_files_keep_what_a_server_restart_needs_under_diloco_async(tmp_path, every: int) -> None:
+    """[Note: round files]: under diloco-async the server's version counts every worker's pushes,
+    so a checkpoint can end at any round of this worker. Simulated here with the others pushing
+    0-3 times between two pushes of this worker (a slow peer, a fast one): at every moment, for
+    each of the server's three newest checkpoints, the file a restart from it needs is on disk.
+    (The rule kept the rounds r with (r + 1) % every == 0, right for diloco only: the nemesis
+    found a restarted diloco-async server whose worker started a fresh inner optimizer.)"""
+    import random
+
+    from worker.roundstate import KEEP_AT_CHECKPOINTS, KEEP_NEWEST, Round, RoundFiles
+
+    rng = random.Random(every)
+    files = RoundFiles(str(tmp_path), 0, 2, ["w"], every, job="j")
+    version, mine = 0, {}  # the server's version; this worker's round -> version after it
+
+    def check(saved: int) -> None:
+        have = set(files.rounds())
+        newest = version // every * every
+        for mark in range(newest, 0, -every)[:KEEP_AT_CHECKPOINTS]:
+            clock = 1 + max((r for r, v in mine.items() if v <= mark), default=-1)
+            if clock > 0:  # the restarted server's INIT says `clock`: round clock's or clock - 1's file
+                assert {clock, clock - 1} & have, (mark, clock, sorted(have), mine)
+        assert len(have) <= KEEP_NEWEST + KEEP_AT_CHECKPOINTS + 1 and saved in have
+
+    for r in range(60):
+        files.save(Round(r, {"w": torch.full((2,), float(r))}, None, {"state": {}, "param_groups": []}))
+        version += rng.choice((0, 0, 1, 2, 3)) if r % 7 else 3 * every  # other workers' pushes
+        check(r)
+        version += 1
+        mine[r] = version
+        files.applied(r, version)
+        check(r)
+
+
+def test_a_restarted_worker_keeps_its_older_round_files_until_it_knows_their_checkpoints(tmp_path) -> None:
+    """A new process knows no version of its older rounds: it keeps their files until the server's
+    three newest checkpoints are past its first applied round's version."""
+    from worker.roundstate import Round, RoundFiles
+
+    def save(files: RoundFiles, r: int) -> None:
+        files.save(Round(r, {"w": torch.zeros(2)}, None, {"state": {}, "param_groups": []}))
+
+    old = RoundFiles(str(tmp_path), 0, 2, ["w"], 3, job="j")
+    for r in range(4):
+        save(old, r)  # killed before any reply: no version known, nothing dropped
+    assert old.rounds() == [0, 1, 2, 3]
+    new = RoundFiles(str(tmp_path), 0, 2, ["w"], 3, job="j")
+    save(new, 4)
+    new.applied(4, 14)  # checkpoints 12, 9, 6 may each hold a clock of 1-4: every file is kept
+    assert new.rounds() == [0, 1, 2, 3, 4]
+    for r, v in ((5, 16), (6, 19), (7, 22), (8, 25)):
+        save(new, r)
+        new.applied(r, v)
+    assert new.rounds() == [5, 6, 7, 8]  # checkpoints 24, 21, 18 hold clocks 8, 7, 6: rounds 7, 6, 5

@@ -211,3 +211,23 @@ def test_a_connection_may_park_only_so_many_requests(job):
     assert not _wait(req, set(ids), timeout=0.5)  # the parked ones are still parked
     assert server.proc.poll() is None
     assert client.ping()["version"] == 0  # a PING is never refused
+
+
+def test_an_older_copy_of_a_parked_request_never_supersedes_the_newer_one(job):
+    """[Note: an older copy never supersedes] in ``ps/parking.py``: a copy of an earlier request that
+    arrives after its repeat (delayed, duplicated, or sent to the server's previous process) used
+    to take the repeat's place, and the client, waiting for the repeat's answer, got none (the
+    nemesis's diloco-async seed 1671: a worker's DONE was answered under an abandoned id)."""
+    from common.wire import encode as wire_encode
+
+    server, client = job
+    req = client._req
+    first = req.send(Op.PULL, {"rank": 0, "step": 1})
+    repeat = req.send(Op.PULL, {"rank": 0, "step": 1})
+    time.sleep(0.2)
+    req.sock.send_multipart(wire_encode(Op.PULL, {"rank": 0, "step": 1}, None, first), copy=False)  # late copy
+    time.sleep(0.2)
+    push = req.send(Op.PUSH, {"rank": 0, "step": 0}, {"w": torch.ones(2, 3, dtype=torch.float64)})
+    got = _wait(req, {first, repeat, push}, timeout=3.0)
+    assert set(got) == {repeat, push}, got
+    assert server.proc.poll() is None

@@ -2,10 +2,11 @@
 
 Each seed is one schedule (``Schedule.generate(seed)``: mode, K, start order, kill -9 /
 SIGSTOP faults, the proxy's duplicate/delay/reorder rates), run with real processes over TCP
-loopback and checked: bsp and pipeline runs end with the single-process reference θ (float64,
-1e-9), async and ssp runs applied every update exactly once, every process exited 0.
+loopback and checked: bsp, pipeline and diloco runs end with the single-process reference θ
+(float64, 1e-9), async, ssp and diloco-async runs applied every update (every (rank, round))
+exactly once, no local-steps worker lost its round files, every process exited 0.
 
-* short pass (default suite): seeds 0-8, one per mode (the mode is ``seed % 9``);
+* short pass (default suite): seeds 0-10, one per mode (the mode is ``seed % len(MODES)``, 11);
 * long pass: ``.venv/bin/python -m pytest tests/test_nemesis.py -m slow`` (seeds 0-299, each its
   own test id, e.g. ``-k "long and 117"``);
 * replay one seed: ``NEMESIS_SEED=<N> .venv/bin/python -m pytest tests/test_nemesis.py -k replay``
@@ -30,8 +31,9 @@ import zmq
 
 from tests.forkserver import ForkServer
 from tests.nemesis.proxy import FaultProxy, ProxyRates
+from tests.nemesis import jobs
 from tests.nemesis.runner import NemesisFailure, run
-from tests.nemesis.schedule import MODES, Schedule, parse_seeds
+from tests.nemesis.schedule import LOCAL_MODES, MODES, Schedule, parse_seeds
 from tests.nemesis.triage import repeated_registers
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,32 @@ def test_schedules_draw_only_faults_that_are_claimed_survivable():
             for b in s.faults:
                 if a is not b and a.target == b.target and a.at <= b.at:
                     assert b.at >= a.at + a.gap, s.text()
+
+
+def test_local_steps_schedules_keep_round_files_and_take_few_steps_a_round(tmp_path):
+    """diloco and diloco-async: a --state-dir per worker (a restart must resume its inner
+    optimizer), H of 2-4 and several rounds, the outer optimizer's options on the server."""
+    seen = set()
+    for seed in range(300):
+        s = Schedule.generate(seed)
+        if s.mode not in LOCAL_MODES:
+            assert "--state-dir" not in jobs.worker_args(s, 0, "tcp://x:1", None, tmp_path / "state0")
+            continue
+        seen.add(s.mode)
+        assert s.sync == s.mode and s.local_steps and s.exact == (s.mode == "diloco"), s.text()
+        assert 2 <= s.job.inner_steps <= 4 and s.job.optimizer in ("sgd", "momentum", "adam", "adamw"), s.text()
+        rounds, pushes = jobs.expected_counts(s)
+        assert all(r >= 5 for r in rounds.values()) and pushes == s.workers * rounds[0], s.text()
+        args = jobs.worker_args(s, 1, "tcp://x:1", None, tmp_path / "state1")
+        assert args[args.index("--state-dir") + 1] == str(tmp_path / "state1")
+        server = jobs.server_args(s, "tcp://x:1", tmp_path / "ckpt", tmp_path / "ready", None)
+        assert server[server.index("--sync") + 1] == s.mode
+        assert server[server.index("--inner-steps") + 1] == str(s.job.inner_steps)
+    assert seen == set(LOCAL_MODES)
+    with pytest.raises(AssertionError, match="lost the inner optimizer"):
+        jobs.check_round_files(Schedule.generate(MODES.index("diloco-async")),
+                               ["round 3: no round file of round 2 or 3 in x: this worker's inner optimizer "
+                                "starts afresh (the run is no longer the uninterrupted run's math)"])
 
 
 def test_proxy_duplicates_delays_and_reorders_but_never_drops(zctx):

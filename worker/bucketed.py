@@ -29,11 +29,14 @@ class BucketedSteps:
     Attributes:
         step: the next step to compute (the client's).
         last_loss: the server's mean loss in the last step's replies, if any.
+        last_version: θ's version in the last step's replies (the server's version just after the
+            push under an on-arrival rule; None after a rejoin).
         keys: the names given to ``init``.
     """
 
     step: int
     last_loss: float | None
+    last_version: int | None
     keys: tuple[str, ...]
 
     def begin_step(self, step: int | None = None, samples: float | None = None, loss: float | None = None,
@@ -70,12 +73,14 @@ class BucketedSteps:
             self._fault("after-push", step)
             pieces = self._guard(Op.PUSH_PULL, lambda: ch.finish(want_theta=True, params=params))
         except Rejoined as r:
+            self.last_version = None
             if params is not None:
                 self._channel(Op.PULL).load_whole(r.theta, params)
                 return {}
             return r.theta
         self.step = step + 1
         self.last_loss = ch.last_loss
+        self.last_version = ch.last_version
         if params is not None:
             return {}
         theta = ch.whole(pieces)

@@ -192,6 +192,11 @@ class Channel:
         """The server's mean loss in the last finished step's replies, if any."""
         return self._io.last_loss
 
+    @property
+    def last_version(self) -> int | None:
+        """θ's version in the last finished step's θ replies, if any (see :class:`worker.stepio.StepIO`)."""
+        return self._io.last_version
+
     def begin(self, step: int, samples: float | None, loss: float | None, pull: bool = True,
               total: float | None = None) -> None:
         """Start pushing ``step`` (see :meth:`worker.stepio.StepIO.begin`)."""

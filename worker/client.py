@@ -119,6 +119,9 @@ class PSClient(BucketedSteps):
         self.step = 0
         """The next step to compute: the server's version after :meth:`init`, then advanced by pushes."""
         self.last_loss: float | None = None
+        self.last_version: int | None = None
+        """θ's version in the reply of the last :meth:`end_step` (the server's version just after the
+        push under an on-arrival rule; None after a rejoin)."""
         self.peers: list[dict[str, Any]] = []
         """Every worker's rank, role, stage and peer endpoint, from the server's INIT reply."""
         self.server_info: dict[str, Any] = {}

@@ -9,6 +9,7 @@ values, and loads the new θ_global. A parameter that got no gradient in the who
 absent from the push (the outer optimizer leaves it alone, as every rule does). The inner
 optimizer carries its state from round to round; it is written to ``--state-dir`` before each
 push ([Note: round files] in ``worker.roundstate``), so kill -9 and a restart resume exactly.
+``--stall`` is drawn and paid before each inner step, as bsp's loop pays it before each step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common.config import WorkerConfig
 from common.optimizers import make_optimizer
 from worker.client import PSClient
 from worker.data import ShardPlan, fetch, step_seed
+from worker.jitter import Stall
 from worker.modelstate import ModelState
 from worker.roundstate import Round, RoundFiles, job_tag
 
@@ -60,12 +62,15 @@ class LocalSteps:
         data: the training set; ``plan``: this worker's shard of it.
         loss_fn: the job's loss; ``device``: where the model is.
         inner: the REGISTER reply's ``inner`` ([Note: local steps] in ``common.protocol``).
+        stall: ``--stall``'s injector (None without it), consulted before each inner step.
     """
 
     def __init__(self, cfg: WorkerConfig, client: PSClient, state: ModelState, data: Any, plan: ShardPlan,
-                 loss_fn: Callable[..., torch.Tensor], device: torch.device, inner: dict[str, Any]) -> None:
+                 loss_fn: Callable[..., torch.Tensor], device: torch.device, inner: dict[str, Any],
+                 stall: Stall | None = None) -> None:
         assert cfg.rank is not None and cfg.world_size is not None
         self.cfg, self.client, self.state, self.data, self.plan = cfg, client, state, data, plan
+        self.stall = stall
         self.loss_fn, self.device = loss_fn, device
         self.model: nn.Module = state.module
         self.h = int(inner["steps"])
@@ -99,6 +104,8 @@ class LocalSteps:
                 c.begin_step(r, samples=1, loss=loss, total=self.cfg.world_size)
                 c.push_bucket(0, push)
                 c.end_step(self.targets)
+                if self.files is not None and c.step == r + 1 and c.last_version is not None:
+                    self.files.applied(r, c.last_version)  # which files a server restart may need
                 self.state.loaded()
                 done += 1
                 expected = r + 1
@@ -136,6 +143,8 @@ class LocalSteps:
         for s in range(first, stop):
             if s == (first + stop) // 2:
                 faults.hit("mid-round", r)
+            if self.stall is not None:
+                self.stall.before(s)
             rows = self.plan.rows(s, not cfg.no_shuffle, cfg.seed)
             self.opt.zero_grad(set_to_none=True)
             torch.manual_seed(step_seed(cfg.seed, cfg.rank, s))

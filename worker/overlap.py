@@ -63,6 +63,7 @@ class OverlappedSteps(LocalSteps):
                         c.end_step(shadow)  # θ_global^t, the reply to round t − 1's push
                         if c.step != t:  # the server went back to a checkpoint: start over from there
                             break
+                        self._files_applied(t - 1)
                         base = shadow
                         self._applied(t - 1, on_round, shadow)
                     assert base is not None
@@ -78,6 +79,7 @@ class OverlappedSteps(LocalSteps):
                         c.end_step(self.targets)  # θ_global^R: the job's result, into the model
                         self.state.loaded()
                         if c.step == self.rounds:
+                            self._files_applied(self.rounds - 1)
                             self._applied(self.rounds - 1, on_round)
             if c.step >= self.rounds and c.done():
                 return Rounds(done, samples, c.last_loss)
@@ -86,6 +88,11 @@ class OverlappedSteps(LocalSteps):
             self.state.loaded()
 
     # ------------------------------------------------------------------ pieces of a round
+    def _files_applied(self, r: int) -> None:
+        """Round ``r``'s push was applied: tell the round files the server's version after it."""
+        if self.files is not None and self.client.last_version is not None:
+            self.files.applied(r, self.client.last_version)  # which files a server restart may need
+
     def _now(self) -> Tensors:
         """The model's θ now (θ_global just loaded), copied."""
         return {k: t.detach().clone() for k, t in self.targets.items()}

@@ -12,10 +12,19 @@ server at round v and reads
 * round 0 needs no file (a fresh optimizer); otherwise the state is lost: the worker says so
   and starts a fresh inner optimizer (the run is no longer the single-process math).
 
-A server that restarts from its checkpoint at round c needs the files of round c − 1, so a
-worker keeps, besides its newest two, the files of the three newest rounds that end at a
-server checkpoint (the server keeps three, ``--checkpoint-every`` tells which). Writes are
-atomic (a temp file, fsync, rename). ``<job>`` is the job's id (the server makes it when θ
+A server that restarts from a checkpoint in which this worker's clock is c needs the file of
+round c − 1 (or c), so a worker keeps, besides its newest two, the file of the last round it had
+applied at each of the server's three newest checkpoints (the server keeps three). The server
+checkpoints every ``--checkpoint-every`` versions, and a worker learns the version just after
+each of its pushes (:meth:`RoundFiles.applied`, from the push's reply): under ``diloco`` the
+version is the round (round r gives r + 1), but under ``diloco-async`` it counts every worker's
+pushes, so which round of a worker a checkpoint ends at depends on the others' pace. (Keeping
+the rounds r with (r + 1) a multiple of ``--checkpoint-every``, right for diloco, lost the
+needed file under diloco-async whenever a worker pushed twice or more between two
+checkpoints, e.g. while another was slow: the server restarted from such a checkpoint and the
+worker went on with a fresh inner optimizer. Found while adding diloco-async to the nemesis,
+``tests/nemesis/``.) Until it knows a version (a new process), a worker keeps its older files.
+Writes are atomic (a temp file, fsync, rename). ``<job>`` is the job's id (the server makes it when θ
 starts fresh and keeps it in its checkpoints), so a folder reused by a later job never hands
 that job another's files; the file also names its rank, H and keys, which must match.
 The files are ``torch.save`` archives of tensors and numbers, read with ``weights_only=True``.
@@ -80,6 +89,7 @@ class RoundFiles:
         if delay:  # a file of the other kind holds no start (and its job's math differs)
             self.ident["delay"] = delay
         self.every = checkpoint_every
+        self.versions: dict[int, int] = {}  # round -> the server's version just after it was applied
         os.makedirs(folder, exist_ok=True)
         others = [n for n in os.listdir(folder) if n.startswith(f"rank{rank}-") and f"-{self.job}-" not in n]
         if others:
@@ -106,6 +116,16 @@ class RoundFiles:
         os.replace(tmp, path)
         self._prune(rnd.round)
 
+    def applied(self, r: int, version: int) -> None:
+        """Round ``r``'s push was applied; the server's version right after it was ``version``.
+
+        Later rounds known from before a server went back to an older checkpoint are forgotten
+        (they are pushed again, at new versions); then the files no restart can need are dropped.
+        """
+        self.versions = {q: v for q, v in self.versions.items() if q < r}
+        self.versions[r] = version
+        self._prune(r)
+
     def load(self, r: int, device: torch.device | str = "cpu") -> Round | None:
         """Round ``r``'s file, or None when there is none (or it is another job's)."""
         path = self.path(r)
@@ -124,15 +144,36 @@ class RoundFiles:
         pat = re.compile(rf"rank{self.rank}-{self.job}-round(\d+)\.pt$")
         return sorted(int(m.group(1)) for name in os.listdir(self.folder) if (m := pat.match(name)))
 
+    def at_checkpoints(self, have: list[int]) -> set[int]:
+        """Of the rounds in ``have``, those a restart from one of the server's three newest
+        checkpoints may need ([Note: round files]).
+
+        A checkpoint at version V holds this worker's clock c = 1 + the last round applied at a
+        version ≤ V: its file (or round c's) is kept. Rounds whose version is unknown (applied
+        by an earlier process of this worker) are kept while they may be that round.
+        """
+        if self.every <= 0:
+            return set()  # the server checkpoints only θ_0: a restart resumes at round 0, which needs no file
+        if not self.versions:
+            return set(have)
+        newest = max(self.versions.values()) // self.every * self.every
+        keep: set[int] = set()
+        for mark in range(newest, 0, -self.every)[:KEEP_AT_CHECKPOINTS]:
+            lo = max((r for r, v in self.versions.items() if v <= mark), default=-1)
+            hi = min((r for r, v in self.versions.items() if v > mark), default=max(have, default=0) + 1)
+            keep |= {r for r in have if lo <= r < hi}
+        return keep
+
     def _prune(self, newest: int) -> None:
         have = self.rounds()
-        keep = set(have[-KEEP_NEWEST:])
-        if self.every > 0:  # round r's file serves a server that resumes at round r + 1
-            keep |= set([r for r in have if (r + 1) % self.every == 0][-KEEP_AT_CHECKPOINTS:])
+        keep = set(have[-KEEP_NEWEST:]) | self.at_checkpoints(have)
         for r in have:
             if r not in keep and r <= newest:
                 try:
                     os.unlink(self.path(r))
                 except FileNotFoundError:
                     pass
+        if have:
+            oldest = min(keep | {newest})
+            self.versions = {q: v for q, v in self.versions.items() if q >= oldest}
 

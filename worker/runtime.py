@@ -110,7 +110,7 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
         state.load(theta)
         inner = local_steps(client.server_info)
         if inner is not None:  # --sync diloco: rounds of local steps (worker.diloco)
-            return _train_rounds(cfg, client, state, data, loss_fn, device, inner, t0, on_step)
+            return _train_rounds(cfg, client, state, data, loss_fn, device, inner, t0, on_step, stall)
         bound = client.bind(params)
         if bound:
             log.info("%d of %d parameters are views of the server's θ (shared memory)", bound, len(params))
@@ -186,12 +186,12 @@ def train(cfg: WorkerConfig, on_step: Callable[[int], None] | None = None) -> Tr
 
 def _train_rounds(cfg: WorkerConfig, client: PSClient, state: ModelState, data: object,
                   loss_fn: Callable[..., torch.Tensor], device: torch.device, inner: dict, t0: float,
-                  on_step: Callable[[int], None] | None) -> TrainResult:
+                  on_step: Callable[[int], None] | None, stall: Stall | None = None) -> TrainResult:
     """The rest of :func:`train` under a local-steps rule: rounds of ``inner["steps"]`` local steps."""
     assert cfg.rank is not None and cfg.world_size is not None
     plan = ShardPlan(len(data), cfg.world_size, cfg.batch_size, cfg.rank)  # type: ignore[arg-type]
     rounds = OverlappedSteps if inner.get("delay") else LocalSteps  # --outer-delay 1: [Note: overlapped rounds]
-    loop = rounds(cfg, client, state, data, plan, loss_fn, device, inner)
+    loop = rounds(cfg, client, state, data, plan, loss_fn, device, inner, stall)
     start = client.step
     log.info("%s: %d rounds of %d local steps (%s, lr %g) = %d steps; starting at round %d",
              client.server_info.get("sync"), loop.rounds, loop.h, inner["optimizer"], inner["lr"], loop.total, start)

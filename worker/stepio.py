@@ -54,6 +54,8 @@ class StepIO:
         pull_each: pull θ bucket by bucket (False: push without pulling).
         applied: every push of the last finished step was applied (not a replay).
         last_loss: the server's mean loss in the last step's replies, if any.
+        last_version: θ's version in the last step's θ replies (the lowest over shards), if any:
+            the server's version just after this push under an on-arrival rule.
     """
 
     def __init__(self, shards: Sequence[Shard], stager: Stager, theta: SharedTheta,
@@ -77,6 +79,7 @@ class StepIO:
         self._total: float | None = None  # the step's samples over every worker (pre-scaling)
         self.applied = True
         self.last_loss: float | None = None
+        self.last_version: int | None = None
         self.sparse_pulls = False  # the caller never writes the tensors θ goes into ([Note: sparse pulls])
         self._holds: int | None = None  # the version θ's frames last went into those tensors
 
@@ -266,6 +269,7 @@ class StepIO:
                     pulls.append((s, shard.caller.start(Op.PULL, {"rank": self.rank, "step": step + 1}, step=step)))
         self.applied = True
         self.last_loss = None
+        self.last_version = None
         theta: dict[str, torch.Tensor] = {}
         calls = sorted([(False, s, c) for s, c in self._pending] + [(True, s, c) for s, c in pulls],
                        key=lambda x: x[2].start)
@@ -278,6 +282,8 @@ class StepIO:
                         continue
                     self.last_loss = reply.fields.get("loss", self.last_loss)
                     got = self._check(s, call, reply)
+                    if (v := reply.fields.get("version")) is not None:
+                        self.last_version = int(v) if self.last_version is None else min(self.last_version, int(v))
                     if params is None:
                         if got.changed:
                             key = next(iter(got.changed))

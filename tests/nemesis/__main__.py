@@ -18,7 +18,7 @@ from typing import Sequence
 
 from tests.forkserver import ForkServer
 from tests.nemesis.runner import NemesisFailure, Result, run
-from tests.nemesis.schedule import Schedule, parse_seeds
+from tests.nemesis.schedule import MODES, Schedule, parse_seeds
 from tests.nemesis.summary import Summary
 
 log = logging.getLogger("tests.nemesis")
@@ -27,7 +27,8 @@ log = logging.getLogger("tests.nemesis")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the seeds; exit status 1 when any failed."""
     ap = argparse.ArgumentParser(prog="python -m tests.nemesis", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0-8", help="seeds: 0-299, 7, or 1,4,9-12 (default 0-8: every mode once)")
+    ap.add_argument("--seeds", default=f"0-{len(MODES) - 1}",
+                    help=f"seeds: 0-299, 7, or 1,4,9-12 (default 0-{len(MODES) - 1}: every mode once)")
     ap.add_argument("--dir", type=Path, default=None, help="where runs keep their logs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the logs of passing runs too")
     ap.add_argument("--print", dest="show", action="store_true", help="only print each seed's schedule")

@@ -2,18 +2,25 @@
 
 * :func:`server_args`, :func:`worker_args` - the ``ps-server`` / ``ps-worker`` arguments of a
   run (the same on every restart, as a supervisor would run them).
-* :func:`compare_theta` - bsp and pipeline: ``final.safetensors`` (merged over shards) equals the
-  single-process reference (:func:`tests.reference.replay`,
-  :func:`tests.reference_pipeline.replay_pipeline`) in float64 within :data:`TOL`.
-* :func:`check_exactly_once` - async and ssp: the newest checkpoint's ``zmqps`` record says
-  every update was applied once: each key's version is the number of non-empty pushes
-  (K x steps per worker for these jobs) and each rank's clock is the steps per worker.
+* :func:`compare_theta` - bsp, pipeline and diloco: ``final.safetensors`` (merged over shards)
+  equals the single-process reference (:func:`tests.reference.replay`,
+  :func:`tests.reference_pipeline.replay_pipeline`, :func:`tests.reference_diloco.replay_diloco`)
+  in float64 within :data:`TOL`.
+* :func:`check_exactly_once` - async, ssp and diloco-async: the newest checkpoint's ``zmqps``
+  record says every update was applied once: each key's version is the number of non-empty
+  pushes and each rank's clock is its steps (async, ssp: K x steps per worker pushes, a clock of
+  the steps per worker) or its rounds (diloco-async: one push per (rank, round), so K x rounds
+  pushes and a clock of the rounds; a push is applied only at its rank's clock, so these counts
+  mean each (rank, round) was applied exactly once).
+* :func:`check_round_files` - diloco, diloco-async: no worker lost its inner optimizer (every
+  worker has a ``--state-dir``, so a restart must find its round files).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,14 +30,18 @@ from safetensors.torch import load_file
 
 from common.partition import merge_files
 from tests.nemesis.models import SLOW_ENV
-from tests.nemesis.schedule import SLOW_BACKWARD_S, SLOW_STAGE_S, Schedule
+from tests.nemesis.schedule import SLOW_BACKWARD_S, SLOW_STAGE_S, Schedule, stall_of
 from tests.reference import replay, steps_per_epoch, worker_rows
+from tests.reference_diloco import replay_diloco
 from tests.reference_pipeline import replay_pipeline
 
 TOL = 1e-9
 LEASE_S, HEARTBEAT_S, WORKER_TIMEOUT_S, REJOIN_DEADLINE_S = 1.5, 0.3, 60, 60
 STAGE_TIMEOUT_S = 8
 """A stage's ``--timeout``: a neighbour that died is noticed this soon (a SIGSTOP is ≤ 3 s)."""
+LOST_INNER_STATE = "starts afresh"
+"""What a local-steps worker logs when a restart found no round file to continue from
+(``worker.diloco.LocalSteps._restore``): its inner optimizer was lost."""
 
 
 def factory(spec: str) -> Callable[[], Any]:
@@ -49,13 +60,18 @@ def server_args(s: Schedule, bind: str, ckpt: Path, ready: Path, curve: tuple[Pa
             "--shm", "off" if s.mode == "bsp-frames" else "auto", "--status-every", "5"]
     if s.sync == "ssp":
         args += ["--staleness", "1"]
+    if s.local_steps:
+        args += ["--inner-steps", str(job.inner_steps), "--outer-lr", str(job.outer_lr),
+                 "--outer-momentum", str(job.outer_momentum)]
     if curve is not None:
         args += ["--curve-secret-key", str(curve[0]), "--curve-authorized-keys", str(curve[1])]
     return args
 
 
-def worker_args(s: Schedule, rank: int, servers: str, curve: tuple[Path, Path] | None) -> list[str]:
-    """``ps-worker`` arguments of ``rank`` (``curve``: the server's public key and this worker's secret key)."""
+def worker_args(s: Schedule, rank: int, servers: str, curve: tuple[Path, Path] | None,
+                state: Path | None = None) -> list[str]:
+    """``ps-worker`` arguments of ``rank`` (``curve``: the server's public key and this worker's secret key;
+    ``state``: its ``--state-dir``, which the local-steps modes need)."""
     job = s.job
     timeout = STAGE_TIMEOUT_S if s.pipeline else WORKER_TIMEOUT_S
     args = ["--server", servers, "--rank", str(rank), "--world-size", str(s.workers),
@@ -69,7 +85,11 @@ def worker_args(s: Schedule, rank: int, servers: str, curve: tuple[Path, Path] |
     else:
         args += ["--bucket-mb", str(job.bucket_mb)]
         if job.stall > 0:
-            args += ["--stall", f"1:{job.stall}"]
+            args += ["--stall", f"1:{stall_of(s, rank):g}"]
+    if s.local_steps:
+        if state is None:
+            raise ValueError(f"mode {s.mode} needs a --state-dir per worker")
+        args += ["--state-dir", str(state)]
     if curve is not None:
         args += ["--curve-server-key", str(curve[0]), "--curve-secret-key", str(curve[1])]
     return args
@@ -92,6 +112,11 @@ def reference(s: Schedule) -> dict[str, torch.Tensor]:
         return replay_pipeline(model, data, replicas=job.replicas, batch=job.batch, epochs=job.epochs,
                                seed=job.seed, loss=job.loss, optimizer=job.optimizer, lr=job.lr,
                                weight_decay=job.weight_decay)
+    if s.local_steps:
+        return replay_diloco(model, data, s.workers, job.inner_steps, batch=job.batch, epochs=job.epochs,
+                             seed=job.seed, loss=job.loss, optimizer=job.optimizer, lr=job.lr,
+                             weight_decay=job.weight_decay, outer_lr=job.outer_lr,
+                             outer_momentum=job.outer_momentum, asynchronous=s.sync == "diloco-async")
     return replay(model, data, s.workers, batch=job.batch, epochs=job.epochs, seed=job.seed,
                   loss=job.loss, optimizer=job.optimizer, lr=job.lr, weight_decay=job.weight_decay)
 
@@ -124,11 +149,15 @@ def compare_theta(s: Schedule, ckpts: list[Path]) -> tuple[float, str]:
 
 
 def expected_counts(s: Schedule) -> tuple[dict[int, int], int]:
-    """(steps per rank, non-empty pushes over all ranks) of a data-parallel job."""
+    """(clock per rank, non-empty pushes over all ranks) of a data-parallel job: steps, or under
+    diloco-async rounds (every round is one push, of weight 1 whatever its rows)."""
     job = s.job
     data = factory(job.data)()
     n = len(data)
     per_epoch = steps_per_epoch(n, s.workers, job.batch)
+    if s.local_steps:
+        rounds = math.ceil(per_epoch * job.epochs / job.inner_steps)
+        return {k: rounds for k in range(s.workers)}, rounds * s.workers
     pushes = sum(len(worker_rows(n, s.workers, job.batch, e, t, k, False, job.seed)) > 0
                  for e in range(job.epochs) for t in range(per_epoch) for k in range(s.workers))
     return {k: per_epoch * job.epochs for k in range(s.workers)}, pushes
@@ -161,3 +190,19 @@ def check_exactly_once(s: Schedule, ckpt: Path) -> str:
     if int(rec.get("step", -1)) != pushes:
         raise AssertionError(f"{path.name}: step {rec.get('step')}, want {pushes}")
     return f"{path.name}: {len(versions)} key(s) at version {pushes}, clocks {clocks}"
+
+
+def check_round_files(s: Schedule, worker_logs: list[str]) -> None:
+    """Local-steps modes: raise AssertionError when a worker's log says its inner optimizer was
+    lost (a restart found no round file to continue from, :data:`LOST_INNER_STATE`).
+
+    Every worker has a ``--state-dir``, so a restart after any fault the schedule draws must
+    continue from its round files ([Note: round files] in ``worker.roundstate``). Under diloco a
+    lost optimizer also shows in θ; under diloco-async this is the only sign of it.
+    """
+    if not s.local_steps:
+        return
+    lost = [line.strip() for text in worker_logs for line in text.splitlines() if LOST_INNER_STATE in line]
+    if lost:
+        raise AssertionError(f"{len(lost)} worker restart(s) lost the inner optimizer (round files missing): "
+                             + lost[0][:300])

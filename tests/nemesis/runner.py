@@ -19,7 +19,8 @@ run:
 5. waits for every process to exit 0, under a hard deadline (:data:`DEADLINE_S` plus the
    schedule's own times): on timeout it fails with every process's log tail, never hangs;
 6. checks the result (:mod:`tests.nemesis.jobs`): θ against the reference, or exactly-once
-   counts; every process must have exited 0 in the end.
+   counts, and (local steps) that no worker lost its round files; every process must have
+   exited 0 in the end.
 
 Every failure message starts with ``NEMESIS seed=<N> <schedule one-liner>`` and the command
 that replays it. Every child is stopped when the run ends, pass or fail.
@@ -183,8 +184,8 @@ class Run:
             self.slots[name] = Slot(name, "ps", jobs.server_args(s, bind, ckpt, ready, curve), ready=ready)
         for k in range(s.workers):
             curve = (curve_server[0], worker_keys[k]) if curve_server is not None else None
-            self.slots[f"worker {k}"] = Slot(f"worker {k}", "worker", jobs.worker_args(s, k, ",".join(dial), curve),
-                                             env=jobs.worker_env(s))
+            args = jobs.worker_args(s, k, ",".join(dial), curve, self.tmp / f"state{k}")
+            self.slots[f"worker {k}"] = Slot(f"worker {k}", "worker", args, env=jobs.worker_env(s))
 
     # ------------------------------------------------------------------ processes
     def spawn(self, slot: Slot) -> None:
@@ -419,6 +420,8 @@ class Run:
                                      f"(key {where!r}) > {jobs.TOL:g}")
         else:
             self.result.exactly_once = jobs.check_exactly_once(s, self.ckpts[0])
+        jobs.check_round_files(s, [c.output(tail=10**7) for x in self.slots.values() if x.entry == "worker"
+                                   for c in x.children])
 
     def collect(self) -> None:
         """Stop the proxies and add their counts to the result."""

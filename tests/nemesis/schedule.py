@@ -6,11 +6,16 @@ else): the same seed always gives the same plan, on any machine. The plan choose
 * the **mode** - ``MODES[seed % len(MODES)]``, so any run of ``len(MODES)`` consecutive seeds
   covers every mode: data-parallel bsp with ``--shm auto`` and with ``--shm off``, ``--sync
   async``, ``--sync ssp --staleness 1``, pipeline gpipe, pipeline 1f1b, pipeline with 2
-  replicas, two server shards, and CURVE;
+  replicas, two server shards, CURVE, and the local-steps rules ``--sync diloco`` and ``--sync
+  diloco-async`` (H = ``--inner-steps`` 2-4, so a job has many rounds and a fault lands inside a
+  round, just before a push or just after one);
 * the **job** - K, the model (:data:`DATA_MODELS`: the float64 test models, one whose
   backward pauses between gradient buckets, one with a head no loss reaches), optimizer,
   weight decay, epochs, buckets, ``--checkpoint-every``, and a per-step stall (``--stall
-  1:SECONDS``) that stretches the job so that faults land while it trains;
+  1:SECONDS``) that stretches the job so that faults land while it trains; for the local-steps
+  rules also H, the inner optimizer (``--optimizer``: sgd, momentum, adam, adamw), ``--outer-lr``
+  and ``--outer-momentum``; under diloco-async the last rank stalls twice as long as rank 0
+  (:func:`stall_of`), so the workers go at different paces, the case that rule is for;
 * the **start order** - the server first (the workers 0-1 s later), the workers first (the
   server 0-2 s later), one worker seconds late, or the server killed -9 and restarted on the
   same endpoint (same checkpoint directory) before any worker arrives;
@@ -37,7 +42,15 @@ recovery", docs/ARCHITECTURE.md "6. Exactly once, and what each failure does"):
   and the pipeline neighbour timeout, so a stop is a slow process, not a lost connection;
 * CURVE traffic cannot be read or replayed by a proxy: CURVE runs get process faults and start
   orders only;
-* the proxy never drops a message (clients resend only after a reconnect or a restart).
+* the proxy never drops a message (clients resend only after a reconnect or a restart);
+* diloco, diloco-async: every worker runs with its own ``--state-dir`` (README "Slow links:
+  local steps"): the inner optimizer is state only the worker has, and without its round files
+  a restarted worker starts a fresh one, which is no longer the uninterrupted run's math (the
+  worker says so; the nemesis fails a local-steps run whose worker log says it, see
+  :func:`tests.nemesis.jobs.check_round_files`). With it, both rules claim every fault above:
+  kill -9 of a worker (before, during or after a push) or of the server, SIGSTOP, every start
+  order and the proxy, so nothing else is excluded for them. They run with one server and
+  without CURVE (shards and CURVE are modes of their own, on bsp).
 """
 
 from __future__ import annotations
@@ -47,12 +60,18 @@ from dataclasses import dataclass, field, replace
 
 from tests.nemesis.proxy import ProxyRates
 
-MODES = ("bsp-shm", "bsp-frames", "async", "ssp", "gpipe", "1f1b", "pipe-replicas", "shards", "curve")
+MODES = ("bsp-shm", "bsp-frames", "async", "ssp", "gpipe", "1f1b", "pipe-replicas", "shards", "curve",
+         "diloco", "diloco-async")
 DATA_MODES = ("bsp-shm", "bsp-frames", "async", "ssp", "shards", "curve")
 PIPE_MODES = ("gpipe", "1f1b", "pipe-replicas")
-EXACT_MODES = ("bsp-shm", "bsp-frames", "gpipe", "1f1b", "pipe-replicas", "shards", "curve")
-"""Modes whose final θ is compared with the single-process reference (async and ssp are not
-deterministic: their runs check exactly-once counts instead)."""
+LOCAL_MODES = ("diloco", "diloco-async")
+"""The local-steps modes: ``--sync`` is the mode's name, workers keep round files in ``--state-dir``."""
+EXACT_MODES = ("bsp-shm", "bsp-frames", "gpipe", "1f1b", "pipe-replicas", "shards", "curve", "diloco")
+"""Modes whose final θ is compared with the single-process reference (bsp and pipeline:
+:mod:`tests.reference`, :mod:`tests.reference_pipeline`; diloco: :mod:`tests.reference_diloco`).
+async, ssp and diloco-async are not deterministic: their runs check exactly-once counts instead."""
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+"""The local-steps rules' inner optimizers drawn (each one's state lives in the round files)."""
 
 DATA_MODELS = ("tests.jobs:linear64", "tests.jobs:mlp64", "tests.nemesis.models:slow_mlp64",
                "tests.nemesis.models:spare_mlp64")
@@ -63,6 +82,9 @@ SLOW_BACKWARD_S = 0.06
 """The pause in :func:`tests.nemesis.models.slow_mlp64`'s backward, in the workers."""
 SLOW_STAGE_S = 0.015
 """The pause in the slow pipeline models' backward, per microbatch."""
+
+STRAGGLER = 2.0
+"""Under diloco-async the last rank's stall is this many times rank 0's (:func:`stall_of`)."""
 
 STARTS = ("server-first", "workers-first", "late-worker", "server-restart")
 MAX_STOP_S = 3.0
@@ -107,6 +129,10 @@ class Job:
     replicas: int = 0
     microbatches: int = 0
     partition: str = ""
+    inner_steps: int = 0
+    """H of the local-steps rules (0: not one of them)."""
+    outer_lr: float = 0.0
+    outer_momentum: float = 0.0
 
     def text(self) -> str:
         """A compact form for the one-liner."""
@@ -116,6 +142,9 @@ class Job:
                  f"torchseed{self.seed}"]
         if self.stages:
             parts += [f"P{self.stages}", f"R{self.replicas}", f"M{self.microbatches}"]
+        elif self.inner_steps:
+            parts += [f"H{self.inner_steps}", f"outer{self.outer_lr:g}m{self.outer_momentum:g}",
+                      f"stall{self.stall:.2f}"]
         else:
             parts += [f"stall{self.stall:.2f}", f"bucket{self.bucket_mb:g}"]
         return "/".join(parts)
@@ -146,12 +175,17 @@ class Schedule:
     @property
     def sync(self) -> str:
         """``--sync`` of the run."""
-        return {"async": "async", "ssp": "ssp"}.get(self.mode, "bsp")
+        return self.mode if self.mode in ("async", "ssp", *LOCAL_MODES) else "bsp"
 
     @property
     def pipeline(self) -> bool:
         """Whether the workers are pipeline stages."""
         return self.mode in PIPE_MODES
+
+    @property
+    def local_steps(self) -> bool:
+        """Whether the workers take local steps (``--sync diloco`` or ``diloco-async``)."""
+        return self.mode in LOCAL_MODES
 
     @property
     def exact(self) -> bool:
@@ -201,6 +235,8 @@ def _job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
                   microbatches=micro, partition=partition, seed=rng.randrange(1000))
         steps = epochs * (5 if replicas == 1 else 3)  # 246 rows in batches of 60 (per replica: 123 rows, 30)
         return job, stages * replicas, steps * (micro * SLOW_STAGE_S + 0.01) + 0.5
+    if mode in LOCAL_MODES:
+        return _local_job(rng, mode)
     workers = 2 if mode == "shards" else rng.choice((2, 3))
     model = rng.choices(DATA_MODELS, weights=(1, 1, 2, 1))[0]
     data, loss, rows = (("tests.jobs:data64", "mse", 1000) if model == "tests.jobs:linear64"
@@ -219,6 +255,42 @@ def _job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
     steps = epochs * (10 if workers == 2 else 11)
     pause = SLOW_BACKWARD_S if model.endswith(":slow_mlp64") else 0.0
     return job, workers, steps * (stall + pause + 0.03) + 0.5
+
+
+def _local_job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
+    """A diloco or diloco-async job: (job, K, expected seconds of training).
+
+    H is 2-4 and the job 2-3 epochs (20-33 inner steps: 5-17 rounds), so faults land in every
+    part of a round; ``--stall`` is paid before every inner step (the model is tiny, a round would
+    otherwise take milliseconds). Under diloco-async the workers go at different paces
+    (:data:`STRAGGLER`), the case that rule is for.
+    """
+    workers = rng.choice((2, 3))
+    model = rng.choices(DATA_MODELS, weights=(1, 1, 2, 1))[0]
+    data, loss, rows = (("tests.jobs:data64", "mse", 1000) if model == "tests.jobs:linear64"
+                        else ("tests.jobs:class_data64", "cross_entropy", 600))
+    batch = rows // 10 if workers == 2 else {1000: 99, 600: 57}[rows]
+    epochs = rng.randint(2, 3)
+    stall = rng.choice((0.02, 0.04, 0.06))
+    job = Job(model=model, data=data, loss=loss, optimizer=rng.choice(INNER_OPTIMIZERS), lr=0.01, epochs=epochs,
+              batch=batch, stall=stall, bucket_mb=16.0, checkpoint_every=rng.choice((0, 1, 2, 3)),
+              seed=rng.randrange(1000), weight_decay=rng.choice((0.0, 0.0, 0.01)),
+              inner_steps=rng.choice((2, 3, 4)), outer_lr=rng.choice((0.7, 1.0)),
+              outer_momentum=rng.choice((0.0, 0.5, 0.9)))
+    steps = epochs * (10 if workers == 2 else 11)
+    pause = SLOW_BACKWARD_S if model.endswith(":slow_mlp64") else 0.0
+    slowest = stall * (STRAGGLER if mode == "diloco-async" else 1.0)
+    return job, workers, steps * (slowest + pause + 0.01) + 0.5
+
+
+def stall_of(s: "Schedule", rank: int) -> float:
+    """``--stall 1:SECONDS`` of ``rank``: the job's, except under diloco-async, where rank k's is
+    (1 + (STRAGGLER − 1)·k/(K − 1)) times it: rank 0 goes at full pace, the last rank at 1/STRAGGLER
+    of it, so a fast worker pushes several rounds between two of a slow one's (and between two
+    checkpoints: [Note: round files] in ``worker.roundstate``)."""
+    if s.mode != "diloco-async":
+        return s.job.stall
+    return s.job.stall * (1.0 + (STRAGGLER - 1.0) * rank / max(1, s.workers - 1))
 
 
 def _targets(mode: str, workers: int) -> tuple[list[str], list[str]]:
