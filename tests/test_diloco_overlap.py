@@ -61,7 +61,7 @@ def test_a_worker_killed_and_restarted_resumes_its_overlapped_rounds_exactly(pro
     procs.wait_ok([w0, again, server], timeout=240)
     assert_close(_final(procs), _want())
     out = again.output(20000)
-    assert "fresh inner optimizer" not in out
+    assert "starts afresh" not in out
     assert "sending the change saved before the restart again" in out or "starts from this worker's round" in out
 
 
@@ -77,4 +77,4 @@ def test_the_server_killed_resumes_from_its_checkpoint_and_overlapped_workers_fr
     procs.wait_ok([*workers, server], timeout=240)
     assert_close(_final(procs), _want())
     for w in workers:
-        assert "fresh inner optimizer" not in w.output(20000)
+        assert "starts afresh" not in w.output(20000)

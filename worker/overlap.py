@@ -137,9 +137,9 @@ class OverlappedSteps(LocalSteps):
             return v, before.start, False
         self.opt.load_state_dict(self.fresh)
         if v > 0:
-            log.warning("round %d: no round file of round %d or %d in %s: this worker starts it from θ_global "
-                        "with a fresh inner optimizer (the run is no longer the uninterrupted run's math)", v,
-                        v - 1, v, self.cfg.state_dir or "(no --state-dir)")
+            log.warning("round %d: no round file of round %d or %d in %s: this worker's inner optimizer starts "
+                        "afresh, and the round from θ_global (the run is no longer the uninterrupted run's math)",
+                        v, v - 1, v, self.cfg.state_dir or "(no --state-dir)")
         return v, self._now(), False
 
     def _check_job(self) -> None:

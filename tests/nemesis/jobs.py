@@ -41,7 +41,8 @@ STAGE_TIMEOUT_S = 8
 """A stage's ``--timeout``: a neighbour that died is noticed this soon (a SIGSTOP is ≤ 3 s)."""
 LOST_INNER_STATE = "starts afresh"
 """What a local-steps worker logs when a restart found no round file to continue from
-(``worker.diloco.LocalSteps._restore``): its inner optimizer was lost."""
+(``worker.diloco.LocalSteps._restore``, ``worker.overlap.OverlappedSteps._begin``): its inner
+optimizer was lost."""
 
 
 def factory(spec: str) -> Callable[[], Any]:
@@ -62,7 +63,7 @@ def server_args(s: Schedule, bind: str, ckpt: Path, ready: Path, curve: tuple[Pa
         args += ["--staleness", "1"]
     if s.local_steps:
         args += ["--inner-steps", str(job.inner_steps), "--outer-lr", str(job.outer_lr),
-                 "--outer-momentum", str(job.outer_momentum)]
+                 "--outer-momentum", str(job.outer_momentum), "--outer-delay", str(job.outer_delay)]
     if curve is not None:
         args += ["--curve-secret-key", str(curve[0]), "--curve-authorized-keys", str(curve[1])]
     return args
@@ -116,7 +117,8 @@ def reference(s: Schedule) -> dict[str, torch.Tensor]:
         return replay_diloco(model, data, s.workers, job.inner_steps, batch=job.batch, epochs=job.epochs,
                              seed=job.seed, loss=job.loss, optimizer=job.optimizer, lr=job.lr,
                              weight_decay=job.weight_decay, outer_lr=job.outer_lr,
-                             outer_momentum=job.outer_momentum, asynchronous=s.sync == "diloco-async")
+                             outer_momentum=job.outer_momentum, asynchronous=s.sync == "diloco-async",
+                             delay=job.outer_delay)
     return replay(model, data, s.workers, batch=job.batch, epochs=job.epochs, seed=job.seed,
                   loss=job.loss, optimizer=job.optimizer, lr=job.lr, weight_decay=job.weight_decay)
 

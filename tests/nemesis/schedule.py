@@ -13,9 +13,10 @@ else): the same seed always gives the same plan, on any machine. The plan choose
   backward pauses between gradient buckets, one with a head no loss reaches), optimizer,
   weight decay, epochs, buckets, ``--checkpoint-every``, and a per-step stall (``--stall
   1:SECONDS``) that stretches the job so that faults land while it trains; for the local-steps
-  rules also H, the inner optimizer (``--optimizer``: sgd, momentum, adam, adamw), ``--outer-lr``
-  and ``--outer-momentum``; under diloco-async the last rank stalls twice as long as rank 0
-  (:func:`stall_of`), so the workers go at different paces, the case that rule is for;
+  rules also H, the inner optimizer (``--optimizer``: sgd, momentum, adam, adamw), ``--outer-lr``,
+  ``--outer-momentum`` and, under diloco, ``--outer-delay`` 0 or 1 (overlapped rounds); under
+  diloco-async the last rank stalls twice as long as rank 0 (:func:`stall_of`), so the workers
+  go at different paces, the case that rule is for;
 * the **start order** - the server first (the workers 0-1 s later), the workers first (the
   server 0-2 s later), one worker seconds late, or the server killed -9 and restarted on the
   same endpoint (same checkpoint directory) before any worker arrives;
@@ -133,6 +134,8 @@ class Job:
     """H of the local-steps rules (0: not one of them)."""
     outer_lr: float = 0.0
     outer_momentum: float = 0.0
+    outer_delay: int = 0
+    """diloco: ``--outer-delay`` (1: overlapped rounds, ``worker.overlap``)."""
 
     def text(self) -> str:
         """A compact form for the one-liner."""
@@ -143,7 +146,8 @@ class Job:
         if self.stages:
             parts += [f"P{self.stages}", f"R{self.replicas}", f"M{self.microbatches}"]
         elif self.inner_steps:
-            parts += [f"H{self.inner_steps}", f"outer{self.outer_lr:g}m{self.outer_momentum:g}",
+            parts += [f"H{self.inner_steps}", f"outer{self.outer_lr:g}m{self.outer_momentum:g}"
+                      + (f"d{self.outer_delay}" if self.outer_delay else ""),
                       f"stall{self.stall:.2f}"]
         else:
             parts += [f"stall{self.stall:.2f}", f"bucket{self.bucket_mb:g}"]
@@ -276,7 +280,7 @@ def _local_job(rng: random.Random, mode: str) -> tuple[Job, int, float]:
               batch=batch, stall=stall, bucket_mb=16.0, checkpoint_every=rng.choice((0, 1, 2, 3)),
               seed=rng.randrange(1000), weight_decay=rng.choice((0.0, 0.0, 0.01)),
               inner_steps=rng.choice((2, 3, 4)), outer_lr=rng.choice((0.7, 1.0)),
-              outer_momentum=rng.choice((0.0, 0.5, 0.9)))
+              outer_momentum=rng.choice((0.0, 0.5, 0.9)), outer_delay=rng.choice((0, 1)) if mode == "diloco" else 0)
     steps = epochs * (10 if workers == 2 else 11)
     pause = SLOW_BACKWARD_S if model.endswith(":slow_mlp64") else 0.0
     slowest = stall * (STRAGGLER if mode == "diloco-async" else 1.0)
