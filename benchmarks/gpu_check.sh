@@ -20,14 +20,7 @@
 #                2-core machine cannot reach: there zmqps's own threads have no core to run on)
 #   bench.tgz    every benchmark's raw JSON (runs/bench)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-runs/gpu}"
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 if ! python3 -c 'import zmq' 2> "$OUT/gpu.txt"; then
     echo "pyzmq is missing: carry its wheel in .whl (see the header)" >> "$OUT/gpu.txt"
     cat "$OUT/gpu.txt"

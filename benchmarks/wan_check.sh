@@ -13,14 +13,7 @@
 # It needs root, `ip netns` and `tc` (sch_tbf) there; without them it says so and exits 2.
 # It writes under $OUT (or ./runs/gpu): wan.md, wan.json, wan.log, the two PNGs, wan-check.txt.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-runs/gpu}"
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 { nproc; id -u; command -v ip tc; } > "$OUT/wan-check.txt" 2>&1
 if ! python3 -c 'from benchmarks.netlab import netns_available as n; ok, why = n(); print(why); raise SystemExit(0 if ok else 2)' \
         >> "$OUT/wan-check.txt" 2>&1; then

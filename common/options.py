@@ -179,8 +179,8 @@ OPTIONS: dict[str, Option] = {
                         group="pipeline"),
     "peer_next": Option("--peer-next", str, "pipeline: endpoint of the next stage",
                         group="pipeline"),
-    "stall": Option("--stall", str, "inject jitter: before each step, sleep SECONDS with probability P "
-                    "(P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
+    "stall": Option("--stall", str, "inject jitter: before each step (diloco: each inner step), sleep SECONDS "
+                    "with probability P (P:SECONDS; the draw depends on seed, rank and step)", group="testing"),
     # launcher
     "example": Option("--example", str, "run a bundled example job (its model, data and hyper-parameters "
                       "become the defaults)", ("digits", "charlm"), group="job"),

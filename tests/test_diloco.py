@@ -1,6 +1,6 @@
 """``--sync diloco``: K worker processes give the θ of the single-process DiLoCo math (float64 ≤ 1e-9),
-also when a worker or the server is killed with -9 and restarted; ``diloco-async`` applies each
-round exactly once."""
+also when a worker or the server is killed with -9 and restarted, with and without overlapped
+rounds (``--outer-delay 1``); ``diloco-async`` applies each round exactly once."""
 
 from __future__ import annotations
 
@@ -66,13 +66,28 @@ def test_diloco_over_two_server_shards_equals_single_process_math(procs: Procs) 
     assert_close(got, want)
 
 
-def test_diloco_on_a_real_model_frozen_unused_partly_used_layers_and_batchnorm(procs: Procs) -> None:
+def test_overlapped_rounds_equal_their_single_process_math_and_differ_from_plain_diloco(procs: Procs) -> None:
+    """``--outer-delay 1`` ([Note: overlapped rounds] in ``worker.overlap``): each round starts
+    from θ_global^r − Δ^r; the job is exactly its replay, and not plain diloco's θ."""
+    got = _run(procs, 2, ("--sync", "diloco", "--inner-steps", "4", *INNER, "--outer-delay", "1"), MLP)
+    want = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy", optimizer="adamw",
+                         lr=0.01, weight_decay=0.01, delay=1)
+    assert_close(got, want)
+    plain = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy", optimizer="adamw",
+                          lr=0.01, weight_decay=0.01)
+    assert max((got[k] - plain[k]).abs().max().item() for k in plain) > 1e-4  # the rounds did start elsewhere
+    for k in range(2):  # the newest two round files of 5 rounds (no server checkpoints to serve)
+        assert len(list((procs.tmp / f"state{k}").glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_diloco_on_a_real_model_frozen_unused_partly_used_layers_and_batchnorm(procs: Procs, delay: int) -> None:
     args = ("--model", "tests.models:branchy64", "--data", "tests.models:branchy_data", "--loss", "cross_entropy",
             "--epochs", "1", "--batch-size", "20", "--no-shuffle")
     got = _run(procs, 2, ("--sync", "diloco", "--inner-steps", "3", "--optimizer", "momentum", "--lr", "0.05",
-                          "--weight-decay", "0.01", "--outer-lr", "0.5"), args)
+                          "--weight-decay", "0.01", "--outer-lr", "0.5", "--outer-delay", str(delay)), args)
     want = replay_diloco(branchy64, branchy_data, 2, 3, batch=20, epochs=1, shuffle=False, loss="cross_entropy",
-                         optimizer="momentum", lr=0.05, weight_decay=0.01, outer_lr=0.5)
+                         optimizer="momentum", lr=0.05, weight_decay=0.01, outer_lr=0.5, delay=delay)
     assert_close(got, want)
     torch.manual_seed(0)
     start = branchy64()
@@ -80,12 +95,16 @@ def test_diloco_on_a_real_model_frozen_unused_partly_used_layers_and_batchnorm(p
     assert torch.equal(got["unused.weight"], start.unused.weight.detach())
 
 
+@pytest.mark.parametrize("delay", [0, 1])
 @pytest.mark.parametrize("point", ["mid-round", "before-push", "after-push"])
-def test_a_worker_killed_and_restarted_resumes_its_inner_optimizer_exactly(procs: Procs, point: str) -> None:
+def test_a_worker_killed_and_restarted_resumes_its_inner_optimizer_exactly(procs: Procs, point: str,
+                                                                           delay: int) -> None:
     """Worker 1 kills itself at ``point`` of round 3 and is started again with the same command:
     its round file ([Note: round files]) gives it the inner optimizer (and, past the inner
-    steps, the same push), so the job ends at the uninterrupted θ."""
-    server, ep = procs.server(2, "--sync", "diloco", "--inner-steps", "4", *INNER, "--lease", "1")
+    steps, the same push; overlapped: where its next round starts), so the job ends at the
+    uninterrupted θ."""
+    server, ep = procs.server(2, "--sync", "diloco", "--inner-steps", "4", *INNER, "--lease", "1",
+                              "--outer-delay", str(delay))
     state = [("--state-dir", str(procs.tmp / f"state{k}")) for k in range(2)]
     w0 = procs.worker(ep, 0, 2, *MLP, *state[0])
     w1 = procs.worker(ep, 1, 2, *MLP, *state[1], env={"PS_FAULT": f"kill:{point}:3"})
@@ -93,14 +112,16 @@ def test_a_worker_killed_and_restarted_resumes_its_inner_optimizer_exactly(procs
     again = procs.worker(ep, 1, 2, *MLP, *state[1])
     procs.wait_ok([w0, again, server], timeout=240)
     want = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy",
-                         optimizer="adamw", lr=0.01, weight_decay=0.01)
+                         optimizer="adamw", lr=0.01, weight_decay=0.01, delay=delay)
     assert_close(_final(procs), want)
     assert "starts afresh" not in again.output(20000)
 
 
-def test_the_server_killed_resumes_from_its_checkpoint_and_the_workers_from_their_round_files(procs: Procs) -> None:
+@pytest.mark.parametrize("delay", [0, 1])
+def test_the_server_killed_resumes_from_its_checkpoint_and_the_workers_from_their_round_files(procs: Procs,
+                                                                                              delay: int) -> None:
     ckpt = procs.tmp / "ckpt"
-    args = ("--sync", "diloco", "--inner-steps", "4", *INNER, "--checkpoint-every", "2")
+    args = ("--sync", "diloco", "--inner-steps", "4", *INNER, "--checkpoint-every", "2", "--outer-delay", str(delay))
     server, ep = procs.server(2, *args, env={"PS_FAULT": "kill:after-apply:4"})
     state = [("--state-dir", str(procs.tmp / f"state{k}")) for k in range(2)]
     workers = [procs.worker(ep, k, 2, *MLP, *state[k]) for k in range(2)]
@@ -108,7 +129,7 @@ def test_the_server_killed_resumes_from_its_checkpoint_and_the_workers_from_thei
     server, ep2 = procs.server(2, *args, ckpt=ckpt, bind=ep)
     procs.wait_ok([*workers, server], timeout=240)
     want = replay_diloco(mlp64, class_data64, 2, 4, batch=64, epochs=2, loss="cross_entropy",
-                         optimizer="adamw", lr=0.01, weight_decay=0.01)
+                         optimizer="adamw", lr=0.01, weight_decay=0.01, delay=delay)
     assert_close(_final(procs), want)
     for w in workers:
         assert "starts afresh" not in w.output(20000)
