@@ -104,8 +104,8 @@ class LocalSteps:
                 c.begin_step(r, samples=1, loss=loss, total=self.cfg.world_size)
                 c.push_bucket(0, push)
                 c.end_step(self.targets)
-                if self.files is not None and c.step == r + 1 and c.last_version is not None:
-                    self.files.applied(r, c.last_version)  # which files a server restart may need
+                if c.step == r + 1:
+                    self._files_applied(r)
                 self.state.loaded()
                 done += 1
                 expected = r + 1
@@ -117,6 +117,20 @@ class LocalSteps:
             c.pull_into(self.targets)
             self.state.loaded()
             expected = None
+
+    # ------------------------------------------------------------------ round files
+    def _check_job(self) -> None:
+        """A server that started afresh runs another job: this worker's round files are not its."""
+        job = str((local_steps(self.client.server_info) or {}).get("job", ""))
+        if self.files is not None and job and job_tag(job) != self.files.job:
+            log.warning("the server runs another job now (%s): this worker's round files are not its", job)
+            self.files = RoundFiles(self.files.folder, self.files.rank, self.h, self.state.keys, self.files.every, job,
+                                    self.delay)
+
+    def _files_applied(self, r: int) -> None:
+        """Round ``r``'s push was applied: tell the round files the server's version after it."""
+        if self.files is not None and self.client.last_version is not None:
+            self.files.applied(r, self.client.last_version)  # which files a server restart may need
 
     # ------------------------------------------------------------------ one round
     def _resend_or_train(self, r: int) -> tuple[dict[str, torch.Tensor | None], float | None, int]:
@@ -166,11 +180,7 @@ class LocalSteps:
     def _restore(self, r: int) -> None:
         """Put the inner optimizer where the uninterrupted run has it at the start of round ``r``."""
         self._resend = None
-        job = str((local_steps(self.client.server_info) or {}).get("job", ""))
-        if self.files is not None and job and job_tag(job) != self.files.job:  # a server that started afresh
-            log.warning("the server runs another job now (%s): this worker's round files are not its", job)
-            self.files = RoundFiles(self.files.folder, self.files.rank, self.h, self.state.keys, self.files.every, job,
-                                    self.delay)
+        self._check_job()
         mine = self.files.load(r, self.device) if self.files else None
         if mine is not None:  # its push may not have been applied: send it again
             self.opt.load_state_dict(mine.optimizer)

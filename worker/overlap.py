@@ -35,7 +35,7 @@ import torch
 
 from common import faults
 from worker.diloco import LocalSteps, Rounds
-from worker.roundstate import Round, RoundFiles, job_tag
+from worker.roundstate import Round
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class OverlappedSteps(LocalSteps):
         (with θ_global^{r+1} in the model while it runs)."""
         c = self.client
         done = samples = 0
-        shadow = {k: t.detach().clone() for k, t in self.targets.items()}  # where θ_global replies land
+        shadow = self._now()  # where θ_global replies land
         while True:
             if c.step < self.rounds:
                 t, x, pending = self._begin(c.step)
@@ -88,11 +88,6 @@ class OverlappedSteps(LocalSteps):
             self.state.loaded()
 
     # ------------------------------------------------------------------ pieces of a round
-    def _files_applied(self, r: int) -> None:
-        """Round ``r``'s push was applied: tell the round files the server's version after it."""
-        if self.files is not None and self.client.last_version is not None:
-            self.files.applied(r, self.client.last_version)  # which files a server restart may need
-
     def _now(self) -> Tensors:
         """The model's θ now (θ_global just loaded), copied."""
         return {k: t.detach().clone() for k, t in self.targets.items()}
@@ -141,11 +136,3 @@ class OverlappedSteps(LocalSteps):
                         "afresh, and the round from θ_global (the run is no longer the uninterrupted run's math)",
                         v, v - 1, v, self.cfg.state_dir or "(no --state-dir)")
         return v, self._now(), False
-
-    def _check_job(self) -> None:
-        """A server that started afresh runs another job: its round files are not this one's."""
-        job = str((self.client.server_info.get("inner") or {}).get("job", ""))
-        if self.files is not None and job and job_tag(job) != self.files.job:
-            log.warning("the server runs another job now (%s): this worker's round files are not its", job)
-            self.files = RoundFiles(self.files.folder, self.files.rank, self.h, self.state.keys, self.files.every,
-                                    job, self.delay)
