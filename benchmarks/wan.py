@@ -84,6 +84,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def job_of(a: argparse.Namespace) -> Job:
+    """The example's job with the command line's overrides (``--lr``: DDP's and every mode's, a
+    mode's own ``--lr`` coming later wins)."""
+    job = Job.from_example(a.example, epochs=a.epochs, batch=a.batch_size, eval_every=a.eval_every or None,
+                           model=a.model)
+    if a.lr is not None:
+        job = dataclasses.replace(job, server_args=(*job.server_args, "--lr", str(a.lr)))
+    return job
+
+
 def _steps(job: Job, k: int) -> int:
     from worker.data import ShardPlan
     from worker.factories import build_data
@@ -183,10 +193,7 @@ def main(argv: list[str]) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the labs are deleted
     cleanup_stale()
-    job = Job.from_example(a.example, epochs=a.epochs, batch=a.batch_size, eval_every=a.eval_every or None,
-                           model=a.model)
-    if a.lr is not None:
-        job = dataclasses.replace(job, server_args=(*job.server_args, "--lr", str(a.lr)))
+    job = job_of(a)
     modes = select([m for m in a.modes.split(",") if m], a.add_mode)
     server_help, worker_help = help_texts(("ps", "worker"))
     skipped = {m.label: why for m in modes if (why := unsupported(m, server_help, worker_help))}

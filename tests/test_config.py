@@ -41,6 +41,9 @@ def test_boolean_flag_and_env() -> None:
     (WorkerConfig, ["--rank", "0", "--world-size", "2", "--device", "tpu"], {}, "--device must be"),
     (WorkerConfig, ["--rank", "0", "--world-size", "4", "--batch-size", "3"], {}, "smaller than the 4 workers"),
     (LaunchConfig, ["--workers", "0"], {}, "--workers must be positive"),
+    (ServerConfig, ["--workers", "2", "--sync", "diloco", "--outer-delay", "2"], {}, "--outer-delay is 0 or 1"),
+    (ServerConfig, ["--workers", "2", "--outer-delay", "1"], {}, "overlaps the rounds of --sync diloco, not of bsp"),
+    (ServerConfig, ["--workers", "2", "--sync", "diloco-async", "--outer-delay", "1"], {}, "not of diloco-async"),
 ])
 def test_bad_values_fail_with_the_option_named(cls, argv, env, match) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -261,3 +261,16 @@ def test_the_training_clock_leaves_out_the_evaluations_before_each_record(tmp_pa
     before = children_cpu()
     subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)
     assert children_cpu() > before  # a reaped child's CPU time counts
+
+
+def test_lr_sets_the_learning_rate_of_ddp_and_of_every_mode_that_does_not_set_its_own() -> None:
+    from benchmarks.wan import job_of
+    from common.config import ServerConfig, parse_config
+
+    def lr(args: list[str]) -> float:
+        return parse_config(ServerConfig, ["--workers", "4", *args], prog="ps-server", environ={}).lr
+
+    job = job_of(parse(["--example", "charlm"]))
+    tuned = job_of(parse(["--example", "charlm", "--lr", "0.005"]))
+    assert lr(list(job.server_args)) == 0.003 and lr(list(tuned.server_args)) == 0.005
+    assert lr([*tuned.server_args, "--lr", "0.01"]) == 0.01  # a mode's own --lr comes later and wins
